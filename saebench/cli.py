@@ -1,0 +1,127 @@
+"""saebench command line: run, list, leaderboard."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from saebench.errors import SaebenchError
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="splice encoders into a model and score them on tasks",
+                       description="Splice decode(encode(x)) into MODEL at a hookpoint and score each encoder "
+                                   "on each task. One JSON record per (task, encoder) goes to --output; "
+                                   "finished records with the same configuration are reused.")
+    p.add_argument("--model", required=True, help="preset (saebench list models), HF hub id, or local path")
+    p.add_argument("--encoder", action="append", default=[], metavar="SPEC",
+                   help="encoder spec, repeatable: identity, zero, mean, sae:default, sae:<path>, "
+                        "sae:<release>/<sae_id>, or a plugin's name[:arg]")
+    p.add_argument("--task", action="append", default=[], metavar="NAME",
+                   help="task or task preset, repeatable (saebench list tasks)")
+    p.add_argument("--hookpoint", help="e.g. layers.15.resid_post; default: the SAE's own, else the model preset's")
+    p.add_argument("--limit", type=int, help="tokens (ce_kl) or items (benchmarks) to evaluate; default per task")
+    p.add_argument("--context-len", type=int, help="tokens per context, BOS included; default per task")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out contexts are drawn (default 0)")
+    p.add_argument("--corpus", default="wiki", help="'wiki' (embedded, default) or hf:<dataset>[:<config>]")
+    p.add_argument("--splice-bos", action="store_true",
+                   help="also splice BOS/attention-sink positions (default: pass them through)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default per preset)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--gguf-file", help="GGUF file inside --model to load")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
+    p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args) -> int:
+    from saebench.report import results_table
+    from saebench.runner import RunConfig, evaluate
+
+    config = RunConfig(
+        hookpoint=args.hookpoint, limit=args.limit, context_len=args.context_len, batch_size=args.batch_size,
+        seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
+        gguf_file=args.gguf_file, revision=args.revision, output_dir=args.output, reuse=not args.no_reuse,
+        progress=not args.quiet,
+    )
+    recs = evaluate(args.model, args.encoder, args.task, config)
+    print(results_table(recs))
+    print(f"\nrecords in {args.output}/")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from saebench.registry import ENCODER_GROUP, available, distribution_of
+
+    if args.what == "models":
+        from saebench.models import model_presets
+
+        rows = [(name, p.get("hub_id", ""), p.get("default_hookpoint", ""), p.get("description", ""))
+                for name, p in model_presets().items()]
+        print(tabulate(rows, headers=("model", "hub id", "default hookpoint", "description")))
+        print("\nAny other Hugging Face causal LM works by hub id or local path.")
+    elif args.what == "encoders":
+        rows = []
+        for name, ep in sorted(available(ENCODER_GROUP).items()):
+            dist = distribution_of(ENCODER_GROUP, name)
+            rows.append((name, ep.value, f"{dist['distribution']} {dist['version']}"))
+        print(tabulate(rows, headers=("encoder", "object", "from")))
+    else:
+        from saebench.runner import task_names
+
+        print(tabulate(sorted(task_names().items()), headers=("task", "description")))
+    return 0
+
+
+def _cmd_leaderboard(args) -> int:
+    from saebench.leaderboard import write_leaderboards
+
+    written = write_leaderboards(args.runs, args.out, task=args.task)
+    for path in written:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saebench import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="saebench", description="What does a model lose when its activations are replaced by an "
+                                     "encoder's reconstruction? Splice, score, compare.")
+    parser.add_argument("--version", action="version", version=f"saebench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    p = sub.add_parser("list", help="list encoders, tasks or models", description="List what can be run.")
+    p.add_argument("what", choices=("encoders", "tasks", "models"))
+    p = sub.add_parser("leaderboard", help="turn records into markdown and CSV leaderboards",
+                       description="One table per (task, task version, model, hookpoint), ranked by the "
+                                   "task's headline metric; written as <task>.md and <task>.csv.")
+    p.add_argument("--runs", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
+    p.add_argument("--task", help="only this task")
+    p.add_argument("--out", type=Path, default=Path("leaderboards"), help="output folder (default ./leaderboards)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; user errors print one line and exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard}
+    try:
+        return commands[args.command](args)
+    except SaebenchError as exc:
+        print(f"saebench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saebench: interrupted; finished records are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

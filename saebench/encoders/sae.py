@@ -1,0 +1,114 @@
+"""SAEs of every sae-lens kind (Standard, TopK, BatchTopK, JumpReLU, Gated, ...), through sae-lens.
+
+Spec forms:
+- ``sae:default``: saebench's embedded default SAE for the model (trained once, then cached);
+- ``sae:<path>``: a directory in sae-lens format (cfg.json + sae_weights.safetensors);
+- ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub).
+"""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from saebench.encoders.base import (
+    DECODER_DICTIONARY,
+    LATENTS,
+    BuildContext,
+    Codes,
+    EncodeContext,
+    Encoder,
+    EncoderSpec,
+    dense,
+)
+from saebench.errors import SaebenchError
+from saebench.models import HOOKPOINT_RE
+
+USAGE = "use sae:default, sae:<directory in sae-lens format>, or sae:<release>/<sae_id>"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
+    """Load the SAE named by `arg`; returns it and the provenance that goes into its spec."""
+    from sae_lens import SAE
+
+    device = str(build.model.device)
+    if arg == "default":
+        from saebench.training import default_sae_dir
+
+        path = default_sae_dir(build)
+        return SAE.load_from_disk(path, device=device), {"source": "default", "path": str(path),
+                                                         "weights_sha256": _file_digest(path / "sae_weights.safetensors")}
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        weights = path / "sae_weights.safetensors"
+        if not (path / "cfg.json").exists() or not weights.exists():
+            raise SaebenchError(f"SAE directory {arg!r} lacks cfg.json or sae_weights.safetensors "
+                                "(save it with sae-lens's SAE.save_model)")
+        try:
+            sae = SAE.load_from_disk(path, device=device)
+        except Exception as exc:
+            raise SaebenchError(f"could not load the SAE in {arg!r}: {exc}") from exc
+        return sae, {"source": "disk", "path": str(path.resolve()), "weights_sha256": _file_digest(weights)}
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release, _, sae_id = arg.partition("/")
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise SaebenchError(f"no SAE directory at {arg!r} and {release!r} is not a sae-lens release; {USAGE}")
+    if sae_id not in directory[release].saes_map:
+        raise SaebenchError(f"sae-lens release {release!r} has no SAE {sae_id!r}")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as exc:
+        raise SaebenchError(f"could not download SAE {arg!r} from the hub: {exc}") from exc
+    return sae, {"source": "pretrained", "release": release, "sae_id": sae_id,
+                 "repo_id": directory[release].repo_id}
+
+
+class SAELensEncoder(Encoder):
+    """A sae-lens SAE: its own encode / decode, in its own dtype."""
+
+    capabilities = frozenset({LATENTS, DECODER_DICTIONARY})
+
+    def __init__(self, sae: Any, arg: str, hookpoint: str | None, provenance: dict[str, Any]):
+        self.sae = sae.eval()
+        self.sae.requires_grad_(False)
+        cfg = sae.cfg
+        params = {"architecture": cfg.architecture(), "k": getattr(cfg, "k", None),
+                  "normalize_activations": cfg.normalize_activations, **provenance}
+        self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params)
+
+    @classmethod
+    def from_arg(cls, arg: str | None, build: BuildContext) -> "SAELensEncoder":
+        if not arg:
+            raise SaebenchError(f"encoder 'sae' needs an argument: {USAGE}")
+        sae, provenance = _load_sae(arg, build)
+        hook_name = sae.cfg.metadata.hook_name
+        match = HOOKPOINT_RE.match(hook_name or "")
+        hookpoint = f"layers.{match.group(1)}.{match.group(2)}" if match else None
+        if hookpoint is None and hook_name and not build.hookpoint:
+            raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot place; "
+                                "pass --hookpoint")
+        if hookpoint and build.hookpoint and build.model.hookpoint(build.hookpoint).name != hookpoint:
+            raise SaebenchError(f"SAE {arg!r} was trained at {hookpoint} but --hookpoint is {build.hookpoint}")
+        return cls(sae, arg, hookpoint or build.hookpoint, provenance)
+
+    @property
+    def W_dec(self) -> Tensor:
+        """(d_latent, d_in) decoder dictionary."""
+        return self.sae.W_dec
+
+    def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
+        return self.sae.encode(acts.to(self.sae.dtype))
+
+    def decode(self, codes: Codes) -> Tensor:
+        return self.sae.decode(dense(codes))

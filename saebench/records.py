@@ -1,0 +1,116 @@
+"""Result records: one versioned JSON file per (task, encoder), written atomically.
+
+The config hash covers everything that changes a result (task name, version and parameters,
+encoder spec, model identity and dtype, hookpoint, data, seed, splice settings) and nothing
+that does not (batch size, output folder). A finished record with the same hash is reused,
+so an interrupted multi-encoder run restarts where it stopped.
+"""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunRecord:
+    """One task's result for one encoder."""
+
+    task: dict[str, Any]
+    """{'name', 'version'}."""
+    encoder: dict[str, Any]
+    """The EncoderSpec as a dict, plus the plugin's distribution and version."""
+    model: dict[str, Any]
+    """{'id', 'revision', 'name', 'dtype'}."""
+    hookpoint: str
+    config: dict[str, Any]
+    """Everything hashed into config_hash."""
+    config_hash: str
+    metrics: dict[str, float | None]
+    stderr: dict[str, float | None]
+    n: dict[str, int | None]
+    """Number of tokens (or items) behind each metric."""
+    seconds: float
+    seed: int
+    saebench_version: str
+    git_sha: str | None
+    details_file: str | None = None
+    """JSONL of per-item details next to the record, when the task produces them."""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `config` (first 16 hex digits)."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80] or "encoder"
+
+
+def record_path(output_dir: Path, task: str, encoder_label: str, chash: str) -> Path:
+    """Where the record of (task, encoder, config) lives."""
+    return Path(output_dir) / task / f"{_slug(encoder_label)}-{chash}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: Path, record: RunRecord) -> None:
+    write_atomic(path, json.dumps(record.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def read_record(path: Path) -> RunRecord | None:
+    """The record at `path`, or None when absent or unreadable."""
+    try:
+        return RunRecord.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_records(runs_dir: Path) -> list[RunRecord]:
+    """Every readable record under `runs_dir`."""
+    out = []
+    for path in sorted(Path(runs_dir).rglob("*.json")):
+        rec = read_record(path)
+        if rec is not None and rec.schema_version == SCHEMA_VERSION:
+            out.append(rec)
+    return out
+
+
+def git_sha() -> str | None:
+    """Commit of the saebench source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,50 @@
+"""Tables of records, shared by `saebench run` output and leaderboards."""
+
+from collections.abc import Sequence
+
+import pandas as pd
+from tabulate import tabulate
+
+from saebench.records import RunRecord
+
+
+def fmt(value: float | None, err: float | None = None) -> str:
+    """'0.9612 ± 0.0021', or '—' for a missing value."""
+    if value is None:
+        return "—"
+    text = f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    if err is not None:
+        text += f" ± {err:.2g}"
+    return text
+
+
+def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per record: encoder, task, model, hookpoint, then value and stderr per metric."""
+    rows = []
+    for rec in recs:
+        names = metrics or list(rec.metrics)
+        row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": rec.model["id"],
+               "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"]}
+        for name in names:
+            row[name] = rec.metrics.get(name)
+            row[f"{name}_stderr"] = rec.stderr.get(name)
+        row["n"] = max((v for v in rec.n.values() if v is not None), default=None)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def results_table(recs: Sequence[RunRecord]) -> str:
+    """A compact table of what a run produced (headline metrics first)."""
+    from saebench.runner import resolve_task
+
+    out = []
+    for task_name in dict.fromkeys(r.task["name"] for r in recs):
+        group = [r for r in recs if r.task["name"] == task_name]
+        spec = resolve_task(task_name).spec
+        names = [m for m in spec.summary_metrics() if any(r.metrics.get(m) is not None for r in group)]
+        rows = [[r.encoder["label"], r.hookpoint] + [fmt(r.metrics.get(n), r.stderr.get(n)) for n in names]
+                for r in group]
+        n = max((v for r in group for v in r.n.values() if v is not None), default=0)
+        out.append(f"{task_name} (v{spec.version}) on {group[0].model['id']}, n = {n}\n"
+                   + tabulate(rows, headers=["encoder", "hookpoint", *names], tablefmt="github"))
+    return "\n\n".join(out)

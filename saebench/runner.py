@@ -1,0 +1,209 @@
+"""evaluate(): the one entry point the CLI and the tests both call."""
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import saebench
+from saebench import records
+from saebench.corpus import CorpusSpec
+from saebench.encoders.base import BuildContext, Encoder, parse_encoder_arg
+from saebench.errors import SaebenchError, did_you_mean
+from saebench.models import LoadedModel, cache_dir, load_model
+from saebench.presets import load_presets
+from saebench.registry import ENCODER_GROUP, TASK_GROUP, available, distribution_of, load_plugin
+from saebench.splice import SpliceConfig
+from saebench.tasks.base import PartialStore, Task, TaskContext, TaskResult
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one `saebench run`."""
+
+    hookpoint: str | None = None
+    """Where to splice; default: the SAE's own hookpoint, else the model preset's."""
+    limit: int | None = None
+    """Tokens (ce_kl) or items (benchmarks) to evaluate; None for each task's default."""
+    context_len: int | None = None
+    """Tokens per context; None for each task's default."""
+    batch_size: int = 8
+    """Contexts per forward pass (does not change results)."""
+    seed: int = 0
+    """Decides which held-out contexts are drawn."""
+    corpus: str = "wiki"
+    """'wiki' (embedded) or 'hf:<dataset>[:<config>]'."""
+    splice_bos: bool = False
+    """Also splice BOS / attention-sink positions (they are never averaged into metrics)."""
+    dtype: str | None = None
+    """Model dtype; default from the model preset."""
+    device: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    output_dir: Path = Path("saebench_runs")
+    """Where records are written."""
+    reuse: bool = True
+    """Reuse a finished record with the same config hash instead of recomputing."""
+    progress: bool = True
+    task_params: dict[str, Any] = field(default_factory=dict)
+    """Extra task parameters, overriding presets."""
+
+
+def task_names() -> dict[str, str]:
+    """Every runnable task name -> its description (entry points and tasks/*.yaml presets)."""
+    out = {name: "" for name in available(TASK_GROUP)}
+    for name, preset in load_presets("tasks", "*").items():
+        out[name] = preset.get("description", "")
+    return out
+
+
+def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
+    """A task by entry-point name or preset name, with preset parameters applied."""
+    presets = load_presets("tasks", "*")
+    preset = presets.get(name, {})
+    plugin = preset.get("task", name)
+    if plugin not in available(TASK_GROUP):
+        raise SaebenchError(f"unknown task {name!r}{did_you_mean(name, task_names())}; "
+                            "`saebench list tasks` shows them all")
+    cls = load_plugin(TASK_GROUP, plugin)
+    params = {**preset.get("params", {}), **(overrides or {})}
+    try:
+        return cls.from_params(params)
+    except TypeError as exc:
+        raise SaebenchError(f"task {name!r}: bad parameters {params}: {exc}") from exc
+
+
+def _encoder_class(spec: str) -> type[Encoder]:
+    name, _ = parse_encoder_arg(spec)
+    if name not in available(ENCODER_GROUP):
+        raise SaebenchError(f"unknown encoder {name!r}{did_you_mean(name, available(ENCODER_GROUP))}; "
+                            "`saebench list encoders` shows them all")
+    return load_plugin(ENCODER_GROUP, name)
+
+
+def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> list[Encoder]:
+    """Build every encoder spec string against `model`."""
+    build = BuildContext(model, config.hookpoint, cache_dir(), config.seed, config.progress)
+    encoders = []
+    for spec in specs:
+        cls = _encoder_class(spec)
+        enc = cls.from_arg(parse_encoder_arg(spec)[1], build)
+        if enc.spec.d_in != model.d_model:
+            raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
+                                f"has width {model.d_model}")
+        encoders.append(enc)
+    return encoders
+
+
+def _hookpoint_of(enc: Encoder, model: LoadedModel, config: RunConfig) -> str:
+    name = enc.spec.hookpoint or config.hookpoint or model.default_hookpoint
+    if name is None:
+        raise SaebenchError(f"no hookpoint for encoder {enc.spec.label!r}: pass --hookpoint "
+                            f"(e.g. layers.{len(model.layers()) // 2}.resid_post)")
+    return model.hookpoint(name).name
+
+
+def _validate(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str]) -> None:
+    if not encoders:
+        raise SaebenchError("no encoder given: pass at least one --encoder (e.g. --encoder identity)")
+    if not tasks:
+        raise SaebenchError("no task given: pass at least one --task (e.g. --task ce_kl)")
+    if config.limit is not None and config.limit <= 0:
+        raise SaebenchError(f"--limit must be a positive number, not {config.limit}")
+    if config.batch_size <= 0:
+        raise SaebenchError(f"--batch-size must be positive, not {config.batch_size}")
+
+
+def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[str],
+             config: RunConfig = RunConfig()) -> list[records.RunRecord]:
+    """Splice every encoder into `model` and score it on every task.
+
+    Each task runs all encoders on the same data with the clean pass computed once. One
+    record per (task, encoder) is written to `config.output_dir`; a finished record with the
+    same config hash is reused instead of recomputed.
+
+    Args:
+        model: preset name, hub id, local path, or an already loaded model.
+        encoders: spec strings such as 'sae:default', 'identity', 'sae:<path>'.
+        tasks: task or preset names such as 'ce_kl'.
+    Returns:
+        The records, in task-major, encoder order.
+    """
+    _validate(config, encoders, tasks)
+    task_objs = [(name, resolve_task(name, config.task_params)) for name in tasks]
+    for spec in encoders:
+        _encoder_class(spec)  # fail on unknown names before loading anything
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, config.dtype, config.device, config.gguf_file, config.revision)
+    if config.hookpoint:
+        loaded.hookpoint(config.hookpoint)
+    encs = build_encoders(encoders, loaded, config)
+    by_hookpoint: dict[str, list[Encoder]] = {}
+    for enc in encs:
+        by_hookpoint.setdefault(_hookpoint_of(enc, loaded, config), []).append(enc)
+    out: list[records.RunRecord] = []
+    for _, task in task_objs:
+        for hp_name, group in by_hookpoint.items():
+            out.extend(_run_task(task, loaded, hp_name, group, config))
+    return out
+
+
+def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encoder],
+              config: RunConfig) -> list[records.RunRecord]:
+    corpus = CorpusSpec(config.corpus)
+    ctx = TaskContext(model, model.hookpoint(hp_name), corpus, config.seed, config.batch_size,
+                      SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress)
+    base = {
+        "task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)},
+        "model": {"id": model.model_id, "revision": model.revision, "dtype": model.dtype},
+        "hookpoint": hp_name, "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos,
+    }
+    todo, done = [], {}
+    for enc in encoders:
+        cfg = base | {"encoder": enc.spec.to_dict()}
+        chash = records.config_hash(cfg)
+        path = records.record_path(config.output_dir, task.spec.name, enc.spec.label, chash)
+        existing = records.read_record(path) if config.reuse else None
+        if existing is not None:
+            done[enc.spec.label] = existing
+        else:
+            todo.append((enc, cfg, chash, path))
+    if todo:
+        run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo)})
+        ctx.partial = PartialStore(Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt")
+        start = time.monotonic()
+        results = task.run(ctx, [enc for enc, *_ in todo])
+        seconds = time.monotonic() - start
+        for enc, cfg, chash, path in todo:
+            rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds, config)
+            _write(path, rec, results[enc.spec.label])
+            done[enc.spec.label] = rec
+        ctx.partial.clear()
+    return [done[enc.spec.label] for enc in encoders]
+
+
+def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dict, chash: str,
+            result: TaskResult, seconds: float, config: RunConfig) -> records.RunRecord:
+    plugin = distribution_of(ENCODER_GROUP, enc.spec.name)
+    return records.RunRecord(
+        task={"name": task.spec.name, "version": task.spec.version},
+        encoder=enc.spec.to_dict() | {"plugin": plugin},
+        model={"id": model.model_id, "revision": model.revision, "name": model.name, "dtype": model.dtype},
+        hookpoint=hp_name, config=cfg, config_hash=chash,
+        metrics=result.metrics, stderr=result.stderr, n=result.n,
+        seconds=round(seconds, 3), seed=config.seed,
+        saebench_version=saebench.__version__, git_sha=records.git_sha(),
+        extra=result.extra | {"device": str(model.device), "torch": torch.__version__},
+    )
+
+
+def _write(path: Path, rec: records.RunRecord, result: TaskResult) -> None:
+    if result.details is not None:
+        details = path.with_suffix(".details.jsonl")
+        records.write_atomic(details, "".join(json.dumps(row) + "\n" for row in result.details))
+        rec.details_file = details.name
+    records.write_record(path, rec)

@@ -1,0 +1,179 @@
+"""Task interface and the context the runner hands to a task."""
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from saebench.corpus import CorpusSpec, token_contexts
+from saebench.encoders.base import Encoder
+from saebench.models import Hookpoint, LoadedModel
+from saebench.splice import SpliceConfig, StopForward, check_finite, hook_at, sink_mask
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric a task reports."""
+
+    name: str
+    direction: Literal["higher", "lower", "none"] = "none"
+    """Which way is better; 'none' for descriptive metrics."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Identity of a task; `version` is bumped whenever a metric's meaning changes."""
+
+    name: str
+    version: int
+    headline: str
+    """Metric leaderboards rank by."""
+    metrics: tuple[MetricSpec, ...]
+    summary: tuple[str, ...] = ()
+    """Metrics shown in printed tables and leaderboards (default: all)."""
+
+    def summary_metrics(self) -> tuple[str, ...]:
+        return self.summary or tuple(m.name for m in self.metrics)
+
+    def metric(self, name: str) -> MetricSpec:
+        return next(m for m in self.metrics if m.name == name)
+
+
+@dataclass
+class TaskResult:
+    """One encoder's result on one task."""
+
+    metrics: dict[str, float | None]
+    stderr: dict[str, float | None]
+    n: dict[str, int | None]
+    details: list[dict[str, Any]] | None = None
+    """Per-item rows, saved as JSONL next to the record."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PartialStore:
+    """Atomic save/load of a task's in-progress state, so an interrupted run resumes."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def load(self) -> Any | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, weights_only=False)
+        except Exception:  # a corrupt partial file is just lost progress
+            return None
+
+    def save(self, state: Any) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class TaskContext:
+    """The model, hookpoint, data and settings a task runs with."""
+
+    model: LoadedModel
+    hookpoint: Hookpoint
+    corpus: CorpusSpec
+    seed: int
+    batch_size: int
+    splice: SpliceConfig
+    limit: int | None
+    """The user's --limit (tokens or items, in the task's own unit); None for the task default."""
+    context_len: int | None
+    """The user's --context-len; None for the task default."""
+    partial: PartialStore = field(default_factory=lambda: PartialStore(None))
+    progress: bool = True
+    _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    _eval_tokens: Tensor | None = None
+    _mean: Tensor | None = None
+
+    def contexts(self, n_tokens: int, context_len: int) -> Tensor:
+        """(n_contexts, context_len) evaluation contexts (cached per size)."""
+        key = (n_tokens, context_len)
+        if key not in self._contexts:
+            self._contexts[key] = token_contexts(self.model.tokenizer, self.corpus, context_len, n_tokens,
+                                                 self.seed, self.model.bos_id)
+        return self._contexts[key]
+
+    def keep_mask(self, tokens: Tensor) -> Tensor:
+        """(batch, seq) positions passed through unspliced: sinks unless --splice-bos."""
+        if self.splice.splice_bos:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return sink_mask(tokens, self.model.bos_id)
+
+    def capture(self, tokens: Tensor) -> Tensor:
+        """(batch, seq, d_in) activations at the hookpoint; the pass stops there."""
+        box: list[Tensor] = []
+
+        def grab(hidden: Tensor) -> None:
+            box.append(hidden.detach())
+            raise StopForward
+
+        with torch.no_grad(), hook_at(self.hookpoint, grab):
+            try:
+                self.model.model(tokens.to(self.model.device))
+            except StopForward:
+                pass
+        check_finite(box[0], f"the model's activations at {self.hookpoint.name}")
+        return box[0]
+
+    def set_eval_tokens(self, tokens: Tensor) -> None:
+        """Declare the evaluation contexts that activation_mean() averages over."""
+        if self._eval_tokens is None or not torch.equal(self._eval_tokens, tokens):
+            self._eval_tokens = tokens
+            self._mean = None
+
+    def activation_mean(self) -> Tensor:
+        """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""
+        if self._eval_tokens is None:
+            raise RuntimeError("TaskContext.set_eval_tokens() must come before activation_mean()")
+        if self._mean is None:
+            tokens = self._eval_tokens
+            total = torch.zeros(self.model.d_model, dtype=torch.float64)
+            count = 0
+            for start in range(0, len(tokens), self.batch_size):
+                batch = tokens[start:start + self.batch_size]
+                acts = self.capture(batch).double().cpu()
+                use = ~sink_mask(batch, self.model.bos_id)
+                total += acts[use].sum(0)
+                count += int(use.sum())
+            self._mean = (total / max(count, 1)).float()
+        return self._mean
+
+
+class Task(ABC):
+    """A benchmark that scores encoders spliced into a model."""
+
+    spec: ClassVar[TaskSpec]
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Task":
+        """Build from preset parameters (tasks/*.yaml)."""
+        return cls(**params)
+
+    @abstractmethod
+    def config(self, ctx: TaskContext) -> dict[str, Any]:
+        """The task's effective parameters for this run (hashed into records)."""
+
+    @abstractmethod
+    def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
+        """Score every encoder on the same data; results keyed by encoder label."""

@@ -1,0 +1,260 @@
+"""CE / KL recovery: what the model loses when the hookpoint is replaced by a reconstruction.
+
+The standard SAE fidelity scores (Bricken et al. 2023, "Towards Monosemanticity"; SAELens
+run_evals): cross-entropy with the reconstruction spliced in, normalised between the clean
+model (1) and zero- or mean-ablation of the hookpoint (0), and the KL divergence from the
+clean model's next-token distribution. Alongside: reconstruction error and sparsity.
+
+Populations (every average excludes attention sinks: position 0 and BOS tokens):
+- CE and KL metrics average over next-token predictions made at non-sink positions whose
+  target is not BOS (predicting a document boundary is not language modelling).
+- Activation metrics (fve, mse, cos, l0, l1, densities) average over non-sink positions.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.encoders.base import Codes, Encoder, SparseCodes
+from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
+from saebench.splice import Splice, check_finite, hook_at, sink_mask
+from saebench.stats import ratio_and_se, sum_by_row
+from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+
+CHECKPOINT_SECONDS = 60.0
+"""How often in-progress sums are saved for resumption."""
+
+
+@dataclass(frozen=True)
+class CEKLConfig:
+    """Parameters of the ce_kl task."""
+
+    tokens: int = 102_400
+    """Evaluation tokens drawn (rounded up to whole contexts); --limit overrides."""
+    context_len: int = 128
+    """Tokens per context, BOS included; --context-len overrides."""
+
+
+def _latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token L0, per-token L1, and per-latent firing counts of a chunk of codes."""
+    if isinstance(codes, SparseCodes):
+        active = codes.values != 0
+        fired = torch.zeros(d_latent, dtype=torch.float64, device=codes.values.device)
+        fired.scatter_add_(0, codes.indices[active], torch.ones_like(codes.values[active], dtype=torch.float64))
+        return active.sum(1).double(), codes.values.abs().double().sum(1), fired
+    active = codes != 0
+    return active.sum(1).double(), codes.abs().double().sum(1), active.sum(0).double()
+
+
+class _EncoderSums:
+    """Per-context sums for one encoder, filled batch by batch."""
+
+    def __init__(self, d_latent: int | None):
+        self.d_latent = d_latent
+        self.rows: dict[str, list[Tensor]] = {k: [] for k in ("ce", "kl", "sse", "cos", "l0", "l1")}
+        self.fired = torch.zeros(d_latent or 0, dtype=torch.float64)
+        self._batch: dict[str, Tensor] = {}
+
+    def start_batch(self, batch_size: int) -> None:
+        self._batch = {k: torch.zeros(batch_size, dtype=torch.float64) for k in ("sse", "cos", "l0", "l1")}
+
+    def on_chunk(self, seq_len: int, scored: Tensor):
+        """Splice callback accumulating reconstruction and sparsity sums for scored rows."""
+
+        def callback(acts: Tensor, codes: Codes, recon: Tensor, rows: Tensor) -> None:
+            use = scored[rows.cpu()]
+            x, xh = acts.float()[use.to(acts.device)], recon.float()[use.to(acts.device)]
+            ctx_idx = (rows.cpu()[use] // seq_len)
+            self._batch["sse"].index_add_(0, ctx_idx, ((x - xh) ** 2).sum(1).double().cpu())
+            self._batch["cos"].index_add_(0, ctx_idx, torch.cosine_similarity(x, xh, dim=1).double().cpu())
+            if self.d_latent:
+                sub = (SparseCodes(codes.indices[use], codes.values[use], codes.d_latent)
+                       if isinstance(codes, SparseCodes) else codes[use.to(codes.device)])
+                l0, l1, fired = _latent_stats(sub, self.d_latent)
+                self._batch["l0"].index_add_(0, ctx_idx, l0.cpu())
+                self._batch["l1"].index_add_(0, ctx_idx, l1.cpu())
+                self.fired += fired.cpu()
+
+        return callback
+
+    def end_batch(self, ce: Tensor, kl: Tensor) -> None:
+        self.rows["ce"].append(ce)
+        self.rows["kl"].append(kl)
+        for key, value in self._batch.items():
+            self.rows[key].append(value)
+
+    def cat(self, key: str) -> Tensor:
+        return torch.cat(self.rows[key]) if self.rows[key] else torch.zeros(0, dtype=torch.float64)
+
+
+class CEKLTask(Task):
+    """CE loss recovered, KL to the clean model, reconstruction error and sparsity."""
+
+    spec = TaskSpec(
+        name="ce_kl",
+        version=1,
+        headline="ce_loss_recovered",
+        metrics=(
+            MetricSpec("ce_loss_recovered", "higher", "(ce_zero - ce_spliced) / (ce_zero - ce_clean)"),
+            MetricSpec("ce_loss_recovered_mean_abl", "higher", "(ce_mean - ce_spliced) / (ce_mean - ce_clean)"),
+            MetricSpec("kl", "lower", "mean per-token KL(clean || spliced), nats"),
+            MetricSpec("ce_clean", "none", "mean CE of the clean model, nats"),
+            MetricSpec("ce_spliced", "lower", "mean CE with the reconstruction spliced in, nats"),
+            MetricSpec("ce_zero", "none", "mean CE with the hookpoint zero-ablated, nats"),
+            MetricSpec("ce_mean", "none", "mean CE with the hookpoint mean-ablated, nats"),
+            MetricSpec("fve", "higher", "fraction of variance explained"),
+            MetricSpec("mse", "lower", "mean over tokens of ||x - x_hat||^2 / d_in"),
+            MetricSpec("cos", "higher", "mean cosine similarity of x and x_hat"),
+            MetricSpec("l0", "none", "mean active latents per token"),
+            MetricSpec("l1", "none", "mean L1 norm of the codes per token"),
+            MetricSpec("dead_frac", "lower", "fraction of latents never active on the evaluation tokens"),
+            MetricSpec("dense_1e-2", "lower", "latents active on more than 1% of tokens"),
+            MetricSpec("dense_1e-3", "none", "latents active on more than 0.1% of tokens"),
+        ),
+        summary=("ce_loss_recovered", "ce_loss_recovered_mean_abl", "kl", "ce_spliced", "fve", "mse", "cos", "l0",
+                 "dead_frac", "dense_1e-2"),
+    )
+
+    def __init__(self, tokens: int = CEKLConfig.tokens, context_len: int = CEKLConfig.context_len):
+        self.defaults = CEKLConfig(tokens, context_len)
+
+    def settings(self, ctx: TaskContext) -> CEKLConfig:
+        """Preset defaults overridden by the user's --limit / --context-len."""
+        return CEKLConfig(ctx.limit or self.defaults.tokens, ctx.context_len or self.defaults.context_len)
+
+    def config(self, ctx: TaskContext) -> dict[str, Any]:
+        return asdict(self.settings(ctx))
+
+    def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
+        cfg = self.settings(ctx)
+        tokens = ctx.contexts(cfg.tokens, cfg.context_len)
+        ctx.set_eval_tokens(tokens)
+        hp = ctx.hookpoint.name
+        zero, mean = ZeroEncoder(ctx.model.d_model, hp), MeanEncoder(ctx.model.d_model, hp)
+        passes = _unique([zero, mean, *encoders], hp)
+        for enc in passes.values():
+            enc.prepare(ctx)
+        state = ctx.partial.load() or {"done": 0, "sums": {k: _EncoderSums(e.spec.d_latent) for k, e in passes.items()},
+                                       "clean": {k: [] for k in ("ce", "n_pred", "n_act", "sum_x", "sum_sq")}}
+        last_save = time.monotonic()
+        batches = range(0, len(tokens), ctx.batch_size)
+        bar = tqdm(batches, desc=f"ce_kl {hp}", unit="batch", disable=not ctx.progress, initial=state["done"])
+        for i, start in enumerate(batches):
+            if i < state["done"]:
+                continue
+            self._batch(ctx, tokens[start:start + ctx.batch_size], passes, state)
+            state["done"] = i + 1
+            bar.update()
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                ctx.partial.save(state)
+                last_save = time.monotonic()
+        bar.close()
+        results = {}
+        for enc in encoders:
+            key = _key(enc, hp)
+            results[enc.spec.label] = self._result(state, key, _key(zero, hp), _key(mean, hp), enc)
+        return results
+
+    @torch.no_grad()
+    def _batch(self, ctx: TaskContext, batch: Tensor, passes: dict[str, Encoder], state: dict) -> None:
+        model = ctx.model.model
+        ids = batch.to(ctx.model.device)
+        sinks = sink_mask(batch, ctx.model.bos_id)
+        act_mask = ~sinks  # (B, T) positions scored for activation metrics
+        pred_mask = act_mask[:, :-1] & ~sinks[:, 1:]  # (B, T-1) predictions scored for CE / KL
+        targets = ids[:, 1:]
+        seen: list[Tensor] = []
+        with hook_at(ctx.hookpoint, lambda h: seen.append(h.detach()) or None):
+            logp_clean = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        check_finite(seen[0], f"the model's activations at {ctx.hookpoint.name}")
+        x = seen[0].double().cpu()
+        clean = state["clean"]
+        clean["ce"].append(sum_by_row(_nll(logp_clean, targets).cpu(), pred_mask))
+        clean["n_pred"].append(pred_mask.double().sum(1))
+        clean["n_act"].append(act_mask.double().sum(1))
+        clean["sum_x"].append((x * act_mask[..., None]).sum(1))
+        clean["sum_sq"].append(((x**2).sum(-1) * act_mask).sum(1))
+        p_clean = logp_clean.exp()
+        keep = ctx.keep_mask(batch)
+        for key, enc in passes.items():
+            sums: _EncoderSums = state["sums"][key]
+            sums.start_batch(len(batch))
+            splice = Splice(ctx.hookpoint, enc, ctx.splice, sums.on_chunk(batch.shape[1], act_mask.reshape(-1)))
+            splice.set_batch(batch, keep)
+            with splice.installed():
+                logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+            kl = (p_clean * (logp_clean - logp)).sum(-1)
+            sums.end_batch(sum_by_row(_nll(logp, targets).cpu(), pred_mask), sum_by_row(kl.cpu(), pred_mask))
+
+    def _result(self, state: dict, key: str, zero_key: str, mean_key: str, enc: Encoder) -> TaskResult:
+        clean = {k: torch.cat(v) for k, v in state["clean"].items()}
+        sums, zsums, msums = state["sums"][key], state["sums"][zero_key], state["sums"][mean_key]
+        ce_s, ce_z, ce_m, ce_c = sums.cat("ce"), zsums.cat("ce"), msums.cat("ce"), clean["ce"]
+        n_pred, n_act = clean["n_pred"], clean["n_act"]
+        out: dict[str, tuple[float | None, float | None]] = {
+            "ce_clean": ratio_and_se(ce_c, n_pred),
+            "ce_spliced": ratio_and_se(ce_s, n_pred),
+            "ce_zero": ratio_and_se(ce_z, n_pred),
+            "ce_mean": ratio_and_se(ce_m, n_pred),
+            "ce_loss_recovered": ratio_and_se(ce_z - ce_s, ce_z - ce_c),
+            "ce_loss_recovered_mean_abl": ratio_and_se(ce_m - ce_s, ce_m - ce_c),
+            "kl": ratio_and_se(sums.cat("kl"), n_pred),
+            "mse": ratio_and_se(sums.cat("sse") / enc.spec.d_in, n_act),
+            "cos": ratio_and_se(sums.cat("cos"), n_act),
+        }
+        out["fve"] = self._fve(sums.cat("sse"), clean)
+        has_latents = enc.has_latents and enc.spec.d_latent
+        for name in ("l0", "l1"):
+            out[name] = ratio_and_se(sums.cat(name), n_act) if has_latents else (None, None)
+        total = n_act.sum().item()
+        fired = sums.fired
+        out["dead_frac"] = ((fired == 0).double().mean().item(), None) if has_latents else (None, None)
+        for name, threshold in (("dense_1e-2", 1e-2), ("dense_1e-3", 1e-3)):
+            out[name] = (float((fired / total > threshold).sum().item()), None) if has_latents else (None, None)
+        pred_metrics = {"ce_clean", "ce_spliced", "ce_zero", "ce_mean", "ce_loss_recovered",
+                        "ce_loss_recovered_mean_abl", "kl"}
+        n_pred_total, n_act_total = int(n_pred.sum().item()), int(total)
+        return TaskResult(
+            metrics={k: v[0] for k, v in out.items()},
+            stderr={k: v[1] for k, v in out.items()},
+            n={k: (n_pred_total if k in pred_metrics else n_act_total) if out[k][0] is not None else None
+               for k in out},
+            extra={"contexts": int(len(n_act))},
+        )
+
+    @staticmethod
+    def _fve(sse: Tensor, clean: dict[str, Tensor]) -> tuple[float | None, float | None]:
+        """FVE = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_x||^2 over scored tokens t.
+
+        mean_x is the mean activation over all scored tokens (one vector, not per batch), so
+        the denominator is the total variance of the evaluated activations. The per-context
+        denominator is sum ||x||^2 - 2 mean_x . sum x + n ||mean_x||^2.
+        """
+        n, sum_x, sum_sq = clean["n_act"], clean["sum_x"], clean["sum_sq"]
+        mean_x = sum_x.sum(0) / n.sum()
+        sst = sum_sq - 2 * sum_x @ mean_x + n * (mean_x @ mean_x)
+        ratio, se = ratio_and_se(sse, sst)
+        return (None if ratio is None else 1 - ratio), se
+
+
+def _nll(logp: Tensor, targets: Tensor) -> Tensor:
+    """(B, T-1) negative log-likelihood of each target token."""
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _key(enc: Encoder, hookpoint: str) -> str:
+    spec = enc.spec.to_dict() | {"hookpoint": enc.spec.hookpoint or hookpoint}
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _unique(encoders: list[Encoder], hookpoint: str) -> dict[str, Encoder]:
+    """Encoders by spec key; a user's `zero` or `mean` reuses the task's own ablation pass."""
+    out: dict[str, Encoder] = {}
+    for enc in encoders:
+        out.setdefault(_key(enc, hookpoint), enc)
+    return out

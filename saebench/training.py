@@ -1,0 +1,124 @@
+"""The embedded default SAE: a sae-lens TopK SAE trained by saebench on the embedded text.
+
+No SAE exists for the embedded model, so saebench trains one with sae-lens's own trainer on
+the training split of the embedded Wikipedia text (never on the evaluation split), caches it
+under the saebench cache, and reuses it. Attention sinks (position 0 and BOS tokens, residual
+norm ~100x the median) are left out of training, as they are passed through at evaluation.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saebench.corpus import CorpusSpec, token_contexts
+from saebench.encoders.base import BuildContext
+from saebench.presets import load_presets
+from saebench.records import config_hash
+from saebench.splice import sink_mask
+from saebench.tasks.base import TaskContext
+from saebench.splice import SpliceConfig
+
+
+@dataclass(frozen=True)
+class DefaultSAEConfig:
+    """How the default SAE is trained (registry/encoders.yaml, key sae_default)."""
+
+    expansion: int = 4
+    """d_sae = expansion x d_model."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    train_tokens: int = 200_000
+    """Activations collected from the training split (sinks excluded)."""
+    context_len: int = 128
+    """Tokens per training context, BOS included."""
+    epochs: int = 5
+    """Passes over the collected activations."""
+    batch_size: int = 4096
+    """Activations per optimiser step."""
+    lr: float = 4e-4
+    """Adam learning rate; decays linearly to lr/10 over the last fifth of training."""
+
+
+def default_sae_config() -> DefaultSAEConfig:
+    return DefaultSAEConfig(**load_presets("registry", "encoders").get("sae_default", {}).get("train", {}))
+
+
+def default_sae_dir(build: BuildContext) -> Path:
+    """Folder of the cached default SAE for `build.model`, training it first when absent."""
+    model = build.model
+    cfg = default_sae_config()
+    hookpoint = model.hookpoint(build.hookpoint or model.default_hookpoint or
+                                f"layers.{len(model.layers()) // 2}.resid_post")
+    key = config_hash({"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
+                       "hookpoint": hookpoint.name, "seed": build.seed, "train": asdict(cfg)})
+    path = build.cache_dir / "saes" / f"default-{hookpoint.name}-{key}"
+    if not (path / "cfg.json").exists():
+        _train(build, hookpoint, cfg, path)
+    return path
+
+
+def _collect(ctx: TaskContext, tokens: torch.Tensor, progress: bool) -> torch.Tensor:
+    """(n, d_model) float32 activations at ctx.hookpoint of every non-sink token."""
+    chunks = []
+    for start in tqdm(range(0, len(tokens), ctx.batch_size), desc="collecting activations",
+                      disable=not progress, unit="batch"):
+        batch = tokens[start:start + ctx.batch_size]
+        acts = ctx.capture(batch).float().cpu()
+        chunks.append(acts[~sink_mask(batch, ctx.model.bos_id)])
+    return torch.cat(chunks)
+
+
+def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled minibatches, reshuffled every epoch, forever (the trainer counts samples)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=gen)
+        for start in range(0, len(acts) - batch_size + 1, batch_size):
+            yield acts[order[start:start + batch_size]]
+
+
+def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) -> None:
+    from sae_lens import SAETrainerConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    model = build.model
+    print(f"saebench: training the default SAE for {model.name} at {hookpoint.name} "
+          f"(once; cached in {dest})", flush=True)
+    torch.manual_seed(build.seed)
+    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), build.seed, 16, SpliceConfig(), None, None)
+    tokens = token_contexts(model.tokenizer, ctx.corpus, cfg.context_len,
+                            cfg.train_tokens * cfg.context_len // (cfg.context_len - 1), build.seed, model.bos_id)
+    acts = _collect(ctx, tokens, build.progress)
+    total = cfg.epochs * len(acts)
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=model.d_model, d_sae=cfg.expansion * model.d_model, k=cfg.k, dtype="float32", device="cpu",
+        normalize_activations="expected_average_only_in",
+        metadata=SAEMetadata(
+            model_name=model.model_id, hook_name=hookpoint.transformer_lens_name, context_size=cfg.context_len,
+            prepend_bos=True, dataset_path="gensim enwiki sample, saebench train split",
+            saebench_hookpoint=hookpoint.name, training_tokens=len(acts), tokens_seen=total,
+            saebench_train_config=asdict(cfg), exclude_special_tokens=True,
+        ),
+    )
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total, train_batch_size_samples=cfg.batch_size, lr=cfg.lr, lr_end=cfg.lr / 10,
+        lr_decay_steps=total // cfg.batch_size // 5, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=20, dead_feature_window=1000, feature_sampling_window=2000,
+    )
+    sae = TopKTrainingSAE(sae_cfg)
+    SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, build.seed)).fit()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    try:
+        sae.save_inference_model(tmp)
+        os.replace(tmp, dest)  # atomic: an interrupted training leaves nothing half-saved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
