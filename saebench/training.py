@@ -84,8 +84,8 @@ def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.T
 
 
 def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) -> None:
-    from sae_lens import SAETrainerConfig, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import LoggingConfig
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
 
