@@ -30,6 +30,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load")
     p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--data-file", help="local data file for benchmark tasks (lambada: a lambada_test.jsonl; "
+                                       "cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL of its eval split)")
     p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -43,7 +45,7 @@ def _cmd_run(args) -> int:
         hookpoint=args.hookpoint, limit=args.limit, context_len=args.context_len, batch_size=args.batch_size,
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
         gguf_file=args.gguf_file, revision=args.revision, output_dir=args.output, reuse=not args.no_reuse,
-        progress=not args.quiet,
+        progress=not args.quiet, task_params={"data_file": args.data_file} if args.data_file else {},
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))

@@ -62,10 +62,16 @@ def task_names() -> dict[str, str]:
 
 
 def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
-    """A task by entry-point name or preset name, with preset parameters applied."""
+    """A task by entry-point name or preset name, with preset parameters applied.
+
+    'plugin:arg' (e.g. 'lm_eval:hellaswag') passes `arg` to the plugin as the parameter 'arg'.
+    """
     presets = load_presets("tasks", "*")
     preset = presets.get(name, {})
     plugin = preset.get("task", name)
+    base, sep, arg = plugin.partition(":")
+    if sep and plugin not in available(TASK_GROUP) and base in available(TASK_GROUP):
+        plugin, preset = base, preset | {"params": {**preset.get("params", {}), "arg": arg}}
     if plugin not in available(TASK_GROUP):
         raise SaebenchError(f"unknown task {name!r}{did_you_mean(name, task_names())}; "
                             "`saebench list tasks` shows them all")

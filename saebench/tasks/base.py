@@ -76,7 +76,9 @@ class PartialStore:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+        # torch.save names the zip archive after the file; a name starting with "." is rejected
+        # ("invalid file name"), so the temporary file must not be a dotfile.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="tmp-", suffix=".pt")
         os.close(fd)
         torch.save(state, tmp)
         os.replace(tmp, self.path)

@@ -1,0 +1,62 @@
+"""Make `lm_eval --model saebench` work from lm-eval's own CLI, without importing anything early.
+
+lm-eval 0.4.13 reads no entry points for models: its registry holds `lm_eval.models.MODEL_MAPPING`
+and whatever `@register_model` classes were imported. The saebench wheel therefore ships
+`saebench_lm_eval.pth`, which Python's `site` module runs at start-up. That line loads this
+file as a standalone module (never the `saebench` package, which imports torch) and calls
+`install()`, which only adds an import hook: when lm-eval
+imports `lm_eval.models` (its model table), the hook registers 'saebench' as a lazy
+'module:Class' placeholder there, so saebench, torch and the model code load only when a
+user actually asks lm-eval for `--model saebench`.
+"""
+
+import importlib.abc
+import importlib.machinery
+import sys
+
+MODEL_NAME = "saebench"
+MODEL_TARGET = "saebench.lm_eval_model:SaebenchLM"
+_WATCHED = "lm_eval.models"
+
+
+def register() -> None:
+    """Register the lazy placeholder in lm-eval's model registry (idempotent)."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs lm_eval.models as usual, then registers saebench beside its own models."""
+
+    def __init__(self, inner: importlib.abc.Loader):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        register()
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    saebench_lm_eval = True
+    """Marker: the .pth may run twice (a venv's lib64 -> lib link), each time with a fresh class."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _WATCHED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Add the import hook (or register at once if lm-eval's model table is already imported)."""
+    if _WATCHED in sys.modules:
+        register()
+    elif not any(getattr(f, "saebench_lm_eval", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

@@ -1,0 +1,229 @@
+"""What the benchmark tasks (lambada, cbt, lm_eval:<task>) share.
+
+Each task scores items (a question, a passage) in several passes over the same data: clean,
+zero ablation, and every encoder spliced in. A pass yields `ItemScores`; `compare` turns a
+spliced pass plus the clean and zero passes into one encoder's `TaskResult`, with per-item
+details and the per-feature helpful/harmful scores of Anders & Bloom.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saebench.encoders.base import Codes, Encoder, SparseCodes, dense
+from saebench.splice import sink_mask
+from saebench.stats import ratio_and_se
+from saebench.tasks.base import MetricSpec, TaskResult
+
+FEATURE_WINDOW = 32
+"""A latent is active for a prompt if it fires anywhere in its last 32 positions (Anders & Bloom)."""
+TOP_FEATURES = 20
+"""How many most helpful / most harmful latents a record lists."""
+BOOTSTRAP_SAMPLES = 1000
+"""Resamples of the paired bootstrap for the standard error of delta_acc."""
+
+BENCHMARK_METRICS = (
+    MetricSpec("acc", "higher", "accuracy with the encoder spliced in"),
+    MetricSpec("acc_clean", "none", "accuracy of the clean model"),
+    MetricSpec("acc_zero", "none", "accuracy with the hookpoint zero-ablated"),
+    MetricSpec("delta_acc", "higher", "acc - acc_clean; standard error from a paired bootstrap over items"),
+    MetricSpec("delta_acc_zero", "none", "acc_zero - acc_clean (paired bootstrap standard error)"),
+    MetricSpec("delta_logp", "higher", "mean over items of log p(answer) spliced - clean"),
+    MetricSpec("ce_prompt", "lower", "mean CE over prompt tokens (attention sinks excluded), spliced"),
+    MetricSpec("ce_prompt_clean", "none", "mean CE over prompt tokens, clean"),
+    MetricSpec("ce_prompt_zero", "none", "mean CE over prompt tokens, zero-ablated"),
+)
+BENCHMARK_SUMMARY = ("acc", "acc_clean", "acc_zero", "delta_acc", "delta_logp", "ce_prompt", "ce_prompt_clean")
+
+
+@dataclass
+class ItemScores:
+    """One pass (clean, zero, or an encoder) over n items."""
+
+    correct: Tensor
+    """(n,) 1.0 where the item was answered correctly."""
+    logp: Tensor
+    """(n,) log p(answer) under the task's protocol."""
+    ce_sum: Tensor
+    """(n,) summed next-token NLL over the item's prompt tokens."""
+    ce_count: Tensor
+    """(n,) prompt tokens in ce_sum."""
+    features: Tensor | None = None
+    """(pairs, 2) unique (item, latent) pairs: latent active in the item's last FEATURE_WINDOW prompt positions."""
+    aggregates: dict[str, float | None] = field(default_factory=dict)
+    """Task-level metrics of this pass (e.g. lm-eval's perplexity)."""
+
+
+class PromptRecorder:
+    """Collects per-item prompt CE and active latents from forward passes whose rows are items.
+
+    Before each forward pass, `set_rows` says which item each batch row holds and how many
+    of its leading tokens are prompt; rows of an item already recorded are ignored (lm-eval may
+    run one prompt several times, e.g. once per answer choice).
+    """
+
+    def __init__(self, n_items: int, bos_id: int, collect_features: bool):
+        self.bos_id, self.collect_features = bos_id, collect_features
+        self.ce_sum = torch.zeros(n_items, dtype=torch.float64)
+        self.ce_count = torch.zeros(n_items, dtype=torch.float64)
+        self.recorded = torch.zeros(n_items, dtype=torch.bool)
+        self._pairs: list[Tensor] = []
+        self._batch_pairs: list[Tensor] = []
+        self._rows: list[tuple[int, int] | None] = []
+        self._seq = 0
+
+    def set_rows(self, rows: list[tuple[int, int] | None], seq_len: int) -> None:
+        """rows[b] = (item, prompt_len) for batch row b, or None to ignore it."""
+        self._rows = [r if r is not None and not self.recorded[r[0]] else None for r in rows]
+        self._seq = seq_len
+        self._batch_pairs = []
+
+    def on_chunk(self, acts: Tensor, codes: Codes, recon: Tensor, rows: Tensor) -> None:
+        """Splice callback: keep (item, latent) for latents firing in a prompt's last FEATURE_WINDOW positions."""
+        if not self.collect_features:
+            return
+        rows = rows.cpu()
+        b, pos = rows // self._seq, rows % self._seq
+        item = torch.tensor([r[0] if r else -1 for r in self._rows], dtype=torch.long)[b]
+        plen = torch.tensor([r[1] if r else 0 for r in self._rows], dtype=torch.long)[b]
+        use = (item >= 0) & (pos < plen) & (pos >= plen - FEATURE_WINDOW)
+        if not use.any():
+            return
+        active = _active(codes, use.to(_codes_device(codes)))  # (m, 2): index into used rows, latent
+        self._batch_pairs.append(torch.stack([item[use][active[:, 0]], active[:, 1]], 1))
+
+    def record_logits(self, token_ids: Tensor, logits: Tensor) -> None:
+        """After the forward pass: prompt CE of each new item, and commit its latents."""
+        sinks = sink_mask(token_ids.cpu(), self.bos_id)
+        for b, row in enumerate(self._rows):
+            if row is None:
+                continue
+            item, plen = row
+            # predictions from position p of token p+1, inside the prompt; sinks neither predict nor are targets
+            keep = ~sinks[b, 1:plen - 1] & ~sinks[b, 2:plen]
+            logp = torch.log_softmax(logits[b, 1:plen - 1].float(), -1)
+            nll = -logp.gather(-1, token_ids[b, 2:plen, None].to(logp.device)).squeeze(-1).cpu()
+            self.ce_sum[item] = nll[keep].double().sum()
+            self.ce_count[item] = keep.sum()
+            self.recorded[item] = True
+        if self._batch_pairs:
+            self._pairs.append(torch.cat(self._batch_pairs))
+        self._batch_pairs = []
+
+    def features(self) -> Tensor | None:
+        """(pairs, 2) unique (item, latent) pairs, or None when features were not collected."""
+        if not self.collect_features:
+            return None
+        if not self._pairs:
+            return torch.zeros(0, 2, dtype=torch.long)
+        return torch.unique(torch.cat(self._pairs), dim=0)
+
+
+def _codes_device(codes: Codes) -> torch.device:
+    return codes.values.device if isinstance(codes, SparseCodes) else codes.device
+
+
+def _active(codes: Codes, use: Tensor) -> Tensor:
+    """(m, 2) (row among `use`, latent) of nonzero codes in the rows selected by `use`."""
+    if isinstance(codes, SparseCodes):
+        values, indices = codes.values[use], codes.indices[use]
+        nz = (values != 0).nonzero()
+        return torch.stack([nz[:, 0], indices[nz[:, 0], nz[:, 1]]], 1).cpu()
+    return (dense(codes)[use] != 0).nonzero().cpu()
+
+
+def mean_and_se(x: Tensor) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample std / sqrt n, as lm-eval's mean_stderr)."""
+    x = x.double()
+    if x.numel() == 0:
+        return None, None
+    se = (x.std(unbiased=True) / math.sqrt(x.numel())).item() if x.numel() > 1 else None
+    return x.mean().item(), se
+
+
+def paired_bootstrap_se(a: Tensor, b: Tensor, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> float | None:
+    """Standard error of mean(a) - mean(b) over items, resampling items with both values kept together."""
+    n = a.numel()
+    if n < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (samples, n), generator=gen)
+    diff = (a.double() - b.double())[idx].mean(1)
+    return diff.std(unbiased=True).item()
+
+
+def feature_scores(pairs: Tensor, delta: Tensor, d_latent: int) -> list[dict[str, Any]]:
+    """Helpful/harmful score of every latent active on at least one prompt (Anders & Bloom).
+
+    Over the prompts where the latent is active: mean delta log p(answer), and
+    score = #(delta >= 0) - #(delta < 0).
+    """
+    item, latent = pairs[:, 0], pairs[:, 1]
+    d = delta.double()[item]
+    count = torch.bincount(latent, minlength=d_latent)
+    helped = torch.bincount(latent, weights=(d >= 0).double(), minlength=d_latent)
+    total = torch.bincount(latent, weights=d, minlength=d_latent)
+    rows = []
+    for f in count.nonzero().squeeze(1).tolist():
+        n = int(count[f])
+        rows.append({"kind": "feature", "feature": f, "n_prompts": n, "mean_delta_logp": total[f].item() / n,
+                     "score": int(2 * helped[f].item() - n)})
+    return rows
+
+
+def top_features(rows: list[dict[str, Any]], k: int = TOP_FEATURES) -> dict[str, list[dict[str, Any]]]:
+    """The k most helpful and k most harmful latents (by score, ties by mean delta log p)."""
+    def brief(r):
+        return {key: r[key] for key in ("feature", "score", "n_prompts", "mean_delta_logp")}
+
+    ranked = sorted(rows, key=lambda r: (r["score"], r["mean_delta_logp"]))
+    return {"most_helpful": [brief(r) for r in ranked[::-1][:k]], "most_harmful": [brief(r) for r in ranked[:k]]}
+
+
+def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: Encoder, seed: int,
+            items: list[dict[str, Any]]) -> TaskResult:
+    """One encoder's result: its pass against the clean and zero-ablation passes of the same items.
+
+    Args:
+        items: per-item identification (id, target, ...) copied into the details rows.
+    """
+    n = len(items)
+    delta = spliced.logp - clean.logp
+    out: dict[str, tuple[float | None, float | None]] = {
+        "acc": mean_and_se(spliced.correct),
+        "acc_clean": mean_and_se(clean.correct),
+        "acc_zero": mean_and_se(zero.correct),
+        "delta_acc": ((spliced.correct - clean.correct).double().mean().item() if n else None,
+                      paired_bootstrap_se(spliced.correct, clean.correct, seed)),
+        "delta_acc_zero": ((zero.correct - clean.correct).double().mean().item() if n else None,
+                           paired_bootstrap_se(zero.correct, clean.correct, seed)),
+        "delta_logp": mean_and_se(delta),
+        "ce_prompt": ratio_and_se(spliced.ce_sum, spliced.ce_count),
+        "ce_prompt_clean": ratio_and_se(clean.ce_sum, clean.ce_count),
+        "ce_prompt_zero": ratio_and_se(zero.ce_sum, zero.ce_count),
+    }
+    for name, value in spliced.aggregates.items():
+        out[name] = (value, None)
+    for name, value in clean.aggregates.items():
+        out[f"{name}_clean"] = (value, None)
+    details = [info | {"kind": "item", "correct": bool(spliced.correct[i]), "correct_clean": bool(clean.correct[i]),
+                       "correct_zero": bool(zero.correct[i]), "logp": spliced.logp[i].item(),
+                       "logp_clean": clean.logp[i].item(), "logp_zero": zero.logp[i].item(),
+                       "delta_logp": delta[i].item(),
+                       "ce_prompt": (spliced.ce_sum[i] / spliced.ce_count[i]).item() if spliced.ce_count[i] else None}
+               for i, info in enumerate(items)]
+    extra: dict[str, Any] = {"items": n}
+    if encoder.has_latents and spliced.features is not None and encoder.spec.d_latent:
+        rows = feature_scores(spliced.features, delta, encoder.spec.d_latent)
+        details += rows
+        extra["features"] = top_features(rows)
+    n_tokens = int(spliced.ce_count.sum().item())
+    return TaskResult(
+        metrics={k: v[0] for k, v in out.items()},
+        stderr={k: v[1] for k, v in out.items()},
+        n={k: (n_tokens if k.startswith("ce_prompt") else n) if v[0] is not None else None for k, v in out.items()},
+        details=details, extra=extra,
+    )

@@ -1,0 +1,272 @@
+"""lm-eval tasks with an encoder in the loop: `lm_eval:<task>`, `lambada`, `lambada_first_token`.
+
+lm-eval builds the requests and scores the responses (its own `process_results` and
+aggregations); saebench's `SaebenchLM` answers them, once clean, once zero-ablated and once
+per encoder, on the same requests. A `_RequestObserver` rides along each forward pass to find
+which item each (reordered, right-padded) batch row holds, for prompt CE and active latents.
+"""
+
+import hashlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saebench.encoders.base import Encoder
+from saebench.encoders.baselines import ZeroEncoder
+from saebench.errors import SaebenchError, did_you_mean
+from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.benchmark import BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder, compare
+
+
+@dataclass(frozen=True)
+class LMEvalConfig:
+    """Effective parameters of an lm-eval task run (hashed into records)."""
+
+    lm_eval_task: str
+    """lm-eval task name, or path of a task YAML."""
+    include_path: str | None
+    """Extra folder of lm-eval task YAMLs (lm-eval's --include_path)."""
+    data_file: str | None
+    """Local JSON/JSONL replacing the task's evaluation split (e.g. lambada_test.jsonl)."""
+    data_sha256: str | None
+    items: int | None
+    """First N documents (lm-eval's --limit); None for all."""
+    protocol: str
+    """'lm_eval' (the task's own acc) or 'first_token' (argmax at the last prompt position)."""
+    lm_eval_version: str
+
+
+def file_sha256(path: str | None) -> str | None:
+    """Hex sha256 of a data file (None for None); a missing file is a user error."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise SaebenchError(f"--data-file {path!r} does not exist")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def load_lm_eval_task(name: str, include_path: str | None, data_file: str | None):
+    """Build one lm-eval task by name or YAML path; `data_file` replaces its evaluation split."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = TaskManager(include_path=include_path)
+    entry = manager.task_index.get(name)
+    if entry is None and not Path(name).is_file():
+        raise SaebenchError(f"unknown lm-eval task {name!r}{did_you_mean(name, manager.all_tasks)}; "
+                            "`lm_eval ls tasks` lists them")
+    spec: str | dict = name
+    if data_file is not None:
+        cfg = dict(entry.cfg) if entry is not None and entry.cfg else load_yaml(
+            entry.yaml_path if entry is not None else Path(name), resolve_func=True)
+        split = cfg.get("test_split") or cfg.get("validation_split") or "test"
+        spec = cfg | {"dataset_path": "json", "dataset_name": None,
+                      "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
+                      "test_split": split if cfg.get("test_split") else None,
+                      "validation_split": split if not cfg.get("test_split") else None}
+    try:
+        tasks = manager.load(spec)["tasks"]
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise SaebenchError(f"could not load lm-eval task {name!r} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); offline, pass --data-file") from exc
+    if len(tasks) != 1:
+        raise SaebenchError(f"lm-eval {name!r} is a group of {len(tasks)} tasks; pass one task at a time")
+    return next(iter(tasks.values()))
+
+
+class _RequestObserver(PromptRecorder):
+    """Finds the item of each row lm-eval feeds the model, by the row's tokens.
+
+    HFLM sorts requests by length, batches them, right-pads with 0 and may merge requests that
+    share their input; the exact input of every request (context + continuation, minus the last
+    token, left-truncated to max_length) is known from its tokenisation, so a row's tokens
+    identify it.
+    """
+
+    def __init__(self, item_of_request: list[int], n_items: int, bos_id: int, max_length: int,
+                 collect_features: bool, first_tokens: Tensor | None = None):
+        super().__init__(n_items, bos_id, collect_features)
+        self.item_of_request, self.max_length = item_of_request, max_length
+        self.first_tokens = first_tokens
+        self.first_correct = torch.zeros(n_items)
+        self.first_logp = torch.zeros(n_items, dtype=torch.float64)
+        self._keys: dict[tuple[int, ...], tuple[int, int]] = {}
+
+    def tokenized(self, requests) -> None:
+        for r, (_, ctx_enc, cont_enc) in enumerate(requests):
+            inp = (ctx_enc + cont_enc)[-(self.max_length + 1):][:-1]
+            prompt_len = max(1, len(inp) - len(cont_enc) + 1)
+            self._keys.setdefault(tuple(inp), (self.item_of_request[r], prompt_len))
+
+    def start(self, token_ids: Tensor) -> None:
+        self.set_rows([self._lookup(row) for row in token_ids.tolist()], token_ids.shape[1])
+
+    def _lookup(self, row: list[int]) -> tuple[int, int]:
+        end = len(row)
+        while end > 0 and row[end - 1] == 0:
+            end -= 1
+        for length in range(end, len(row) + 1):  # a request may itself end in token 0
+            if (hit := self._keys.get(tuple(row[:length]))) is not None:
+                return hit
+        raise RuntimeError("a batch row from lm-eval matches none of the task's requests")
+
+    def finish(self, token_ids: Tensor, logits: Tensor) -> None:
+        if self.first_tokens is not None:
+            for b, row in enumerate(self._rows):
+                if row is not None:
+                    item, plen = row
+                    logp = torch.log_softmax(logits[b, plen - 1].float(), -1).cpu()
+                    target = int(self.first_tokens[item])
+                    self.first_correct[item] = float(int(logp.argmax()) == target)
+                    self.first_logp[item] = logp[target].item()
+        self.record_logits(token_ids, logits)
+
+
+class LMEvalTask(Task):
+    """Any lm-eval loglikelihood or multiple-choice task, scored clean, zero-ablated and spliced."""
+
+    spec = TaskSpec("lm_eval", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY)
+    protocol = "lm_eval"
+
+    def __init__(self, lm_eval_task: str | None = None, include_path: str | None = None,
+                 data_file: str | None = None, arg: str | None = None):
+        """
+        Args:
+            lm_eval_task: lm-eval task name or YAML path (`--task lm_eval:<task>` passes it as `arg`).
+            include_path: folder of extra lm-eval task YAMLs.
+            data_file: local JSON/JSONL replacing the task's evaluation split.
+        """
+        name = arg or lm_eval_task
+        if not name:
+            raise SaebenchError("lm_eval needs a task name: --task lm_eval:<lm-eval task>")
+        self.lm_eval_task, self.include_path, self.data_file = name, include_path, data_file
+        if type(self) is LMEvalTask:
+            self.spec = replace(LMEvalTask.spec, name=f"lm_eval:{name}")
+
+    def config(self, ctx: TaskContext) -> dict[str, Any]:
+        import lm_eval
+
+        return asdict(LMEvalConfig(self.lm_eval_task, self.include_path, self.data_file,
+                                   file_sha256(self.data_file), ctx.limit, self.protocol, lm_eval.__version__))
+
+    def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
+        from saebench.lm_eval_model import SaebenchLM
+
+        task = load_lm_eval_task(self.lm_eval_task, self.include_path, self.data_file)
+        task.build_all_requests(limit=ctx.limit, rank=0, world_size=1)
+        instances = sorted(task.instances, key=lambda i: (i.doc_id, i.idx))
+        bad = {i.request_type for i in instances} - {"loglikelihood"}
+        if bad:
+            raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} makes {', '.join(sorted(bad))} requests; "
+                                "saebench splices loglikelihood and multiple-choice tasks only")
+        doc_ids = sorted({i.doc_id for i in instances})
+        item_of = {d: k for k, d in enumerate(doc_ids)}
+        lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
+        lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
+        first = self._first_tokens(lm, task, instances, doc_ids)
+        zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hookpoint.name))
+        passes: dict[str, Encoder | None] = {"clean": None, "zero": zero} | {e.spec.label: e for e in encoders}
+        scores = {}
+        for label, enc in passes.items():
+            if enc is not None:
+                enc.prepare(ctx)
+            obs = _RequestObserver([item_of[i.doc_id] for i in instances], len(doc_ids), ctx.model.bos_id,
+                                   lm.max_length, enc is not None and enc.has_latents, first)
+            lm.encoder, lm.observer = enc, obs
+            try:
+                resps = lm.loglikelihood(instances, disable_tqdm=not ctx.progress)
+            finally:
+                lm.encoder, lm.observer = None, None
+            scores[label] = self._scores(task, instances, resps, doc_ids, obs)
+        items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
+        metric_names = {m.name for m in self.spec.metrics}
+        return {e.spec.label: self._lift(compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.seed,
+                                                 items), metric_names)
+                for e in encoders}
+
+    def _first_tokens(self, lm, task, instances, doc_ids) -> Tensor | None:
+        return None
+
+    def _scores(self, task, instances, resps, doc_ids, obs: _RequestObserver) -> ItemScores:
+        """Per-document lm-eval metrics of one pass, aggregated the way lm-eval does."""
+        by_doc: dict[int, list[int]] = {}
+        for r, inst in enumerate(instances):
+            by_doc.setdefault(inst.doc_id, []).append(r)
+        per_metric: dict[str, list] = {}
+        correct, logp = torch.zeros(len(doc_ids)), torch.zeros(len(doc_ids), dtype=torch.float64)
+        for k, d in enumerate(doc_ids):
+            rows = by_doc[d]
+            doc = instances[rows[0]].doc
+            # loglikelihood tasks use lm-eval's default 'take_first' filter: the response itself
+            result = task.process_results(doc, [resps[r] for r in rows])
+            for name, value in result.items():
+                per_metric.setdefault(name, []).append(value)
+            if "acc" not in result:
+                raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} reports no 'acc' metric")
+            correct[k] = float(result["acc"])
+            logp[k] = resps[rows[self._gold_index(task, doc, len(rows))]][0]
+        aggregation = task.aggregation()
+        aggregates = {name: float(aggregation[name](values)) for name, values in per_metric.items()
+                      if name in aggregation and name != "acc"}
+        return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), aggregates)
+
+    @staticmethod
+    def _gold_index(task, doc, n_choices: int) -> int:
+        """Which request holds the answer: the only one, or the gold choice of a multiple-choice doc."""
+        if task.OUTPUT_TYPE != "multiple_choice":
+            return 0
+        gold = task.doc_to_target(doc)
+        if isinstance(gold, str):
+            gold = task.doc_to_choice(doc).index(gold)
+        if isinstance(gold, list):
+            gold = gold[0]
+        return int(gold) if 0 <= int(gold) < n_choices else 0
+
+    @staticmethod
+    def _lift(result: TaskResult, metric_names: set[str]) -> TaskResult:
+        """Keep lm-eval aggregates this task declares as metrics; move the rest to `extra`."""
+        other = {k: result.metrics.pop(k) for k in list(result.metrics) if k not in metric_names}
+        for k in other:
+            result.stderr.pop(k, None)
+            result.n.pop(k, None)
+        if other:
+            result.extra["lm_eval_metrics"] = other
+        return result
+
+
+class LambadaTask(LMEvalTask):
+    """LAMBADA (OpenAI version) through lm-eval's `lambada_openai`: acc and perplexity of the last word."""
+
+    spec = TaskSpec("lambada", 1, "acc", BENCHMARK_METRICS + (
+        MetricSpec("perplexity", "lower", "lm-eval's perplexity of the last word, spliced"),
+        MetricSpec("perplexity_clean", "none", "lm-eval's perplexity of the last word, clean"),
+    ), BENCHMARK_SUMMARY + ("perplexity",))
+
+    def __init__(self, data_file: str | None = None, include_path: str | None = None):
+        """
+        Args:
+            data_file: local copy of lambada_test.jsonl (`{"text": ...}` per line), for offline use.
+        """
+        super().__init__("lambada_openai", include_path, data_file)
+
+
+class LambadaFirstTokenTask(LambadaTask):
+    """LAMBADA scored by the first token only: argmax over the vocabulary at the last prompt
+    position must equal the first token of ' ' + last word; log p(answer) is that token's."""
+
+    spec = TaskSpec("lambada_first_token", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY)
+    protocol = "first_token"
+
+    def _first_tokens(self, lm, task, instances, doc_ids) -> Tensor:
+        targets = {i.doc_id: i.args[1] for i in instances}
+        return torch.tensor([lm.tok_encode(targets[d], add_special_tokens=False)[0] for d in doc_ids])
+
+    def _scores(self, task, instances, resps, doc_ids, obs: _RequestObserver) -> ItemScores:
+        scores = super()._scores(task, instances, resps, doc_ids, obs)
+        scores.aggregates["lm_eval_acc"] = scores.correct.double().mean().item() if len(doc_ids) else None
+        scores.correct, scores.logp = obs.first_correct.clone(), obs.first_logp.clone()
+        return scores

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny tokenizer and tiny random-weight models built locally (no hub)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from saebench.models import LoadedModel
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Anarchism is a political philosophy. "
+        "Sparse autoencoders decompose activations into features. ") * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def saebench_cache(tmp_path_factory) -> Path:
+    """Each test session gets its own cache unless SAEBENCH_TEST_CACHE points at a shared one."""
+    path = Path(os.environ.get("SAEBENCH_TEST_CACHE") or tmp_path_factory.mktemp("saebench-cache"))
+    os.environ["SAEBENCH_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(arch: str, vocab: int):
+    """A 2-layer config of each architecture family saebench resolves hookpoints for."""
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=256)
+    if arch == "gemma2":
+        return Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    raise ValueError(arch)
+
+
+def make_tiny(arch: str, tokenizer, seed: int = 0) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer))).eval()
+    return LoadedModel(f"tiny-{arch}", f"tiny-{arch}", None, model, tokenizer, "float32", "cpu", "layers.1.resid_pre")
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer) -> LoadedModel:
+    return make_tiny("llama", tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_tokenizer) -> Path:
+    """A tiny Llama saved as a local model folder, loadable by path."""
+    loaded = make_tiny("llama", tiny_tokenizer)
+    path = tmp_path / "tiny-llama"
+    loaded.model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
