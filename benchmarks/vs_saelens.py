@@ -65,7 +65,7 @@ class Tap:
     loss: list[list[Tensor]] = field(default_factory=list)  # per batch: clean, sae, zero CE (B, T-1), bf16
     loss32: list[list[Tensor]] = field(default_factory=list)  # the same CE recomputed in float32
     kl: list[list[Tensor]] = field(default_factory=list)  # per batch: sae, zero KL (B, T), bf16
-    kl32: list[list[Tensor]] = field(default_factory=list)  # the same KL recomputed in float32
+    kl32: list[list[Tensor]] = field(default_factory=list)  # the SAE pass's KL recomputed in float32
     seconds: float = 0.0
     """Time spent in the taps' own float32 recomputation (subtracted from sae-lens's wall time)."""
 
@@ -119,19 +119,20 @@ def install_taps(bridge, tap: Tap):
         out = orig_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
         if active[0]:
             t0 = time.perf_counter()
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            z = logits[:, :-1].float()
             tap.loss[-1].append(out.detach().cpu())
-            tap.loss32[-1].append(-logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).cpu())
+            tap.loss32[-1].append((z.logsumexp(-1) - z.gather(-1, tokens[:, 1:, None]).squeeze(-1)).cpu())
             tap.seconds += time.perf_counter() - t0
         return out
 
     def kl(original_logits, new_logits):
         out = orig_kl(original_logits, new_logits)
-        t0 = time.perf_counter()
-        logp, logq = torch.log_softmax(original_logits.float(), -1), torch.log_softmax(new_logits.float(), -1)
         tap.kl[-1].append(out.detach().cpu())
-        tap.kl32[-1].append((logp.exp() * (logp - logq)).sum(-1).cpu())
-        tap.seconds += time.perf_counter() - t0
+        if len(tap.kl[-1]) == 1:  # the SAE pass comes first; the zero-ablation KL is not compared
+            t0 = time.perf_counter()
+            logp, logq = torch.log_softmax(original_logits.float(), -1), torch.log_softmax(new_logits.float(), -1)
+            tap.kl32[-1].append((logp.exp() * (logp - logq)).sum(-1).cpu())
+            tap.seconds += time.perf_counter() - t0
         return out
 
     def recons(sae, model, scaler, batch_tokens, *args, **kwargs):
@@ -179,11 +180,12 @@ def run_saelens(bridge, sae_path: Path, tokens: Tensor, batch_size: int, tap: Ta
     return flat, wall
 
 
-def _cat(rows: list[list[Tensor]], i: int) -> Tensor:
-    return torch.cat([r[i] for r in rows])
+def _cat(rows: list[list[Tensor]], i: int, n_ctx: int | None = None) -> Tensor:
+    return torch.cat([r[i] for r in rows])[:n_ctx]
 
 
-def tapped_stages(tap: Tap, special_ids: list[int], bos_id: int) -> dict[str, dict[str, float]]:
+def tapped_stages(tap: Tap, special_ids: list[int], bos_id: int,
+                  n_ctx: int | None = None) -> dict[str, dict[str, float]]:
     """CE / KL stages recomputed from the tapped per-token values (float64 means).
 
     S3: float32 values, saebench's populations: predictions at non-sink positions whose target
@@ -191,9 +193,11 @@ def tapped_stages(tap: Tap, special_ids: list[int], bos_id: int) -> dict[str, di
     S4: float32 values, sae-lens's populations: CE over predictions made at non-special positions
         (target unrestricted), KL over every non-special position including the last one.
     S5: sae-lens's own bf16 per-token values, sae-lens's populations, averaged in float64.
-    S6x: as S5 but averaged as run_evals does (torch mean of the bf16 values), to check the taps.
+    S6: as S5 but averaged as run_evals does (bf16 torch mean of the bf16 values).
+    Only the first `n_ctx` contexts are used when given (saebench's contexts for a smaller
+    limit are a prefix of those for a larger one, with the same seed).
     """
-    ids = torch.cat(tap.tokens)
+    ids = torch.cat(tap.tokens)[:n_ctx]
     sinks = sink_mask(ids, bos_id)
     sb_pred = ~sinks[:, :-1] & ~sinks[:, 1:]
     sl_pos = ~torch.isin(ids, torch.tensor(special_ids))
@@ -203,14 +207,14 @@ def tapped_stages(tap: Tap, special_ids: list[int], bos_id: int) -> dict[str, di
         ("S4", tap.loss32, tap.kl32, sl_pos[:, :-1], sl_pos),
         ("S5", tap.loss, tap.kl, sl_pos[:, :-1], sl_pos),
     ):
-        m = {name: _cat(loss, i)[ce_mask].double().mean().item()
+        m = {name: _cat(loss, i, n_ctx)[ce_mask].double().mean().item()
              for i, name in enumerate(("ce_clean", "ce_spliced", "ce_zero"))}
-        m["kl"] = _cat(kl, 0)[kl_mask].double().mean().item()
+        m["kl"] = _cat(kl, 0, n_ctx)[kl_mask].double().mean().item()
         out[stage] = _with_recovered(m)
-    bf16_mean = {name: _cat(tap.loss, i)[sl_pos[:, :-1]].mean().item()
+    bf16_mean = {name: _cat(tap.loss, i, n_ctx)[sl_pos[:, :-1]].mean().item()
                  for i, name in enumerate(("ce_clean", "ce_spliced", "ce_zero"))}
-    bf16_mean["kl"] = _cat(tap.kl, 0)[sl_pos].mean().item()
-    out["S6x"] = _with_recovered(bf16_mean)
+    bf16_mean["kl"] = _cat(tap.kl, 0, n_ctx)[sl_pos].mean().item()
+    out["S6"] = _with_recovered(bf16_mean)
     out["_counts"] = {
         "ce_sb": int(sb_pred.sum()), "ce_sl": int(sl_pos[:, :-1].sum()),
         "kl_sl": int(sl_pos.sum()),
@@ -232,29 +236,29 @@ def saelens_as_saebench(sl: dict) -> dict[str, float]:
             "ce_zero": sl["ce_loss_with_ablation"], "fve": sl["explained_variance"], "l0": sl["l0"]}
 
 
-STEPS = (
-    ("S0", "saebench ce_kl, model as saebench loads it (sdpa attention)"),
-    ("S1", "saebench ce_kl on the bridged model object (eager attention)"),
-    ("S2", "S1 with ce_zero from splice_bos=True (zero ablation also at BOS)"),
-    ("S3", "sae-lens per-token values recomputed in float32, saebench's populations"),
-    ("S4", "as S3, sae-lens's populations"),
-    ("S5", "sae-lens's bf16 per-token values, sae-lens's populations, float64 mean"),
-    ("S6", "sae-lens run_evals as reported (bf16 torch mean)"),
-)
+STEPS = {
+    "S0": "saebench ce_kl, model as saebench loads it (sdpa attention)",
+    "S1": "saebench ce_kl on the bridged model object (eager attention)",
+    "S2": "S1 with ce_zero from saebench splice_bos=True (zero ablation also at BOS)",
+    "S3": "sae-lens per-token values recomputed in float32, saebench's populations",
+    "S4": "as S3, sae-lens's populations",
+    "S5": "sae-lens's bf16 per-token values, sae-lens's populations, float64 mean",
+    "S6": "sae-lens's bf16 per-token values averaged as run_evals does (bf16 torch mean)",
+}
 
 WHY = {
     "S1": "attention kernel: booting the bridge replaced saebench's sdpa attention with the bridge's eager "
-          "attention in bf16 (numerics, not a definition)",
+          "attention, both bf16 (numerics, not a definition)",
     "S2": "zero-ablation scope: sae-lens's zero hook zeroes every position, BOS included; saebench passes "
-          "attention sinks through (splice_bos=False), so only ce_zero and ce_loss_recovered move",
-    "S3": "implementation only (saebench's splice vs sae-lens's TransformerLens hooks, same definitions)",
+          "attention sinks through (splice_bos=False); only ce_zero and ce_loss_recovered can move",
+    "S3": "implementation only (saebench's splice vs sae-lens's TransformerLens hooks; same model, same definitions)",
     "S4": "population: sae-lens averages CE over predictions made at non-special positions incl. those whose "
-          "target is BOS ({bos_target} extra), and KL over all non-special positions incl. the last one of each "
+          "target is BOS ({bos_target} here), and KL over every non-special position incl. the last one of each "
           "context ({last_pos}) and those before a BOS; saebench excludes both",
-    "S5": "per-token precision: TransformerLens / sae-lens take log_softmax and KL of bf16 logits in bf16; "
+    "S5": "per-token precision: TransformerLens / sae-lens take log_softmax and KL of the bf16 logits in bf16; "
           "saebench casts logits to float32 first",
-    "S6": "mean precision: run_evals averages the bf16 per-token values with a bf16 torch .mean(), so each "
-          "reported mean is rounded to bf16 (spacing 1/64 nat for values in [2, 4))",
+    "S6": "mean precision: run_evals averages bf16 per-token values with a bf16 torch .mean(), so each reported "
+          "mean is a bf16 number (spacing 1/64 nat in [2, 4), 1/16 nat in [8, 16))",
 }
 
 
@@ -263,7 +267,7 @@ def fmt(x: float | None, width: int = 11) -> str:
 
 
 def print_side_by_side(sb: dict, sl: dict, sl_raw: dict) -> None:
-    print("\n== Side by side (saebench default settings vs sae-lens run_evals defaults) ==")
+    print("\n== Side by side, full size: saebench defaults vs sae-lens run_evals defaults ==")
     print(f"{'metric':<20}{'saebench':>11}{'sae-lens':>11}{'sl - sb':>11}   sae-lens key")
     names = {"ce_loss_recovered": "ce_loss_score", "kl": "kl_div_with_sae", "ce_clean": "ce_loss_without_sae",
              "ce_spliced": "ce_loss_with_sae", "ce_zero": "ce_loss_with_ablation", "fve": "explained_variance",
@@ -271,55 +275,64 @@ def print_side_by_side(sb: dict, sl: dict, sl_raw: dict) -> None:
     for key, sl_key in names.items():
         print(f"{key:<20}{fmt(sb[key])}{fmt(sl[key])}{fmt(sl[key] - sb[key])}   {sl_key}")
     print(f"(sae-lens also reports explained_variance_legacy={sl_raw['explained_variance_legacy']:.6f}, "
-          f"kl_div_score={sl_raw['kl_div_score']:.6f}, mse={sl_raw['mse']:.4f} (sum over d, not saebench's /d))")
+          f"kl_div_score={sl_raw['kl_div_score']:.6f}, mse={sl_raw['mse']:.2f} = sum over d_in, saebench's mse "
+          f"= {sb['mse']:.4f} is per dimension)")
 
 
-def print_stages(stages: dict[str, dict[str, float]], counts: dict[str, int]) -> None:
-    print("\n== From saebench's number to sae-lens's, one change at a time ==")
-    for name, what in STEPS:
-        print(f"  {name}: {what}")
+def print_chain(title: str, stages: dict[str, dict[str, float]], counts: dict[str, int]) -> None:
+    """The stages as a table, then each step's measured delta and its cause."""
+    print(f"\n== {title} ==")
+    names = list(stages)
+    for name in names:
+        print(f"  {name}: {STEPS[name]}")
     print(f"{'stage':<7}" + "".join(f"{k:>19}" for k in CE_KL_KEYS))
-    for name, _ in STEPS:
+    for name in names:
         print(f"{name:<7}" + "".join(f"{stages[name][k]:>19.6f}" for k in CE_KL_KEYS))
-    print("\n== Each step's measured delta and its cause ==")
-    prev = "S0"
-    for name, _ in STEPS[1:]:
+    for prev, name in zip(names, names[1:]):
         delta = {k: stages[name][k] - stages[prev][k] for k in CE_KL_KEYS}
-        moved = ", ".join(f"d{k}={delta[k]:+.2e}" for k in CE_KL_KEYS if abs(delta[k]) > 0)
-        print(f"{prev}->{name}: {moved or 'no change'}")
-        print(f"    because: {WHY[name].format(**counts)}")
-        prev = name
+        moved = ", ".join(f"d{k}={delta[k]:+.2e}" for k in CE_KL_KEYS if delta[k] != 0)
+        skipped = range(int(prev[1]) + 1, int(name[1]) + 1)
+        why = WHY[name].format(**counts) if len(skipped) == 1 else (
+            " + ".join(WHY[f"S{i}"].split(":")[0] for i in skipped) + " (separated in the subset table)")
+        print(f"{prev}->{name}: {moved or 'identical'}")
+        print(f"    because: {why}")
 
 
-def print_verdict(stages: dict[str, dict[str, float]], sb: dict, sl: dict, sb_bridged: dict) -> None:
+def print_agreement(full: dict, sub: dict | None, sb: dict, sl: dict, sb_bridged: dict | None) -> None:
     print("\n== Agreement (tolerance 1e-3) ==")
     for key in ("ce_loss_recovered", "kl"):
-        raw = abs(stages["S6"][key] - stages["S0"][key])
-        matched = abs(stages["S3"][key] - stages["S2"][key])
-        print(f"{key}: |sae-lens - saebench| = {raw:.2e} ({'within' if raw <= 1e-3 else 'outside'} 1e-3); "
-              f"matched model and definitions (S3 vs S2) = {matched:.2e} "
-              f"({'within' if matched <= 1e-3 else 'outside'} 1e-3)")
-    for key, label in (("fve", "fve / explained_variance"), ("l0", "l0")):
-        print(f"{label}: saebench {sb[key]:.6f}, saebench on the bridged model {sb_bridged[key]:.6f}, "
-              f"sae-lens {sl[key]:.6f}; |sae-lens - saebench(bridged)| = {abs(sl[key] - sb_bridged[key]):.2e} "
-              "(same definition and population: non-BOS tokens, pooled over all of them; the S0 gap is the "
-              "attention kernel's effect on layer-15 activations)")
+        raw = abs(full["S6"][key] - full["S0"][key])
+        line = f"{key}: |sae-lens - saebench| = {raw:.2e} ({'within' if raw <= 1e-3 else 'outside'} 1e-3)"
+        if sub is not None:
+            matched = abs(sub["S3"][key] - sub["S2"][key])
+            line += (f"; same model and definitions (S3 vs S2, subset) = {matched:.2e} "
+                     f"({'within' if matched <= 1e-3 else 'outside'} 1e-3)")
+        print(line)
+    print(f"fve vs explained_variance: |sae-lens - saebench| = {abs(sl['fve'] - sb['fve']):.2e}; both are "
+          "1 - sum||x - x_hat||^2 / sum||x - mean x||^2 pooled over non-BOS tokens")
+    if sb_bridged is not None:
+        print(f"    saebench on the bridged model (subset) fve {sb_bridged['fve']:.6f} vs sae-lens recomputed on the "
+              f"same subset: see the subset table; l0: saebench {sb['l0']:.4f}, sae-lens {sl['l0']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=102_400, help="evaluation tokens (default 102400)")
+    parser.add_argument("--matched-tokens", type=int, default=12_800,
+                        help="tokens (a prefix of the same contexts) for the extra saebench runs that separate "
+                             "the attention-kernel and zero-ablation effects; 0 skips them (default 12800)")
     parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass, both harnesses")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    from sae_lens.util import get_special_token_ids
 
     lm = load_model(MODEL)
     sae_path = default_sae_dir(BuildContext(lm, None, cache_dir()))
     tokens = draw_contexts(lm, args.tokens, args.batch_size)
-    n_tokens = tokens.numel()
-    special = sorted(set(__import__("sae_lens.util", fromlist=["x"]).get_special_token_ids(lm.tokenizer)))
-    print(f"model {MODEL} ({lm.model.dtype}, {lm.model.config._attn_implementation} attention), "
-          f"SAE {sae_path.name}, torch threads {torch.get_num_threads()}")
+    n_tokens, special = tokens.numel(), sorted(get_special_token_ids(lm.tokenizer))
+    n_sub = min(-(-args.matched_tokens // 128), len(tokens))
+    print(f"model {MODEL} ({lm.model.dtype}, {lm.model.config._attn_implementation} attention), SAE {sae_path.name}, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{len(tokens)} contexts x {tokens.shape[1]} = {n_tokens} tokens; BOS id {lm.bos_id}; sae-lens special ids "
           f"{special}; BOS tokens past position 0: {int((tokens[:, 1:] == lm.bos_id).sum())}", flush=True)
 
@@ -333,38 +346,57 @@ def main(argv: list[str] | None = None) -> int:
         tap = Tap()
         sl_raw, sl_wall = run_saelens(bridge, sae_path, tokens, args.batch_size, tap)
         print(f"[S6 sae-lens done in {sl_wall:.1f}s]", flush=True)
-        if not torch.equal(draw_contexts(lm, args.tokens, args.batch_size), tokens):
-            raise RuntimeError("saebench's contexts changed after booting the bridge")
-        s1 = run_saebench(lm, ["sae:default"], n_tokens, args.batch_size, out / "s1")
-        s2 = run_saebench(lm, ["zero"], n_tokens, args.batch_size, out / "s2", splice_bos=True)
-        print(f"[S1/S2 saebench on the bridged model done in {s1.wall_s:.1f}s / {s2.wall_s:.1f}s]", flush=True)
+        sl = saelens_as_saebench(sl_raw)
+        full = tapped_stages(tap, special, lm.bos_id)
+        counts = full.pop("_counts")
+        if any(full["S6"][k] != sl[k] for k in ("ce_clean", "ce_spliced", "ce_zero", "kl")):
+            raise RuntimeError(f"the taps do not reproduce run_evals: {full['S6']} vs {sl}")
+        full = {"S0": {k: s0.metrics[k] for k in CE_KL_KEYS}} | full
+        print_side_by_side(s0.metrics, sl, sl_raw)
+        print_chain(f"Full size ({n_tokens} tokens): saebench S0 -> sae-lens S6", full, counts)
+        print(f"(populations: saebench CE/KL n={counts['ce_sb']}; sae-lens CE n={counts['ce_sl']}, "
+              f"KL n={counts['kl_sl']}; re-averaging the tapped values as run_evals does reproduces its CE and KL "
+              "exactly, so the taps changed nothing)")
+        print_timing(s0, sl_wall, tap.seconds, boot_s)
 
-    sl = saelens_as_saebench(sl_raw)
-    tapped = tapped_stages(tap, special, lm.bos_id)
+        sub = s1 = None
+        if n_sub:
+            sub, s1 = matched_chain(lm, tap, special, n_sub, args.batch_size, out)
+        print_agreement(full, sub, s0.metrics, sl, s1)
+    return 0
+
+
+def matched_chain(lm: LoadedModel, tap: Tap, special: list[int], n_sub: int, batch_size: int, out: Path):
+    """S0..S6 on the first `n_sub` contexts, with the extra saebench runs that isolate each step."""
+    n = n_sub * 128
+    if not torch.equal(draw_contexts(lm, n, 1), torch.cat(tap.tokens)[:n_sub]):
+        raise RuntimeError("saebench's contexts for the subset are not a prefix of the full run's")
+    s1 = run_saebench(lm, ["sae:default"], n, batch_size, out / "s1")
+    s2 = run_saebench(lm, ["zero"], n, batch_size, out / "s2", splice_bos=True)
+    # The original model object is bridged by now: S0 on the subset uses a fresh copy of the same weights.
+    s0 = run_saebench(load_model(MODEL), ["sae:default"], n, batch_size, out / "s0sub")
+    print(f"[subset runs done: S1 {s1.wall_s:.1f}s, S2 {s2.wall_s:.1f}s, S0 {s0.wall_s:.1f}s]", flush=True)
+    tapped = tapped_stages(tap, special, lm.bos_id, n_sub)
     counts = tapped.pop("_counts")
-    if any(tapped["S6x"][k] != sl[k] for k in ("ce_clean", "ce_spliced", "ce_zero", "kl")):
-        raise RuntimeError(f"taps do not reproduce run_evals: {tapped['S6x']} vs {sl}")
     stages = {"S0": {k: s0.metrics[k] for k in CE_KL_KEYS}, "S1": {k: s1.metrics[k] for k in CE_KL_KEYS}}
     stages["S2"] = _with_recovered({**stages["S1"], "ce_zero": s2.metrics["ce_zero"]})
-    stages |= {k: tapped[k] for k in ("S3", "S4", "S5")}
-    stages["S6"] = {k: sl[k] for k in CE_KL_KEYS}
+    stages |= tapped
+    print_chain(f"Subset ({n} tokens, the first {n_sub} contexts): every step isolated", stages, counts)
+    print(f"fve on the subset: saebench S0 {s0.metrics['fve']:.6f}, saebench on the bridged model S1 "
+          f"{s1.metrics['fve']:.6f} (the difference is the attention kernel's effect on layer-15 activations)")
+    return stages, s1.metrics
 
-    print_side_by_side(s0.metrics, sl, sl_raw)
-    print_stages(stages, counts)
-    print(f"(populations: saebench CE/KL n={counts['ce_sb']}; sae-lens CE n={counts['ce_sl']}, KL n={counts['kl_sl']}; "
-          "taps re-averaged as run_evals does reproduce its CE/KL exactly)")
-    print_verdict(stages, s0.metrics, sl, s1.metrics)
 
-    sl_net = sl_wall - tap.seconds
+def print_timing(s0: SaebenchRun, sl_wall: float, tap_s: float, boot_s: float) -> None:
+    sl_net = sl_wall - tap_s
     print("\n== Wall time (same process, same CPU) ==")
-    print(f"saebench evaluate() S0: {s0.wall_s:.1f}s (task {s0.task_s:.1f}s); on the bridged model S1: {s1.wall_s:.1f}s")
-    print(f"sae-lens run_evals: {sl_net:.1f}s ({sl_wall:.1f}s minus {tap.seconds:.1f}s in this script's taps); "
+    print(f"saebench evaluate(): {s0.wall_s:.1f}s (task {s0.task_s:.1f}s)")
+    print(f"sae-lens run_evals: {sl_net:.1f}s ({sl_wall:.1f}s minus {tap_s:.1f}s in this script's taps); "
           f"bridge boot {boot_s:.1f}s not counted")
-    print(f"ratio sae-lens / saebench: {sl_net / s0.wall_s:.2f} (vs S0), {sl_net / s1.wall_s:.2f} (vs S1, same model "
-          "numerics)")
+    print(f"ratio sae-lens / saebench: {sl_net / s0.wall_s:.2f}")
     print("passes per batch: saebench 4 full (clean, zero, mean ablation, SAE) + 1 to layer 15 (activation mean); "
-          "sae-lens 3 full (clean, SAE, zero) + 1 to layer 15 (sparsity / variance)")
-    return 0
+          "sae-lens 3 full (clean, SAE, zero) + 1 to layer 16 (sparsity / variance); sae-lens runs eager "
+          "attention after booting the bridge, saebench sdpa", flush=True)
 
 
 if __name__ == "__main__":

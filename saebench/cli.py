@@ -41,6 +41,10 @@ def _cmd_run(args) -> int:
     from saebench.report import results_table
     from saebench.runner import RunConfig, evaluate
 
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     config = RunConfig(
         hookpoint=args.hookpoint, limit=args.limit, context_len=args.context_len, batch_size=args.batch_size,
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,

@@ -216,6 +216,18 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)  # atomic: a crashed conversion leaves no half-written copy
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished cache folder into place atomically; a crash leaves no half-written copy.
+
+    When another process published the same folder first, its copy is kept.
+    """
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.exists():
+            raise

@@ -12,6 +12,7 @@ def fmt(value: float | None, err: float | None = None) -> str:
     """'0.9612 ± 0.0021', or '—' for a missing value."""
     if value is None:
         return "—"
+    value = value + 0.0  # no "-0"
     text = f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
     if err is not None:
         text += f" ± {err:.2g}"

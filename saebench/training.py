@@ -6,7 +6,6 @@ under the saebench cache, and reuses it. Attention sinks (position 0 and BOS tok
 norm ~100x the median) are left out of training, as they are passed through at evaluation.
 """
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,11 +17,11 @@ from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import BuildContext
+from saebench.models import publish_dir
 from saebench.presets import load_presets
 from saebench.records import config_hash
-from saebench.splice import sink_mask
+from saebench.splice import SpliceConfig, sink_mask
 from saebench.tasks.base import TaskContext
-from saebench.splice import SpliceConfig
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,14 @@ class DefaultSAEConfig:
     """Tokens per training context, BOS included."""
     epochs: int = 5
     """Passes over the collected activations."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Activations per optimiser step."""
-    lr: float = 4e-4
+    lr: float = 1e-3
     """Adam learning rate; decays linearly to lr/10 over the last fifth of training."""
+    dead_window: int = 100
+    """Steps without firing after which a latent counts as dead and gets the TopK auxiliary loss."""
+    outlier_factor: float = 10.0
+    """Activations with norm above this multiple of the median are left out of training (sink-like)."""
 
 
 def default_sae_config() -> DefaultSAEConfig:
@@ -97,6 +100,11 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     tokens = token_contexts(model.tokenizer, ctx.corpus, cfg.context_len,
                             cfg.train_tokens * cfg.context_len // (cfg.context_len - 1), build.seed, model.bos_id)
     acts = _collect(ctx, tokens, build.progress)
+    # Besides position 0 and BOS, a few dozen tokens per 200k carry sink-sized norms (up to
+    # ~27,000 vs a median ~170 at layer 15); left in, they dominate the MSE and the SAE learns
+    # them instead of the ordinary tokens. They are still spliced and scored at evaluation.
+    norms = acts.norm(dim=1)
+    acts = acts[norms <= cfg.outlier_factor * norms.median()]
     total = cfg.epochs * len(acts)
     sae_cfg = TopKTrainingSAEConfig(
         d_in=model.d_model, d_sae=cfg.expansion * model.d_model, k=cfg.k, dtype="float32", device="cpu",
@@ -111,7 +119,7 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total, train_batch_size_samples=cfg.batch_size, lr=cfg.lr, lr_end=cfg.lr / 10,
         lr_decay_steps=total // cfg.batch_size // 5, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=20, dead_feature_window=1000, feature_sampling_window=2000,
+        n_batches_for_norm_estimate=20, dead_feature_window=cfg.dead_window, feature_sampling_window=2000,
     )
     sae = TopKTrainingSAE(sae_cfg)
     SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, build.seed)).fit()
@@ -119,6 +127,6 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     try:
         sae.save_inference_model(tmp)
-        os.replace(tmp, dest)  # atomic: an interrupted training leaves nothing half-saved
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,6 +61,8 @@ def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     release, _, sae_id = arg.partition("/")
+    if arg.startswith(("/", ".", "~")) or path.suffix:
+        raise SaebenchError(f"SAE path {arg!r} does not exist; {USAGE}")
     directory = get_pretrained_saes_directory()
     if release not in directory:
         raise SaebenchError(f"no SAE directory at {arg!r} and {release!r} is not a sae-lens release; {USAGE}")

@@ -95,12 +95,18 @@ class _RequestObserver(PromptRecorder):
         self.first_correct = torch.zeros(n_items)
         self.first_logp = torch.zeros(n_items, dtype=torch.float64)
         self._keys: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._aliases: dict[int, set[int]] = {}
 
     def tokenized(self, requests) -> None:
         for r, (_, ctx_enc, cont_enc) in enumerate(requests):
-            inp = (ctx_enc + cont_enc)[-(self.max_length + 1):][:-1]
-            prompt_len = max(1, len(inp) - len(cont_enc) + 1)
-            self._keys.setdefault(tuple(inp), (self.item_of_request[r], prompt_len))
+            inp = tuple((ctx_enc + cont_enc)[-(self.max_length + 1):][:-1])
+            item = self.item_of_request[r]
+            if inp not in self._keys:
+                self._keys[inp] = (item, max(1, len(inp) - len(cont_enc) + 1))
+            elif (first := self._keys[inp][0]) != item:
+                # lm-eval runs identical inputs once (one-token continuations are looked up in
+                # the same row), so the other items get copies of the first one's prompt stats
+                self._aliases.setdefault(first, set()).add(item)
 
     def start(self, token_ids: Tensor) -> None:
         self.set_rows([self._lookup(row) for row in token_ids.tolist()], token_ids.shape[1])
@@ -113,6 +119,17 @@ class _RequestObserver(PromptRecorder):
             if (hit := self._keys.get(tuple(row[:length]))) is not None:
                 return hit
         raise RuntimeError("a batch row from lm-eval matches none of the task's requests")
+
+    def copy_aliases(self) -> None:
+        """Give items whose input duplicated another item's the stats recorded for that item."""
+        for first, others in self._aliases.items():
+            for item in others:
+                for stat in (self.ce_sum, self.ce_count, self.first_correct, self.first_logp, self.recorded):
+                    stat[item] = stat[first]
+                if self._pairs:
+                    pairs = torch.cat(self._pairs)
+                    mine = pairs[pairs[:, 0] == first]
+                    self._pairs.append(torch.stack([torch.full_like(mine[:, 0], item), mine[:, 1]], 1))
 
     def finish(self, token_ids: Tensor, logits: Tensor) -> None:
         if self.first_tokens is not None:
@@ -193,6 +210,7 @@ class LMEvalTask(Task):
 
     def _scores(self, task, instances, resps, doc_ids, obs: _RequestObserver) -> ItemScores:
         """Per-document lm-eval metrics of one pass, aggregated the way lm-eval does."""
+        obs.copy_aliases()
         by_doc: dict[int, list[int]] = {}
         for r, inst in enumerate(instances):
             by_doc.setdefault(inst.doc_id, []).append(r)

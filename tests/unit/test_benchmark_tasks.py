@@ -1,0 +1,181 @@
+"""lambada / cbt / lm_eval:<task> on a tiny trained Llama and locally written data files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saebench.corpus import CorpusSpec
+from saebench.encoders.baselines import IdentityEncoder, ZeroEncoder
+from saebench.errors import SaebenchError
+from saebench.models import load_model
+from saebench.runner import resolve_task
+from saebench.splice import SpliceConfig
+from saebench.tasks.base import TaskContext
+from saebench.tasks.benchmark import feature_scores, paired_bootstrap_se, top_features
+from saebench.tasks.cbt import CBTTask, detokenize, parse_cbt
+from saebench.tasks.lm_eval_task import LambadaFirstTokenTask, LambadaTask, LMEvalTask
+from tests.unit.tiny_lm import ReluLatentEncoder, build_tiny_model, write_cbt, write_lambada
+
+HOOKPOINT = "layers.0.resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    path = build_tiny_model(folder)
+    return {"path": path, "model": load_model(str(path), "float32", "cpu"), "dir": folder}
+
+
+def _ctx(model, limit=None) -> TaskContext:
+    return TaskContext(model, model.hookpoint(HOOKPOINT), CorpusSpec("wiki"), 0, 4, SpliceConfig(), limit, None,
+                       progress=False)
+
+
+def _encoders(model):
+    return [IdentityEncoder(model.d_model, HOOKPOINT), ZeroEncoder(model.d_model, HOOKPOINT),
+            ReluLatentEncoder(model.d_model, hookpoint=HOOKPOINT)]
+
+
+def test_feature_scores_known_answer():
+    # latent 3 active on items 0, 1, 2 (deltas +1, -2, 0): score 2 - 1 = 1, mean -1/3
+    pairs = torch.tensor([[0, 3], [1, 3], [2, 3], [1, 5]])
+    delta = torch.tensor([1.0, -2.0, 0.0])
+    rows = {r["feature"]: r for r in feature_scores(pairs, delta, d_latent=8)}
+    assert set(rows) == {3, 5}
+    assert rows[3]["score"] == 1 and rows[3]["n_prompts"] == 3
+    assert rows[3]["mean_delta_logp"] == pytest.approx(-1 / 3)
+    assert rows[5]["score"] == -1 and rows[5]["mean_delta_logp"] == pytest.approx(-2.0)
+    top = top_features(list(rows.values()), k=1)
+    assert top["most_helpful"][0]["feature"] == 3 and top["most_harmful"][0]["feature"] == 5
+
+
+def test_paired_bootstrap_matches_standard_error_of_paired_difference():
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(2000, generator=gen) < 0.5).double()
+    b = torch.where(torch.rand(2000, generator=gen) < 0.8, a, 1 - a)
+    analytic = (a - b).std() / len(a) ** 0.5
+    assert paired_bootstrap_se(a, b, seed=0) == pytest.approx(analytic.item(), rel=0.1)
+
+
+def test_parse_cbt_and_bad_input(tmp_path):
+    questions = parse_cbt(write_cbt(tmp_path / "cbt.txt", 3).read_text())
+    assert len(questions) == 3 and len(questions[0].context) == 20 and len(questions[0].candidates) == 10
+    assert questions[0].answer in questions[0].candidates and "XXXXX" in questions[0].query
+    with pytest.raises(SaebenchError, match="CBTest format"):
+        parse_cbt("1 a sentence\n21 no tabs here\n")
+    with pytest.raises(SaebenchError, match="does not exist"):
+        CBTTask(data_file=str(tmp_path / "missing.txt")).run(None, [])
+    with pytest.raises(SaebenchError, match="subset"):
+        CBTTask(subset="v")
+    # punctuation and contractions re-attach; quote marks are normalised but keep their spaces
+    assert detokenize("` Yes , go , ' he said ; `` do n't ! ''") == "' Yes, go, ' he said; \" don't! \""
+
+
+def test_resolve_task_passes_the_suffix_after_a_colon():
+    task = resolve_task("lm_eval:hellaswag")
+    assert isinstance(task, LMEvalTask) and task.spec.name == "lm_eval:hellaswag"
+    assert resolve_task("ce_kl").spec.name == "ce_kl"
+    assert resolve_task("cbt_ne").subset == "ne"
+    with pytest.raises(SaebenchError, match="unknown task"):
+        resolve_task("nonsense:x")
+
+
+def test_lambada_identity_equals_clean_and_zero_hurts(tiny, tmp_path):
+    model = tiny["model"]
+    data = write_lambada(tmp_path / "lambada.jsonl", 24)
+    task = LambadaTask(data_file=str(data))
+    results = task.run(_ctx(model), _encoders(model))
+    ident, zero, relu = results["identity"], results["zero"], results["relu_test"]
+    assert ident.metrics["acc_clean"] > 0.5  # the tiny model learned its bigram language
+    assert ident.metrics["acc"] == ident.metrics["acc_clean"] and ident.metrics["delta_acc"] == 0
+    assert ident.metrics["delta_logp"] == 0 and ident.metrics["perplexity"] == ident.metrics["perplexity_clean"]
+    assert ident.metrics["ce_prompt"] == ident.metrics["ce_prompt_clean"]
+    assert zero.metrics["acc"] == zero.metrics["acc_zero"] < ident.metrics["acc_clean"]
+    assert zero.metrics["delta_logp"] < 0 and zero.stderr["delta_acc"] > 0
+    assert ident.n["acc"] == 24
+    items = [r for r in relu.details if r["kind"] == "item"]
+    features = [r for r in relu.details if r["kind"] == "feature"]
+    assert len(items) == 24 and features and "most_helpful" in relu.extra["features"]
+    assert all(abs(r["score"]) <= r["n_prompts"] <= 24 for r in features)
+    first = LambadaFirstTokenTask(data_file=str(data)).run(_ctx(model), _encoders(model)[:1])["identity"]
+    # one-word targets: the first token is the whole answer, so both protocols agree here
+    assert first.metrics["acc_clean"] == ident.metrics["acc_clean"]
+
+
+def test_lambada_clean_matches_lm_eval_hf_model(tiny, tmp_path):
+    """saebench's clean pass and lm-eval's own `hf` model give the same per-item answers."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model = tiny["model"]
+    data = write_lambada(tmp_path / "lambada.jsonl", 16)
+    ours = LambadaTask(data_file=str(data)).run(_ctx(model), _encoders(model)[:1])["identity"]
+    _local_lambada_yaml(tmp_path / "tasks", data)
+    hf = HFLM(pretrained=str(tiny["path"]), batch_size=4, device="cpu", dtype="float32")
+    out = lm_eval.simple_evaluate(model=hf, tasks=["lambada_local"], task_manager=TaskManager(
+        include_path=str(tmp_path / "tasks")))
+    theirs = out["results"]["lambada_local"]
+    assert theirs["acc,none"] == ours.metrics["acc_clean"]
+    assert theirs["perplexity,none"] == pytest.approx(ours.metrics["perplexity_clean"], rel=1e-6)
+
+
+def _local_lambada_yaml(folder: Path, data: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lambada_local.yaml").write_text(
+        "task: lambada_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: loglikelihood\ntest_split: test\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+        "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+def test_lm_eval_multiple_choice_task_from_include_path(tiny, tmp_path):
+    rows = [{"prefix": "w0", "choices": ["w3", "w5", "w7"], "label": 0},
+            {"prefix": "w1", "choices": ["w2", "w10", "w4"], "label": 1}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{prefix}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    task = resolve_task("lm_eval:tiny_mc", {"include_path": str(tmp_path / "tasks")})
+    res = task.run(_ctx(tiny["model"]), _encoders(tiny["model"])[:1])["identity"]
+    assert res.metrics["acc_clean"] == 1.0 and res.metrics["delta_acc"] == 0  # w0 -> w3, w1 -> w10
+    assert res.n["acc"] == 2
+
+
+def test_cbt_identity_equals_clean(tiny, tmp_path):
+    model = tiny["model"]
+    data = write_cbt(tmp_path / "cbt.txt", 6)
+    results = CBTTask("cn", str(data)).run(_ctx(model), _encoders(model))
+    ident, zero, relu = results["identity"], results["zero"], results["relu_test"]
+    assert ident.metrics["acc_clean"] > 0.5
+    assert ident.metrics["acc"] == ident.metrics["acc_clean"] and ident.metrics["delta_logp"] == 0
+    assert zero.metrics["acc"] == ident.metrics["acc_zero"]
+    assert ident.n["acc"] == 6 and len(ident.details) == 6
+    assert any(r["kind"] == "feature" for r in relu.details)
+
+
+def test_lm_eval_cli_finds_the_saebench_model(tiny, tmp_path):
+    """lm-eval's own CLI runs `--model saebench` (registered by the installed .pth hook)."""
+    data = write_lambada(tmp_path / "lambada.jsonl", 8)
+    _local_lambada_yaml(tmp_path / "tasks", data)
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "saebench", "--model_args",
+         f"pretrained={tiny['path']},encoder=identity,hookpoint={HOOKPOINT},dtype=float32",
+         "--tasks", "lambada_local", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+         "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lambada_local" in out.stdout and "acc" in out.stdout

@@ -1,0 +1,84 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, no result file."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saebench.cli import main
+
+
+def run_cli(argv, capsys, out):
+    code = main([*argv, "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_clean_failure(code, err, out, pattern):
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert pattern in err, err
+    assert not out.exists() or not list(out.rglob("*.json"))
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--encoder", "identiy", "--task", "ce_kl"], "did you mean 'identity'"),
+    (["--encoder", "identity", "--task", "ce_k"], "did you mean 'ce_kl'"),
+    (["--encoder", "identity", "--task", "ce_kl", "--limit", "0"], "--limit must be a positive number"),
+    (["--encoder", "sae:/no/such/sae_dir", "--task", "ce_kl"], "SAE path '/no/such/sae_dir' does not exist"),
+    (["--encoder", "identity", "--task", "ce_kl", "--hookpoint", "layers.9.resid_post"],
+     "valid hookpoints are layers.0.resid_pre .. layers.1.resid_pre"),
+])
+def test_bad_input_on_a_local_model(argv, pattern, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), *argv], capsys, out)
+    assert_clean_failure(code, err, out, pattern)
+
+
+def test_unknown_model_gets_did_you_mean(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", "smollm2-13m", "--encoder", "identity", "--task", "ce_kl"], capsys, out)
+    assert_clean_failure(code, err, out, "did you mean 'smollm2-135m'")
+
+
+def test_sae_with_wrong_width(tiny_llama_dir, tmp_path, capsys):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae_dir = tmp_path / "sae16"
+    StandardSAE(StandardSAEConfig(d_in=16, d_sae=64)).save_model(sae_dir)
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl",
+                         "--hookpoint", "layers.1.resid_pre"], capsys, out)
+    assert_clean_failure(code, err, out, "has d_in 16 but model")
+
+
+def test_nan_in_activations(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(tiny_llama_dir)
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "ce_kl",
+                         "--hookpoint", "layers.1.resid_pre", "--limit", "64", "--context-len", "16"], capsys, out)
+    assert_clean_failure(code, err, out, "NaN or inf in the model's activations at layers.1.resid_pre")
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "saebench.cli", "run", "--model", "nonexistent-model",
+                           "--encoder", "identity", "--task", "ce_kl", "--output", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("saebench: error: unknown model 'nonexistent-model'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_for_every_subcommand(capsys):
+    for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["leaderboard", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        assert "usage: saebench" in capsys.readouterr().out

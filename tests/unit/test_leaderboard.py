@@ -1,0 +1,39 @@
+import csv
+
+import pytest
+
+from saebench import RunConfig, evaluate
+from saebench.cli import main
+
+
+def test_leaderboard_ranks_by_headline_and_writes_csv(tiny_llama, tmp_path, capsys):
+    recs = evaluate(tiny_llama, ["zero", "identity", "mean"], ["ce_kl"],
+             RunConfig(limit=128, context_len=16, output_dir=tmp_path / "runs", progress=False))
+    assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
+    md = (tmp_path / "lb" / "ce_kl.md").read_text()
+    assert "## ce_kl v1 · tiny-llama · layers.1.resid_pre" in md
+    cells = [line.split("|") for line in md.splitlines() if line.startswith("|")]
+    order = [c[2].strip() for c in cells if c[1].strip().isdigit()]
+    by_value = sorted(recs, key=lambda r: -r.metrics["ce_loss_recovered"])
+    assert order == [r.encoder["label"] for r in by_value] and order[0] == "identity"
+    rows = list(csv.DictReader((tmp_path / "lb" / "ce_kl.csv").open()))
+    assert [r["encoder"] for r in rows] == order and float(rows[0]["ce_loss_recovered"]) == pytest.approx(1.0)
+
+
+def test_leaderboard_without_records_is_a_clean_error(tmp_path, capsys):
+    assert main(["leaderboard", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "lb")]) == 2
+    assert "no records under" in capsys.readouterr().err
+
+
+def test_leaderboards_never_mix_task_versions(tiny_llama, tmp_path):
+    import json
+
+    evaluate(tiny_llama, ["identity"], ["ce_kl"],
+             RunConfig(limit=64, context_len=16, output_dir=tmp_path / "runs", progress=False))
+    path = next((tmp_path / "runs").rglob("*.json"))
+    data = json.loads(path.read_text())
+    data["task"]["version"] = 99
+    (path.parent / "older.json").write_text(json.dumps(data))
+    main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
+    md = (tmp_path / "lb" / "ce_kl.md").read_text()
+    assert "ce_kl v1 ·" in md and "ce_kl v99 ·" in md
