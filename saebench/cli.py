@@ -53,6 +53,10 @@ def _cmd_run(args) -> int:
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))
+    from saebench.tasks.benchmark import feature_tables
+
+    if features := feature_tables(recs):
+        print("\n" + features)
     print(f"\nrecords in {args.output}/")
     return 0
 

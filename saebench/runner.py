@@ -185,7 +185,8 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
         results = task.run(ctx, [enc for enc, *_ in todo])
         seconds = time.monotonic() - start
         for enc, cfg, chash, path in todo:
-            rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds, config)
+            rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds, len(todo),
+                          config)
             _write(path, rec, results[enc.spec.label])
             done[enc.spec.label] = rec
         ctx.partial.clear()
@@ -193,7 +194,7 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
 
 
 def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dict, chash: str,
-            result: TaskResult, seconds: float, config: RunConfig) -> records.RunRecord:
+            result: TaskResult, seconds: float, n_run: int, config: RunConfig) -> records.RunRecord:
     plugin = distribution_of(ENCODER_GROUP, enc.spec.name)
     return records.RunRecord(
         task={"name": task.spec.name, "version": task.spec.version},
@@ -203,7 +204,8 @@ def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dic
         metrics=result.metrics, stderr=result.stderr, n=result.n,
         seconds=round(seconds, 3), seed=config.seed,
         saebench_version=saebench.__version__, git_sha=records.git_sha(),
-        extra=result.extra | {"device": str(model.device), "torch": torch.__version__},
+        # `seconds` is the wall time of the whole task run, shared by the encoders run together
+        extra=result.extra | {"device": str(model.device), "torch": torch.__version__, "encoders_in_run": n_run},
     )
 
 

@@ -1,6 +1,7 @@
 """Task interface and the context the runner hands to a task."""
 
 import os
+import sys
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -112,8 +113,13 @@ class TaskContext:
         """(n_contexts, context_len) evaluation contexts (cached per size)."""
         key = (n_tokens, context_len)
         if key not in self._contexts:
-            self._contexts[key] = token_contexts(self.model.tokenizer, self.corpus, context_len, n_tokens,
-                                                 self.seed, self.model.bos_id)
+            tokens = token_contexts(self.model.tokenizer, self.corpus, context_len, n_tokens, self.seed,
+                                    self.model.bos_id)
+            if tokens.numel() < n_tokens:
+                print(f"saebench: warning: the {self.corpus.split} split of corpus {self.corpus.name!r} holds "
+                      f"{tokens.numel()} tokens in {context_len}-token contexts, fewer than the {n_tokens} "
+                      "asked for; evaluating all of them", file=sys.stderr)
+            self._contexts[key] = tokens
         return self._contexts[key]
 
     def keep_mask(self, tokens: Tensor) -> Tensor:

@@ -227,3 +227,19 @@ def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: E
         n={k: (n_tokens if k.startswith("ce_prompt") else n) if v[0] is not None else None for k, v in out.items()},
         details=details, extra=extra,
     )
+
+
+def feature_tables(recs) -> str:
+    """The most helpful / harmful latents of each benchmark record that has them (for `saebench run`)."""
+    from tabulate import tabulate
+
+    out = []
+    for rec in recs:
+        top = (rec.extra or {}).get("features")
+        if not top:
+            continue
+        for kind in ("most_helpful", "most_harmful"):
+            rows = [(r["feature"], r["score"], r["n_prompts"], f"{r['mean_delta_logp']:.3f}") for r in top[kind]]
+            out.append(f"{rec.task['name']} / {rec.encoder['label']}: {len(rows)} {kind.replace('_', ' ')} latents\n"
+                       + tabulate(rows, headers=("latent", "score", "prompts", "mean Δlog p"), tablefmt="github"))
+    return "\n\n".join(out)

