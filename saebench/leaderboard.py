@@ -50,7 +50,8 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
         rows = [[i + 1, row["encoder"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for i, row in frame.iterrows()]
         parts.append(f"## {name} v{version} · {model} · {hookpoint}\n\n"
-                     + tabulate(rows, headers=["rank", "encoder", *names, "n"], tablefmt="github") + "\n")
+                     + tabulate(rows, headers=["rank", "encoder", *names, "n"], tablefmt="github",
+                                  disable_numparse=True) + "\n")
     import pandas as pd
 
     return "\n".join(parts), pd.concat(frames).to_csv(index=False)

@@ -1,5 +1,6 @@
 """Tables of records, shared by `saebench run` output and leaderboards."""
 
+import math
 from collections.abc import Sequence
 
 import pandas as pd
@@ -10,11 +11,11 @@ from saebench.records import RunRecord
 
 def fmt(value: float | None, err: float | None = None) -> str:
     """'0.9612 ± 0.0021', or '—' for a missing value."""
-    if value is None:
+    if value is None or math.isnan(value):  # pandas turns a missing value into NaN
         return "—"
     value = value + 0.0  # no "-0"
     text = f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-    if err is not None:
+    if err is not None and not math.isnan(err):
         text += f" ± {err:.2g}"
     return text
 
@@ -47,5 +48,6 @@ def results_table(recs: Sequence[RunRecord]) -> str:
                 for r in group]
         n = max((v for r in group for v in r.n.values() if v is not None), default=0)
         out.append(f"{task_name} (v{spec.version}) on {group[0].model['id']}, n = {n}\n"
-                   + tabulate(rows, headers=["encoder", "hookpoint", *names], tablefmt="github"))
+                   + tabulate(rows, headers=["encoder", "hookpoint", *names], tablefmt="github",
+                            disable_numparse=True))
     return "\n\n".join(out)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
@@ -158,7 +159,8 @@ class TaskContext:
             tokens = self._eval_tokens
             total = torch.zeros(self.model.d_model, dtype=torch.float64)
             count = 0
-            for start in range(0, len(tokens), self.batch_size):
+            for start in tqdm(range(0, len(tokens), self.batch_size), desc=f"mean activation {self.hookpoint.name}",
+                              unit="batch", disable=not self.progress):
                 batch = tokens[start:start + self.batch_size]
                 acts = self.capture(batch).double().cpu()
                 use = ~sink_mask(batch, self.model.bos_id)

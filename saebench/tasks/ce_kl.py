@@ -9,6 +9,11 @@ Populations (every average excludes attention sinks: position 0 and BOS tokens):
 - CE and KL metrics average over next-token predictions made at non-sink positions whose
   target is not BOS (predicting a document boundary is not language modelling).
 - Activation metrics (fve, mse, cos, l0, l1, densities) average over non-sink positions.
+
+Ablations use the same splice as encoders, so zero and mean ablation also leave the sinks
+untouched. sae-lens's run_evals differs here by definition: its zero ablation zeroes BOS too,
+which makes its ce_zero lower and its ce_loss_recovered smaller; it also scores predictions
+whose target is BOS and averages in bf16. benchmarks/vs_saelens.py measures each difference.
 """
 
 import json
