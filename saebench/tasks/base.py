@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
+from saebench.errors import SaebenchError
 from saebench.models import Hookpoint, LoadedModel
 from saebench.splice import SpliceConfig, StopForward, check_finite, hook_at, sink_mask
 
@@ -154,7 +155,8 @@ class TaskContext:
     def activation_mean(self) -> Tensor:
         """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""
         if self._eval_tokens is None:
-            raise RuntimeError("TaskContext.set_eval_tokens() must come before activation_mean()")
+            raise SaebenchError("this task has no evaluation corpus to take a mean activation over, so the "
+                                "'mean' encoder cannot run here; use it with ce_kl")
         if self._mean is None:
             tokens = self._eval_tokens
             total = torch.zeros(self.model.d_model, dtype=torch.float64)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from saebench.encoders.base import Codes, Encoder, SparseCodes, dense
+from saebench.encoders.baselines import ZeroEncoder
 from saebench.splice import sink_mask
 from saebench.stats import ratio_and_se
-from saebench.tasks.base import MetricSpec, TaskResult
+from saebench.tasks.base import MetricSpec, TaskContext, TaskResult
 
 FEATURE_WINDOW = 32
 """A latent is active for a prompt if it fires anywhere in its last 32 positions (Anders & Bloom)."""
@@ -55,6 +56,16 @@ class ItemScores:
     """(pairs, 2) unique (item, latent) pairs: latent active in the item's last FEATURE_WINDOW prompt positions."""
     aggregates: dict[str, float | None] = field(default_factory=dict)
     """Task-level metrics of this pass (e.g. lm-eval's perplexity)."""
+
+
+def benchmark_passes(ctx: TaskContext, encoders: list[Encoder]) -> dict[str, Encoder | None]:
+    """The passes to run, prepared: 'clean' (None), 'zero' (the user's zero if given), then each encoder."""
+    zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hookpoint.name))
+    passes: dict[str, Encoder | None] = {"clean": None, "zero": zero} | {e.spec.label: e for e in encoders}
+    for enc in passes.values():
+        if enc is not None:
+            enc.prepare(ctx)
+    return passes
 
 
 class PromptRecorder:

@@ -18,11 +18,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench.encoders.base import Encoder
-from saebench.encoders.baselines import ZeroEncoder
 from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
-from saebench.tasks.benchmark import BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder, compare
+from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder,
+                                      benchmark_passes, compare)
 from saebench.tasks.lm_eval_task import file_sha256
 
 BLANK = "XXXXX"
@@ -122,12 +122,8 @@ class CBTTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         questions = load_questions(self.subset, self.data_file)[:ctx.limit]
         tokenized = [self._tokenize(ctx, q) for q in questions]
-        zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hookpoint.name))
-        passes: dict[str, Encoder | None] = {"clean": None, "zero": zero} | {e.spec.label: e for e in encoders}
         scores = {}
-        for label, enc in passes.items():
-            if enc is not None:
-                enc.prepare(ctx)
+        for label, enc in benchmark_passes(ctx, encoders).items():
             recorder = PromptRecorder(len(questions), ctx.model.bos_id, enc is not None and enc.has_latents)
             correct, logp = torch.zeros(len(questions)), torch.zeros(len(questions), dtype=torch.float64)
             bar = tqdm(tokenized, desc=f"cbt_{self.subset} {label}", disable=not ctx.progress)

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from saebench.encoders.base import Encoder
-from saebench.encoders.baselines import ZeroEncoder
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
-from saebench.tasks.benchmark import BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder, compare
+from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder,
+                                      benchmark_passes, compare)
 
 
 @dataclass(frozen=True)
@@ -185,12 +185,8 @@ class LMEvalTask(Task):
         lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
         lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
-        zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hookpoint.name))
-        passes: dict[str, Encoder | None] = {"clean": None, "zero": zero} | {e.spec.label: e for e in encoders}
         scores = {}
-        for label, enc in passes.items():
-            if enc is not None:
-                enc.prepare(ctx)
+        for label, enc in benchmark_passes(ctx, encoders).items():
             obs = _RequestObserver([item_of[i.doc_id] for i in instances], len(doc_ids), ctx.model.bos_id,
                                    lm.max_length, enc is not None and enc.has_latents, first)
             lm.encoder, lm.observer = enc, obs

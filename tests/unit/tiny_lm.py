@@ -29,7 +29,7 @@ def passage(rng: random.Random, length: int) -> list[str]:
     return words
 
 
-def build_tiny_model(folder: Path, steps: int = 150) -> Path:
+def build_tiny_model(folder: Path, steps: int = 80) -> Path:
     """Train and save a 2-layer Llama + word-level tokenizer; returns the model folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
