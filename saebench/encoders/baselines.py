@@ -1,26 +1,32 @@
 """Reference encoders with known answers: identity (loses nothing), zero and mean ablation."""
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from saebench.encoders.base import BuildContext, Codes, EncodeContext, Encoder, EncoderSpec, EvalData
 from saebench.errors import SaebenchError
 
 
-def _no_arg(name: str, arg: str | None) -> None:
-    if arg is not None:
-        raise SaebenchError(f"encoder {name!r} takes no argument (got {name}:{arg})")
+class _Baseline(Encoder):
+    """An encoder without arguments or latents, at the run's hookpoint."""
 
-
-class IdentityEncoder(Encoder):
-    """decode(encode(x)) = x exactly: CE loss recovered 1, KL 0."""
+    key: ClassVar[str]
 
     def __init__(self, d_in: int, hookpoint: str | None = None):
-        self.spec = EncoderSpec("identity", None, hookpoint, d_in, None)
+        self.spec = EncoderSpec(self.key, None, hookpoint, d_in, None)
 
     @classmethod
-    def from_arg(cls, arg: str | None, build: BuildContext) -> "IdentityEncoder":
-        _no_arg("identity", arg)
+    def from_arg(cls, arg: str | None, build: BuildContext) -> "_Baseline":
+        if arg is not None:
+            raise SaebenchError(f"encoder {cls.key!r} takes no argument (got {cls.key}:{arg})")
         return cls(build.model.d_model, build.hookpoint)
+
+
+class IdentityEncoder(_Baseline):
+    """decode(encode(x)) = x exactly: CE loss recovered 1, KL 0."""
+
+    key = "identity"
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
         return acts
@@ -29,16 +35,10 @@ class IdentityEncoder(Encoder):
         return codes
 
 
-class ZeroEncoder(Encoder):
+class ZeroEncoder(_Baseline):
     """Zero ablation: the reconstruction is all zeros (CE loss recovered 0 by definition)."""
 
-    def __init__(self, d_in: int, hookpoint: str | None = None):
-        self.spec = EncoderSpec("zero", None, hookpoint, d_in, None)
-
-    @classmethod
-    def from_arg(cls, arg: str | None, build: BuildContext) -> "ZeroEncoder":
-        _no_arg("zero", arg)
-        return cls(build.model.d_model, build.hookpoint)
+    key = "zero"
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
         return acts.new_zeros(acts.shape[0], 0)
@@ -47,17 +47,11 @@ class ZeroEncoder(Encoder):
         return codes.new_zeros(codes.shape[0], self.spec.d_in)
 
 
-class MeanEncoder(Encoder):
+class MeanEncoder(_Baseline):
     """Mean ablation: every activation becomes the mean activation over the evaluation tokens."""
 
-    def __init__(self, d_in: int, hookpoint: str | None = None):
-        self.spec = EncoderSpec("mean", None, hookpoint, d_in, None)
-        self.mean: Tensor | None = None
-
-    @classmethod
-    def from_arg(cls, arg: str | None, build: BuildContext) -> "MeanEncoder":
-        _no_arg("mean", arg)
-        return cls(build.model.d_model, build.hookpoint)
+    key = "mean"
+    mean: Tensor | None = None
 
     def prepare(self, data: EvalData) -> None:
         self.mean = data.activation_mean()
