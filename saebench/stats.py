@@ -10,7 +10,6 @@ b_i is the context's token count; for CE loss recovered a_i and b_i are the cont
 
 import math
 
-import torch
 from torch import Tensor
 
 

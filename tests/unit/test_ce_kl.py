@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from saebench import RunConfig, evaluate
 from saebench.encoders.base import BuildContext, EncodeContext, Encoder, EncoderSpec
