@@ -8,6 +8,8 @@ from pathlib import Path
 from saebench.errors import SaebenchError
 
 def _run_parser(sub) -> None:
+    from saebench.models import AUTO_DTYPE_RULE
+
     p = sub.add_parser("run", help="splice encoders into a model and score them on tasks",
                        description="Splice decode(encode(x)) into MODEL at a hookpoint and score each encoder "
                                    "on each task. One JSON record per (task, encoder) goes to --output; "
@@ -26,7 +28,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--corpus", default="wiki", help="'wiki' (embedded, default) or hf:<dataset>[:<config>]")
     p.add_argument("--splice-bos", action="store_true",
                    help="also splice BOS/attention-sink positions (default: pass them through)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default per preset)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="model dtype (default: the preset's, auto for every preset; " + AUTO_DTYPE_RULE + ")")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load")
     p.add_argument("--revision", help="hub revision of --model")
@@ -34,6 +37,12 @@ def _run_parser(sub) -> None:
                                        "cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL of its eval split)")
     p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="run the full model for every spliced pass (default: the layers below the hookpoint run "
+                        "once per batch; same numbers, slower)")
+    p.add_argument("--no-reference-cache", action="store_true",
+                   help="recompute ce_kl's clean, zero and mean passes instead of reusing them from the saebench "
+                        "cache ($SAEBENCH_CACHE/reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -49,7 +58,8 @@ def _cmd_run(args) -> int:
         hookpoint=args.hookpoint, limit=args.limit, context_len=args.context_len, batch_size=args.batch_size,
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
         gguf_file=args.gguf_file, revision=args.revision, output_dir=args.output, reuse=not args.no_reuse,
-        progress=not args.quiet, task_params={"data_file": args.data_file} if args.data_file else {},
+        progress=not args.quiet, reuse_prefix=not args.no_prefix_reuse, cache_references=not args.no_reference_cache,
+        task_params={"data_file": args.data_file} if args.data_file else {},
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))
@@ -67,12 +77,16 @@ def _cmd_list(args) -> int:
     from saebench.registry import ENCODER_GROUP, available, distribution_of
 
     if args.what == "models":
-        from saebench.models import model_presets
+        import torch
+
+        from saebench.models import AUTO_DTYPE_RULE, model_presets, resolve_dtype
 
         rows = [(name, p.get("hub_id", ""), p.get("default_hookpoint", ""), p.get("description", ""))
                 for name, p in model_presets().items()]
         print(tabulate(rows, headers=("model", "hub id", "default hookpoint", "description")))
         print("\nAny other Hugging Face causal LM works by hub id or local path.")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"dtype {AUTO_DTYPE_RULE}; on this machine ({device}) auto is {resolve_dtype('auto', device)}.")
     elif args.what == "encoders":
         rows = []
         for name, ep in sorted(available(ENCODER_GROUP).items()):

@@ -69,7 +69,7 @@ class SaebenchLM(HFLM):
             encoder: encoder spec string ('sae:default', 'identity', ...) or a built Encoder.
             hookpoint: e.g. 'layers.15.resid_post'; default: the encoder's own, else the model preset's.
             splice_bos: also splice attention-sink positions.
-            dtype, device: passed to saebench's model loader ('auto' means the preset's dtype).
+            dtype, device: passed to saebench's model loader ('auto' means saebench's auto rule).
         """
         from saebench.runner import RunConfig, build_encoders
 

@@ -32,6 +32,33 @@ LAYER_PATHS = (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE_RULE = ("auto = bfloat16 on CUDA GPUs that support it and on CPUs whose matrix kernels run bf16 natively "
+                   "(AMX or AVX512-BF16, as torch reports them), float32 everywhere else")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 matrix math is native (fast) on `device`, by torch's own capability queries.
+
+    On CPUs without bf16 units bf16 is emulated: measured on a 2-core AVX2 EPYC, 63 tokens/s in
+    bf16 against 451 in float32; with AVX512-BF16, 2,443 against 848. The CPU must also be running
+    torch's AVX512 kernels (ATEN_CPU_CAPABILITY can lower them).
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if not capability.startswith(("AVX512", "AMX")):
+        return False
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> 'bfloat16' where native (native_bf16), else 'float32'; other names are kept."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
 
 
 def cache_dir() -> Path:
@@ -135,17 +162,18 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
 
     Args:
         name: preset name (``saebench list models``), HF hub id, or local directory.
-        dtype: 'float32', 'bfloat16' or 'float16'; default from the preset, else float32.
+        dtype: 'auto' (default; see AUTO_DTYPE_RULE), 'float32', 'bfloat16' or 'float16'.
         device: torch device; default cuda when available, else cpu.
         gguf_file: GGUF file inside `name` to load (transformers de-quantizes it).
         revision: hub revision (branch, tag or commit).
     """
     presets = model_presets()
     preset = presets.get(name, {})
-    dtype = dtype or preset.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise SaebenchError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = dtype or preset.get("dtype", "auto")
+    if dtype not in (*DTYPES, "auto"):
+        raise SaebenchError(f"unknown --dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, device)
     default_hp = preset.get("default_hookpoint")
     if preset.get("embedded"):
         loaded = _load_embedded(name, preset, dtype, device)

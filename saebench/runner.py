@@ -40,7 +40,8 @@ class RunConfig:
     splice_bos: bool = False
     """Also splice BOS / attention-sink positions (they are never averaged into metrics)."""
     dtype: str | None = None
-    """Model dtype; default from the model preset."""
+    """Model dtype: 'auto' (default: bfloat16 where the hardware runs it natively, else float32), or
+    'float32' / 'bfloat16' / 'float16'."""
     device: str | None = None
     gguf_file: str | None = None
     revision: str | None = None
@@ -49,6 +50,10 @@ class RunConfig:
     reuse: bool = True
     """Reuse a finished record with the same config hash instead of recomputing."""
     progress: bool = True
+    reuse_prefix: bool = True
+    """Run the layers below the hookpoint once per batch, and only the layers above it per encoder."""
+    cache_references: bool = True
+    """Keep reference passes (ce_kl's clean, zero and mean passes) in saebench's cache and reuse them."""
     task_params: dict[str, Any] = field(default_factory=dict)
     """Extra task parameters, overriding presets."""
 
@@ -162,7 +167,8 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
               config: RunConfig) -> list[records.RunRecord]:
     corpus = CorpusSpec(config.corpus)
     ctx = TaskContext(model, model.hookpoint(hp_name), corpus, config.seed, config.batch_size,
-                      SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress)
+                      SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress,
+                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references)
     base = {
         "task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)},
         "model": {"id": model.model_id, "revision": model.revision, "dtype": model.dtype},

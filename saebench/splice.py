@@ -114,6 +114,27 @@ def reconstruct(encoder: Encoder, acts: Tensor, token_ids: Tensor, positions: Te
     return out
 
 
+def splice_activations(hidden: Tensor, token_ids: Tensor, keep: Tensor, encoder: Encoder, config: SpliceConfig,
+                       on_chunk: ChunkCallback | None = None, where: str = "the hookpoint") -> Tensor:
+    """(batch, seq, d) activations with every position not in `keep` replaced by decode(encode(x)).
+
+    Args:
+        token_ids, keep: (batch, seq); `keep` marks positions passed through unspliced and unencoded.
+        where: the hookpoint's name, for error messages.
+    """
+    d = hidden.shape[-1]
+    if d != encoder.spec.d_in:
+        raise SaebenchError(f"encoder {encoder.spec.label!r} has d_in {encoder.spec.d_in} but {where} has width {d}")
+    flat = hidden.reshape(-1, d)
+    rows = (~keep.to(hidden.device)).reshape(-1).nonzero().squeeze(1)
+    seq = hidden.shape[1]
+    ids = token_ids.to(hidden.device).reshape(-1)[rows]
+    recon = reconstruct(encoder, flat[rows], ids, rows % seq, config.chunk_elements, on_chunk, rows)
+    out = flat.clone()
+    out[rows] = recon
+    return out.view_as(hidden)
+
+
 class Splice:
     """Replace the activation at a hookpoint with an encoder's reconstruction.
 
@@ -134,20 +155,8 @@ class Splice:
     def _transform(self, hidden: Tensor) -> Tensor:
         if self.token_ids is None or self.token_ids.shape != hidden.shape[:2]:
             raise RuntimeError("Splice.set_batch() was not called with this batch's token ids")
-        d = hidden.shape[-1]
-        if d != self.encoder.spec.d_in:
-            raise SaebenchError(
-                f"encoder {self.encoder.spec.label!r} has d_in {self.encoder.spec.d_in} but "
-                f"{self.hookpoint.name} has width {d}")
-        flat = hidden.reshape(-1, d)
-        rows = (~self.keep.to(hidden.device)).reshape(-1).nonzero().squeeze(1)
-        seq = hidden.shape[1]
-        ids = self.token_ids.to(hidden.device).reshape(-1)[rows]
-        recon = reconstruct(self.encoder, flat[rows], ids, rows % seq, self.config.chunk_elements,
-                            self.on_chunk, rows)
-        out = flat.clone()
-        out[rows] = recon
-        return out.view_as(hidden)
+        return splice_activations(hidden, self.token_ids, self.keep, self.encoder, self.config, self.on_chunk,
+                                  self.hookpoint.name)
 
     @contextmanager
     def installed(self) -> Iterator["Splice"]:

@@ -46,6 +46,8 @@ class DefaultSAEConfig:
     """Steps without firing after which a latent counts as dead and gets the TopK auxiliary loss."""
     outlier_factor: float = 10.0
     """Activations with norm above this multiple of the median are left out of training (sink-like)."""
+    seed: int = 0
+    """Training seed (which training contexts, initialisation, batch order); `--seed` does not change it."""
 
 
 def default_sae_config() -> DefaultSAEConfig:
@@ -58,8 +60,12 @@ def default_sae_dir(build: BuildContext) -> Path:
     cfg = default_sae_config()
     hookpoint = model.hookpoint(build.hookpoint or model.default_hookpoint or
                                 f"layers.{len(model.layers()) // 2}.resid_post")
-    key = config_hash({"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
-                       "hookpoint": hookpoint.name, "seed": build.seed, "train": asdict(cfg)})
+    # The model's dtype is deliberately not in the key: the SAE trains in float32 on activations
+    # collected in whatever dtype the model runs in (dtype 'auto' picks bf16 or float32 by CPU
+    # kind), and bf16 rounding of the activations (~0.4% relative) is far below the SAE's own
+    # reconstruction error, so one cached SAE serves both. Records identify it by weights_sha256.
+    key = config_hash({"model": model.model_id, "revision": model.revision, "hookpoint": hookpoint.name,
+                       "train": asdict(cfg)})
     path = build.cache_dir / "saes" / f"default-{hookpoint.name}-{key}"
     if not (path / "cfg.json").exists():
         _train(build, hookpoint, cfg, path)
@@ -95,10 +101,10 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     model = build.model
     print(f"saebench: training the default SAE for {model.name} at {hookpoint.name} "
           f"(once; cached in {dest})", flush=True)
-    torch.manual_seed(build.seed)
-    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), build.seed, 16, SpliceConfig(), None, None)
+    torch.manual_seed(cfg.seed)
+    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), cfg.seed, 16, SpliceConfig(), None, None)
     tokens = token_contexts(model.tokenizer, ctx.corpus, cfg.context_len,
-                            cfg.train_tokens * cfg.context_len // (cfg.context_len - 1), build.seed, model.bos_id)
+                            cfg.train_tokens * cfg.context_len // (cfg.context_len - 1), cfg.seed, model.bos_id)
     acts = _collect(ctx, tokens, build.progress)
     # Besides position 0 and BOS, a few dozen tokens per 200k carry sink-sized norms (up to
     # ~27,000 vs a median ~170 at layer 15); left in, they dominate the MSE and the SAE learns
@@ -122,7 +128,7 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
         n_batches_for_norm_estimate=20, dead_feature_window=cfg.dead_window, feature_sampling_window=2000,
     )
     sae = TopKTrainingSAE(sae_cfg)
-    SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, build.seed)).fit()
+    SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed)).fit()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     try:

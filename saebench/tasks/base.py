@@ -16,7 +16,8 @@ from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError
 from saebench.models import Hookpoint, LoadedModel
-from saebench.splice import SpliceConfig, StopForward, check_finite, hook_at, sink_mask
+from saebench.forward import HookpointForward
+from saebench.splice import SpliceConfig, sink_mask
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,11 @@ class TaskContext:
     """The user's --context-len; None for the task default."""
     partial: PartialStore = field(default_factory=lambda: PartialStore(None))
     progress: bool = True
+    reuse_prefix: bool = True
+    """Run the layers below the hookpoint once per batch and only the layers above it per encoder."""
+    cache_references: bool = True
+    """Store the reference passes (clean, zero, mean) in saebench's cache and reuse them."""
+    _forward: HookpointForward | None = None
     _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     _eval_tokens: Tensor | None = None
     _mean: Tensor | None = None
@@ -129,27 +135,26 @@ class TaskContext:
             return torch.zeros_like(tokens, dtype=torch.bool)
         return sink_mask(tokens, self.model.bos_id)
 
+    @property
+    def forward(self) -> HookpointForward:
+        """Clean captures at the hookpoint and passes resumed from it (built on first use)."""
+        if self._forward is None:
+            self._forward = HookpointForward(self.model, self.hookpoint, self.reuse_prefix)
+        return self._forward
+
     def capture(self, tokens: Tensor) -> Tensor:
-        """(batch, seq, d_in) activations at the hookpoint; the pass stops there."""
-        box: list[Tensor] = []
-
-        def grab(hidden: Tensor) -> None:
-            box.append(hidden.detach())
-            raise StopForward
-
-        with torch.no_grad(), hook_at(self.hookpoint, grab):
-            try:
-                self.model.model(tokens.to(self.model.device))
-            except StopForward:
-                pass
-        check_finite(box[0], f"the model's activations at {self.hookpoint.name}")
-        return box[0]
+        """(batch, seq, d_in) activations at the hookpoint; the layers above it are not run."""
+        return self.forward.capture(tokens)
 
     def set_eval_tokens(self, tokens: Tensor) -> None:
         """Declare the evaluation contexts that activation_mean() averages over."""
         if self._eval_tokens is None or not torch.equal(self._eval_tokens, tokens):
             self._eval_tokens = tokens
             self._mean = None
+
+    def set_activation_mean(self, tokens: Tensor, mean: Tensor) -> None:
+        """Declare the evaluation contexts together with their already computed (d_in,) mean activation."""
+        self._eval_tokens, self._mean = tokens, mean
 
     def activation_mean(self) -> Tensor:
         """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 
 from saebench.encoders.base import Codes, Encoder, SparseCodes
 from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
-from saebench.splice import Splice, check_finite, hook_at, sink_mask
+from saebench.models import cache_dir
+from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.reference import ReferenceCache
 
 CHECKPOINT_SECONDS = 60.0
 """How often in-progress sums are saved for resumption."""
@@ -138,61 +140,95 @@ class CEKLTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         cfg = self.settings(ctx)
         tokens = ctx.contexts(cfg.tokens, cfg.context_len)
-        ctx.set_eval_tokens(tokens)
         hp = ctx.hookpoint.name
         zero, mean = ZeroEncoder(ctx.model.d_model, hp), MeanEncoder(ctx.model.d_model, hp)
         passes = _unique([zero, mean, *encoders], hp)
+        cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.cache_references else None
+        stored = cache.load(tokens) if cache is not None else None
+        state = ctx.partial.load() or {"done": 0, "acts": [], "normed": [],
+                                       "sums": {k: _EncoderSums(e.spec.d_latent) for k, e in passes.items()},
+                                       "clean": {k: [] for k in CLEAN_SUMS}}
+        refs = {_key(zero, hp): "zero", _key(mean, hp): "mean"}
+        if stored is not None:
+            _restore_references(state, stored, refs)
+            acts, normed, mean_vec = stored["acts"], stored.get("normed"), stored["mean"]
+        else:
+            acts, mean_vec = self._capture_all(ctx, tokens, state), None
+            mean_vec = _mean_activation(acts, tokens, ctx.model.bos_id)
+            normed = None
+        ctx.set_activation_mean(tokens, mean_vec)
         for enc in passes.values():
             enc.prepare(ctx)
-        state = ctx.partial.load() or {"done": 0, "sums": {k: _EncoderSums(e.spec.d_latent) for k, e in passes.items()},
-                                       "clean": {k: [] for k in ("ce", "n_pred", "n_act", "sum_x", "sum_sq")}}
+        todo = {k: e for k, e in passes.items() if stored is None or k not in refs}
         last_save = time.monotonic()
         batches = range(0, len(tokens), ctx.batch_size)
         bar = tqdm(batches, desc=f"ce_kl {hp}", unit="batch", disable=not ctx.progress, initial=state["done"])
         for i, start in enumerate(batches):
             if i < state["done"]:
                 continue
-            self._batch(ctx, tokens[start:start + ctx.batch_size], passes, state)
+            sl = slice(start, start + ctx.batch_size)
+            self._batch(ctx, tokens[sl], acts[sl], None if normed is None else normed[sl], todo, state,
+                        reference=stored is None)
             state["done"] = i + 1
             bar.update()
             if time.monotonic() - last_save > CHECKPOINT_SECONDS:
                 ctx.partial.save(state)
                 last_save = time.monotonic()
         bar.close()
+        if stored is None and cache is not None:
+            cache.save(_reference_tensors(state, refs, tokens, acts, mean_vec))
         results = {}
         for enc in encoders:
             key = _key(enc, hp)
             results[enc.spec.label] = self._result(state, key, _key(zero, hp), _key(mean, hp), enc)
         return results
 
+    def _capture_all(self, ctx: TaskContext, tokens: Tensor, state: dict) -> Tensor:
+        """(contexts, seq, d_model) clean activations at the hookpoint, run to the hookpoint only."""
+        last_save = time.monotonic()
+        starts = range(0, len(tokens), ctx.batch_size)
+        done = len(state["acts"])
+        for start in tqdm(starts[done:], desc=f"activations {ctx.hookpoint.name}", unit="batch",
+                          disable=not ctx.progress):
+            state["acts"].append(ctx.capture(tokens[start:start + ctx.batch_size]).cpu())
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                ctx.partial.save(state)
+                last_save = time.monotonic()
+        return torch.cat(state["acts"])
+
     @torch.no_grad()
-    def _batch(self, ctx: TaskContext, batch: Tensor, passes: dict[str, Encoder], state: dict) -> None:
-        model = ctx.model.model
-        ids = batch.to(ctx.model.device)
+    def _batch(self, ctx: TaskContext, batch: Tensor, acts: Tensor, normed: Tensor | None,
+               passes: dict[str, Encoder], state: dict, reference: bool) -> None:
+        """One batch: the clean logits (stored or resumed from the clean activations), then each pass.
+
+        With `reference`, the clean sums are accumulated here (they are not cached yet).
+        """
+        fwd = ctx.forward
         sinks = sink_mask(batch, ctx.model.bos_id)
         act_mask = ~sinks  # (B, T) positions scored for activation metrics
         pred_mask = act_mask[:, :-1] & ~sinks[:, 1:]  # (B, T-1) predictions scored for CE / KL
-        targets = ids[:, 1:]
-        seen: list[Tensor] = []
-        with hook_at(ctx.hookpoint, lambda h: seen.append(h.detach()) or None):
-            logp_clean = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
-        check_finite(seen[0], f"the model's activations at {ctx.hookpoint.name}")
-        x = seen[0].double().cpu()
-        clean = state["clean"]
-        clean["ce"].append(sum_by_row(_nll(logp_clean, targets).cpu(), pred_mask))
-        clean["n_pred"].append(pred_mask.double().sum(1))
-        clean["n_act"].append(act_mask.double().sum(1))
-        clean["sum_x"].append((x * act_mask[..., None]).sum(1))
-        clean["sum_sq"].append(((x**2).sum(-1) * act_mask).sum(1))
+        targets = batch[:, 1:].to(ctx.model.device)
+        if normed is not None:
+            logits = fwd.logits_from_normed(normed)
+        else:
+            out = fwd.resume(acts, batch)
+            logits = out.logits
+            if reference and out.normed is not None:
+                state["normed"].append(out.normed.cpu())
+        logp_clean = torch.log_softmax(logits[:, :-1].float(), -1)
+        if reference:
+            _add_clean_sums(state["clean"], acts, logp_clean, targets, act_mask, pred_mask)
         p_clean = logp_clean.exp()
         keep = ctx.keep_mask(batch)
         for key, enc in passes.items():
             sums: _EncoderSums = state["sums"][key]
             sums.start_batch(len(batch))
-            splice = Splice(ctx.hookpoint, enc, ctx.splice, sums.on_chunk(batch.shape[1], act_mask.reshape(-1)))
-            splice.set_batch(batch, keep)
-            with splice.installed():
-                logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+            spliced = splice_activations(acts.to(ctx.model.device), batch, keep, enc, ctx.splice,
+                                         sums.on_chunk(batch.shape[1], act_mask.reshape(-1)), ctx.hookpoint.name)
+            if torch.equal(spliced, acts.to(spliced.device)):
+                logp = logp_clean  # the reconstruction is exact: the spliced pass is the clean pass
+            else:
+                logp = torch.log_softmax(fwd.resume(spliced, batch).logits[:, :-1].float(), -1)
             kl = (p_clean * (logp_clean - logp)).sum(-1)
             sums.end_batch(sum_by_row(_nll(logp, targets).cpu(), pred_mask), sum_by_row(kl.cpu(), pred_mask))
 
@@ -245,6 +281,64 @@ class CEKLTask(Task):
         sst = sum_sq - 2 * sum_x @ mean_x + n * (mean_x @ mean_x)
         ratio, se = ratio_and_se(sse, sst)
         return (None if ratio is None else 1 - ratio), se
+
+
+CLEAN_SUMS = ("ce", "n_pred", "n_act", "sum_x", "sum_sq")
+"""Per-context sums of the clean pass."""
+PASS_SUMS = ("ce", "kl", "sse", "cos", "l0", "l1")
+"""Per-context sums of a spliced pass (_EncoderSums rows)."""
+
+
+def _reference_key(ctx: TaskContext, cfg: CEKLConfig) -> dict[str, Any]:
+    """Everything the clean, zero and mean passes depend on (the reference cache's key)."""
+    import transformers
+
+    model = ctx.model
+    return {"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
+            "device": torch.device(model.device).type, "hookpoint": ctx.hookpoint.name, "corpus": ctx.corpus.name,
+            "seed": ctx.seed, "context_len": cfg.context_len, "tokens": cfg.tokens,
+            "splice_bos": ctx.splice.splice_bos, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _mean_activation(acts: Tensor, tokens: Tensor, bos_id: int) -> Tensor:
+    """(d_in,) float32 mean of the activations at non-sink positions, summed in float64."""
+    use = ~sink_mask(tokens, bos_id)
+    total = torch.zeros(acts.shape[-1], dtype=torch.float64)
+    for start in range(0, len(acts), 64):
+        total += acts[start:start + 64].double()[use[start:start + 64]].sum(0)
+    return (total / max(int(use.sum()), 1)).float()
+
+
+def _add_clean_sums(clean: dict[str, list[Tensor]], acts: Tensor, logp_clean: Tensor, targets: Tensor,
+                    act_mask: Tensor, pred_mask: Tensor) -> None:
+    x = acts.double().cpu()
+    clean["ce"].append(sum_by_row(_nll(logp_clean, targets).cpu(), pred_mask))
+    clean["n_pred"].append(pred_mask.double().sum(1))
+    clean["n_act"].append(act_mask.double().sum(1))
+    clean["sum_x"].append((x * act_mask[..., None]).sum(1))
+    clean["sum_sq"].append(((x**2).sum(-1) * act_mask).sum(1))
+
+
+def _reference_tensors(state: dict, refs: dict[str, str], tokens: Tensor, acts: Tensor,
+                       mean: Tensor) -> dict[str, Tensor]:
+    """What the reference cache stores: the data, the clean pass, and the zero and mean passes' sums."""
+    out = {"tokens": tokens, "acts": acts, "mean": mean}
+    if state["normed"]:
+        out["normed"] = torch.cat(state["normed"])
+    out |= {f"clean.{k}": torch.cat(v) for k, v in state["clean"].items()}
+    for key, name in refs.items():
+        out |= {f"{name}.{k}": state["sums"][key].cat(k) for k in PASS_SUMS}
+    return out
+
+
+def _restore_references(state: dict, stored: dict[str, Tensor], refs: dict[str, str]) -> None:
+    """Put the cached clean, zero and mean sums into `state` (replacing any partial ones)."""
+    state["clean"] = {k: [stored[f"clean.{k}"]] for k in CLEAN_SUMS}
+    for key, name in refs.items():
+        sums = _EncoderSums(None)
+        sums.rows = {k: [stored[f"{name}.{k}"]] for k in PASS_SUMS}
+        state["sums"][key] = sums
+    state["acts"], state["normed"] = [], []
 
 
 def _nll(logp: Tensor, targets: Tensor) -> Tensor:

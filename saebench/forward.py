@@ -1,0 +1,190 @@
+"""Forward passes split at a hookpoint: run the layers below it once, resume above it many times.
+
+Every spliced pass sees the same activations below the hookpoint as the clean pass, so
+re-running those layers per encoder is wasted work. `HookpointForward` runs the prefix once
+(`capture`), then `resume` runs only the decoder layers above the hookpoint, the final norm
+and the LM head from any replacement activation.
+
+How the suffix is run: a decoder layer's inputs besides the residual stream (attention mask,
+rotary position embeddings, position ids, ...) depend only on the input's shape for the
+unpadded, cache-free passes saebench makes. The first pass of each (batch, seq) shape is a
+full clean pass that records each layer's own arguments (Gemma-2 gives alternate layers
+different masks) and checks that the suffix reproduces the full pass's logits; later passes of
+that shape reuse the arguments. Where the suffix cannot be run (an architecture without a known
+final norm and head) or does not reproduce the full pass, a one-line notice is printed and
+`resume` runs the full model with the hookpoint replaced instead: slower, same numbers.
+"""
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saebench.models import LoadedModel, Hookpoint
+from saebench.splice import StopForward, check_finite, hook_at
+
+# Final norm of each architecture family, keyed by where its layers live (models.LAYER_PATHS).
+# The output embedding is the model's own get_output_embeddings(); Gemma-2 also soft-caps its
+# logits (config.final_logit_softcapping).
+FINAL_NORM_PATHS = {
+    "model.layers": "model.norm",  # Llama, Mistral, Qwen, Gemma, Gemma-2
+    "transformer.h": "transformer.ln_f",  # GPT-2
+    "gpt_neox.layers": "gpt_neox.final_layer_norm",  # GPT-NeoX, Pythia
+}
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """Final norm, output embedding and optional logit soft-cap: residual stream -> logits."""
+
+    norm: nn.Module
+    unembed: nn.Module
+    softcap: float | None = None
+
+    def logits(self, normed: Tensor) -> Tensor:
+        """(batch, seq, vocab) logits from the final norm's output."""
+        out = self.unembed(normed)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    @classmethod
+    def of(cls, model: nn.Module, layers: nn.ModuleList) -> "LMHead | None":
+        """The head of a HF causal LM of a known family, or None."""
+        for layer_path, norm_path in FINAL_NORM_PATHS.items():
+            if _attr(model, layer_path) is layers:
+                norm, unembed = _attr(model, norm_path), model.get_output_embeddings()
+                if isinstance(norm, nn.Module) and isinstance(unembed, nn.Module):
+                    return cls(norm, unembed, getattr(model.config, "final_logit_softcapping", None))
+        return None
+
+
+@dataclass
+class ForwardOutput:
+    """Logits of a pass, and the final norm's output they came from (None on the full-pass path)."""
+
+    logits: Tensor  # (batch, seq, vocab)
+    normed: Tensor | None  # (batch, seq, d_model)
+
+
+class HookpointForward:
+    """Clean captures at a hookpoint, and passes resumed from a replaced activation there.
+
+    Args:
+        model: the subject model.
+        hookpoint: a residual-stream hookpoint of it.
+        reuse_prefix: run only the layers above the hookpoint when resuming (False: always the
+            full model, with the hookpoint's activation replaced).
+        notice: where one-line notices go (default: stderr).
+    """
+
+    def __init__(self, model: LoadedModel, hookpoint: Hookpoint, reuse_prefix: bool = True,
+                 notice: Callable[[str], None] | None = None):
+        self.model, self.hookpoint = model, hookpoint
+        self.layers = model.layers()
+        # resid_post of layer L is the input of layer L+1 (or of the final norm after the last layer)
+        self.start = hookpoint.layer + (1 if hookpoint.kind == "resid_post" else 0)
+        self._notice = notice or (lambda msg: print(f"saebench: {msg}", file=sys.stderr, flush=True))
+        self.head = LMHead.of(model.model, self.layers) if reuse_prefix else None
+        self.reuse_prefix = reuse_prefix
+        if reuse_prefix and self.head is None:
+            self._disable(f"prefix reuse is off for {type(model.model).__name__}: saebench does not know its "
+                          "final norm and LM head; every spliced pass runs the full model")
+        self._layer_args: dict[tuple[int, int], list[tuple[tuple, dict]]] = {}
+
+    def _disable(self, why: str) -> None:
+        self.reuse_prefix, self.head = False, None
+        self._notice(why)
+
+    # -- clean passes --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture(self, token_ids: Tensor) -> Tensor:
+        """(batch, seq, d_model) clean activations at the hookpoint; layers above it are not run
+        (except once per batch shape, to record their arguments)."""
+        ids = token_ids.to(self.model.device)
+        if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
+            return self._record_shape(ids)
+        box: list[Tensor] = []
+
+        def grab(hidden: Tensor) -> None:
+            box.append(hidden.detach())
+            raise StopForward
+
+        with hook_at(self.hookpoint, grab):
+            try:
+                self.model.model(ids, use_cache=False)
+            except StopForward:
+                pass
+        check_finite(box[0], f"the model's activations at {self.hookpoint.name}")
+        return box[0]
+
+    def _record_shape(self, ids: Tensor) -> Tensor:
+        """Full clean pass recording every layer's arguments above the hookpoint; checks the suffix."""
+        recorded: list[tuple[tuple, dict]] = []
+        seen: list[Tensor] = []
+
+        def record(module, args, kwargs):
+            recorded.append((args[1:], dict(kwargs)))
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers[self.start:]]
+        try:
+            with hook_at(self.hookpoint, lambda h: seen.append(h.detach()) or None):
+                logits = self.model.model(ids, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        acts = seen[0]
+        check_finite(acts, f"the model's activations at {self.hookpoint.name}")
+        if len(recorded) != len(self.layers) - self.start:
+            self._disable(f"prefix reuse is off for {type(self.model.model).__name__}: its forward pass does not "
+                          "call each decoder layer once; every spliced pass runs the full model")
+            return acts
+        self._layer_args[tuple(ids.shape)] = recorded
+        suffix = self._suffix(acts).logits
+        scale = max(1.0, logits.abs().max().item())
+        diff = (suffix.float() - logits.float()).abs().max().item()
+        if diff > 8 * torch.finfo(logits.dtype).eps * scale:
+            self._disable(f"prefix reuse is off for {type(self.model.model).__name__}: running only the layers above "
+                          f"{self.hookpoint.name} changed the logits by {diff:.3g}; every spliced pass runs the full "
+                          "model")
+        return acts
+
+    # -- passes from a replaced activation -----------------------------------------------------
+
+    @torch.no_grad()
+    def resume(self, hidden: Tensor, token_ids: Tensor) -> ForwardOutput:
+        """Logits when the hookpoint's activation is `hidden` (batch, seq, d_model) for `token_ids`."""
+        ids = token_ids.to(self.model.device)
+        hidden = hidden.to(self.model.device)
+        if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
+            self._record_shape(ids)
+        if self.reuse_prefix:
+            return self._suffix(hidden)
+        with hook_at(self.hookpoint, lambda _: hidden):
+            return ForwardOutput(self.model.model(ids, use_cache=False).logits, None)
+
+    def _suffix(self, hidden: Tensor) -> ForwardOutput:
+        assert self.head is not None
+        args = self._layer_args[tuple(hidden.shape[:2])]
+        h = hidden
+        for layer, (extra, kwargs) in zip(self.layers[self.start:], args):
+            out = layer(h, *extra, **kwargs)
+            h = out if isinstance(out, Tensor) else out[0]
+        normed = self.head.norm(h)
+        return ForwardOutput(self.head.logits(normed), normed)
+
+    def logits_from_normed(self, normed: Tensor) -> Tensor:
+        """Logits from a stored final-norm output (the LM head alone)."""
+        if self.head is None:
+            raise RuntimeError("logits_from_normed needs prefix reuse (a known LM head)")
+        return self.head.logits(normed.to(self.model.device))

@@ -1,0 +1,95 @@
+"""On-disk cache of a task's reference passes (clean, zero- and mean-ablated), reused across runs.
+
+Scoring one new encoder should cost one spliced pass, not the clean, zero and mean passes
+again. A task stores what those passes produced for a key that names everything they depend
+on (model, revision, dtype, device type, hookpoint, corpus, seed, context length, token
+count, splice settings, library versions). An entry is a folder holding `data.safetensors` and
+`meta.json` (the key, the tensors' names and shapes, and the sha256 of the data file),
+published by an atomic rename. On load the key, the checksum, the shapes and the token ids
+are checked; an entry that fails any check is reported in one line, deleted and recomputed,
+never used.
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saebench.models import publish_dir
+from saebench.records import config_hash, write_atomic
+
+FORMAT_VERSION = 1
+"""Bump when what an entry holds changes meaning."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ReferenceCache:
+    """One cache entry: `load` what an earlier run stored for `key`, or `save` it now.
+
+    Args:
+        root: saebench's cache folder.
+        task: the task the entry belongs to.
+        key: everything the reference passes depend on (JSON-serialisable).
+    """
+
+    def __init__(self, root: Path, task: str, key: dict[str, Any]):
+        self.key = {"format": FORMAT_VERSION, "task": task, **key}
+        self.path = Path(root) / "reference" / f"{task}-{config_hash(self.key)}"
+
+    def load(self, tokens: Tensor) -> dict[str, Tensor] | None:
+        """The stored tensors, validated against the key and `tokens`; None when absent or unusable."""
+        if not self.path.exists():
+            return None
+        try:
+            return self._validated(tokens)
+        except Exception as exc:  # any failure means the entry cannot be trusted
+            print(f"saebench: cached reference passes in {self.path} are unusable ({exc}); recomputing them",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+            return None
+
+    def _validated(self, tokens: Tensor) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        meta = json.loads((self.path / "meta.json").read_text())
+        if meta.get("key") != json.loads(json.dumps(self.key, default=str)):
+            raise ValueError("its key differs from this run's")
+        data_file = self.path / "data.safetensors"
+        if _sha256(data_file) != meta.get("sha256"):
+            raise ValueError("checksum mismatch")
+        tensors = load_file(data_file)
+        shapes = {name: list(t.shape) for name, t in tensors.items()}
+        if shapes != meta.get("shapes"):
+            raise ValueError("tensor shapes differ from its manifest")
+        if not torch.equal(tensors["tokens"], tokens.cpu()):
+            raise ValueError("its token ids differ from this run's (has the corpus or tokenizer changed?)")
+        return tensors
+
+    def save(self, tensors: dict[str, Tensor]) -> None:
+        """Store `tensors` (must include 'tokens') atomically; a concurrent writer's entry is kept."""
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=".tmp-"))
+        try:
+            data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+            save_file(data, tmp / "data.safetensors")
+            meta = {"key": self.key, "sha256": _sha256(tmp / "data.safetensors"),
+                    "shapes": {name: list(t.shape) for name, t in data.items()}}
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=str) + "\n")
+            publish_dir(tmp, self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

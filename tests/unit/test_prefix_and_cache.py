@@ -1,0 +1,123 @@
+"""Speed-ups that must not change a number: prefix reuse, cached reference passes, dtype auto."""
+
+import pytest
+import torch
+
+from saebench import RunConfig
+from saebench.encoders.base import EncodeContext, Encoder, EncoderSpec
+from saebench.encoders.baselines import IdentityEncoder, MeanEncoder, ZeroEncoder
+from saebench.forward import HookpointForward
+from saebench.models import native_bf16, resolve_dtype
+from saebench.runner import _run_task, resolve_task
+from tests.conftest import make_tiny
+
+ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("hookpoint", ["layers.0.resid_pre", "layers.0.resid_post", "layers.1.resid_post"])
+def test_resumed_suffix_equals_the_full_pass(arch, hookpoint, tiny_tokenizer):
+    model = make_tiny(arch, tiny_tokenizer)
+    fast = HookpointForward(model, model.hookpoint(hookpoint))
+    full = HookpointForward(model, model.hookpoint(hookpoint), reuse_prefix=False)
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 24), generator=torch.Generator().manual_seed(1))
+    acts = fast.capture(ids)
+    assert fast.reuse_prefix, "the suffix should run on this architecture"
+    assert torch.equal(acts, full.capture(ids)) and torch.equal(fast.capture(ids), acts)
+    replaced = acts + torch.randn(acts.shape, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(fast.resume(replaced, ids).logits, full.resume(replaced, ids).logits, atol=1e-6)
+
+
+class NoisyEncoder(Encoder):
+    """x -> x + x A B with a fixed random low-rank A B: a non-trivial, deterministic reconstruction."""
+
+    def __init__(self, d: int):
+        self.spec = EncoderSpec("noisy", None, None, d, None)
+        gen = torch.Generator().manual_seed(3)
+        self.a, self.b = torch.randn(d, 4, generator=gen) / d**0.5, torch.randn(4, d, generator=gen)
+
+    @classmethod
+    def from_arg(cls, arg, build):
+        return cls(build.model.d_model)
+
+    def encode(self, acts, context: EncodeContext):
+        return acts + acts @ self.a @ self.b
+
+    def decode(self, codes):
+        return codes
+
+
+def _ce_kl(model, labels, tmp_path, name, hookpoint="layers.1.resid_pre", **kw):
+    """ce_kl metrics per encoder label, run on fresh encoder objects."""
+    config = RunConfig(limit=24 * 32, context_len=32, batch_size=8, output_dir=tmp_path / name, progress=False, **kw)
+    make = {"identity": IdentityEncoder, "zero": ZeroEncoder, "mean": MeanEncoder, "noisy": NoisyEncoder}
+    encoders = [make[label](model.d_model) for label in labels]
+    return {r.encoder["label"]: r.metrics for r in _run_task(resolve_task("ce_kl"), model, hookpoint, encoders, config)}
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    return max(abs(a[k] - b[k]) for k in a if a[k] is not None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ce_kl_is_the_same_with_and_without_the_speed_ups(arch, tiny_tokenizer, tmp_path):
+    model = make_tiny(arch, tiny_tokenizer)
+    hp = "layers.0.resid_post"
+    slow = _ce_kl(model, ["identity", "zero", "mean", "noisy"], tmp_path, "slow", hp,
+                  reuse_prefix=False, cache_references=False)
+    fast = _ce_kl(model, ["identity", "zero", "mean", "noisy"], tmp_path, "fast", hp)
+    for label in slow:
+        assert _max_abs_diff(slow[label], fast[label]) < 1e-9, label
+    assert slow["noisy"]["kl"] > 0.001  # a non-trivial encoder, so the comparison can fail
+
+
+def _count_layer_calls(model) -> list[int]:
+    calls = [0, 0]
+    for i, layer in enumerate(model.layers()):
+        layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))  # completed runs
+    return calls
+
+
+def test_warm_reference_cache_skips_the_reference_passes_and_gives_the_same_numbers(tiny_llama, tmp_path):
+    calls = _count_layer_calls(tiny_llama)  # hookpoint layers.1.resid_pre: layer 0 below it, layer 1 above
+    cold = _ce_kl(tiny_llama, ["noisy"], tmp_path, "cold")
+    # 3 batches. Below: one pass per batch (the first a full pass recording the batch shape).
+    # Above: that full pass, its check of the suffix, and clean, zero, mean and noisy per batch.
+    assert calls == [3, 2 + 4 * 3]
+    calls[:] = [0, 0]
+    warm = _ce_kl(tiny_llama, ["noisy"], tmp_path, "warm")
+    assert warm["noisy"] == cold["noisy"]
+    # warm: the shape-recording pass and its check, then noisy alone per batch (the clean logits
+    # come from the cached final-norm output through the LM head)
+    assert calls == [1, 2 + 3]
+
+
+def test_corrupt_or_partial_cache_entries_are_recomputed(tiny_llama, tmp_path, saebench_cache, capsys):
+    first = _ce_kl(tiny_llama, ["noisy"], tmp_path, "a", seed=7)
+    [entry] = [p for p in (saebench_cache / "reference").iterdir()
+               if '"seed": 7' in (p / "meta.json").read_text()]
+    data = entry / "data.safetensors"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    again = _ce_kl(tiny_llama, ["noisy"], tmp_path, "b", seed=7)
+    assert "unusable (checksum mismatch); recomputing" in capsys.readouterr().err
+    assert again == first
+    (entry / "meta.json").unlink()  # as if a writer died before publishing its manifest
+    assert _ce_kl(tiny_llama, ["noisy"], tmp_path, "c", seed=7) == first
+    assert "unusable" in capsys.readouterr().err and (entry / "meta.json").exists()
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert native_bf16("cpu") and resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_dtype("auto", "cpu") == "float32"  # AVX512 without bf16 units: emulated bf16 is slow
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # kernels capped at AVX2
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "mps") == "float32"
