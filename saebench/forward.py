@@ -16,6 +16,7 @@ final norm and head) or does not reproduce the full pass, a one-line notice is p
 """
 
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -188,3 +189,19 @@ class HookpointForward:
         if self.head is None:
             raise RuntimeError("logits_from_normed needs prefix reuse (a known LM head)")
         return self.head.logits(normed.to(self.model.device))
+
+
+_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, bool], HookpointForward]]" = weakref.WeakKeyDictionary()
+
+
+def hookpoint_forward(model: LoadedModel, hookpoint: Hookpoint, reuse_prefix: bool = True) -> HookpointForward:
+    """The HookpointForward of (model, hookpoint), shared within the process.
+
+    Sharing keeps each batch shape's recorded layer arguments and suffix check, which cost a full
+    pass, to once per process instead of once per task run.
+    """
+    per_model = _FORWARDS.setdefault(model.model, {})
+    key = (hookpoint.name, reuse_prefix)
+    if key not in per_model:
+        per_model[key] = HookpointForward(model, hookpoint, reuse_prefix)
+    return per_model[key]

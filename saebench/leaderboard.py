@@ -1,7 +1,8 @@
 """Leaderboards: records -> pandas -> tabulate markdown (+ CSV), one table per comparable group.
 
-Records are comparable only within one (task, task version, model, hookpoint): task versions
-are never mixed. Rows are ranked by the task's headline metric in its better direction.
+Records are comparable only within one (task, task version, model, model dtype, hookpoint):
+task versions and dtypes are never mixed, and each table's heading names its dtype. Rows are
+ranked by the task's headline metric in its better direction.
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from saebench.runner import resolve_task
 
 
 def _group_key(rec: RunRecord) -> tuple:
-    return (rec.task["name"], rec.task["version"], rec.model["id"], rec.hookpoint)
+    return (rec.task["name"], rec.task["version"], rec.model["id"], rec.model.get("dtype"), rec.hookpoint)
 
 
 def _latest(recs: list[RunRecord]) -> list[RunRecord]:
@@ -40,7 +41,7 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
     parts = [f"# {task} leaderboard\n\nRanked by `{spec.headline}` ({headline.direction} is better). "
              "Values are mean ± standard error (clustered by context); n is the number of tokens or items.\n"]
     frames = []
-    for (name, version, model, hookpoint), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (name, version, model, dtype, hookpoint), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         group = _latest(group)
         names = list(spec.summary_metrics())
         frame = records_frame(group, names)
@@ -49,7 +50,7 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
         frames.append(frame)
         rows = [[i + 1, row["encoder"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for i, row in frame.iterrows()]
-        parts.append(f"## {name} v{version} · {model} · {hookpoint}\n\n"
+        parts.append(f"## {name} v{version} · {model} ({dtype}) · {hookpoint}\n\n"
                      + tabulate(rows, headers=["rank", "encoder", *names, "n"], tablefmt="github",
                                   disable_numparse=True) + "\n")
     import pandas as pd

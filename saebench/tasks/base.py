@@ -16,7 +16,7 @@ from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError
 from saebench.models import Hookpoint, LoadedModel
-from saebench.forward import HookpointForward
+from saebench.forward import HookpointForward, hookpoint_forward
 from saebench.splice import SpliceConfig, sink_mask
 
 
@@ -139,7 +139,7 @@ class TaskContext:
     def forward(self) -> HookpointForward:
         """Clean captures at the hookpoint and passes resumed from it (built on first use)."""
         if self._forward is None:
-            self._forward = HookpointForward(self.model, self.hookpoint, self.reuse_prefix)
+            self._forward = hookpoint_forward(self.model, self.hookpoint, self.reuse_prefix)
         return self._forward
 
     def capture(self, tokens: Tensor) -> Tensor:

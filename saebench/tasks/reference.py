@@ -93,3 +93,20 @@ class ReferenceCache:
             publish_dir(tmp, self.path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_entries(root: Path, task: str, **match: Any) -> int:
+    """Delete the cache entries of `task` whose key has every field in `match`; returns how many.
+
+    For benchmarks that time a cold cache without wiping a user's other entries.
+    """
+    removed = 0
+    for entry in (Path(root) / "reference").glob(f"{task}-*"):
+        try:
+            key = json.loads((entry / "meta.json").read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if all(key.get(k) == v for k, v in match.items()):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed

