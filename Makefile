@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/saebench run --model smollm2-135m --encoder sae:default --encoder identity --encoder zero \
-		--encoder mean --task ce_kl --limit 20480 --limit 20480
+		--encoder mean --task ce_kl --limit 20480
 	$(BIN)/saebench leaderboard --task ce_kl
 
 test: setup

@@ -32,11 +32,11 @@ class DefaultSAEConfig:
     """d_sae = expansion x d_model."""
     k: int = 32
     """Active latents per token (TopK)."""
-    train_tokens: int = 150_000
+    train_tokens: int = 200_000
     """Activations collected from the training split (sinks excluded)."""
     context_len: int = 128
     """Tokens per training context, BOS included."""
-    epochs: int = 6
+    epochs: int = 5
     """Passes over the collected activations."""
     batch_size: int = 1024
     """Activations per optimiser step."""
