@@ -14,6 +14,12 @@ Ablations use the same splice as encoders, so zero and mean ablation also leave 
 untouched. sae-lens's run_evals differs here by definition: its zero ablation zeroes BOS too,
 which makes its ce_zero lower and its ce_loss_recovered smaller; it also scores predictions
 whose target is BOS and averages in bf16. benchmarks/vs_saelens.py measures each difference.
+
+Work done (benchmarks/ce_kl_cost.py measures it): the layers below the hookpoint run once per
+context; the clean, zero and mean passes and every encoder's pass run only the layers above it
+(saebench.forward); an exact reconstruction reuses the clean pass; the clean, zero and mean
+results are kept in the reference cache (saebench.tasks.reference), so a later run on the same
+data costs one pass per new encoder plus the LM head for the clean distribution.
 """
 
 import json
@@ -221,7 +227,7 @@ class CEKLTask(Task):
                 # the reconstruction is exact: the spliced pass is the clean pass
                 sums.end_batch(clean_ce.clone(), torch.zeros(len(batch), dtype=torch.float64))
                 continue
-            logits = ctx.forward.resume(spliced, batch).logits[:, :-1]
+            logits = ctx.forward.resume(spliced, batch).logits
             # KL(clean || spliced) = sum_v p log p - sum_v p log q: the first term once per batch
             # (cached with the clean pass), the second per pass
             _, cross, nll = _next_token_stats(logits, targets, p_clean)
@@ -242,9 +248,9 @@ class CEKLTask(Task):
             out = ctx.forward.resume(acts, batch)
             logits = out.logits
         if stored is not None:
-            p_clean = _probabilities(logits[:, :-1])
+            p_clean = _probabilities(logits)
             return stored["clean.ce"], p_clean, stored["neg_entropy"].to(p_clean.device)
-        p_clean, neg_entropy, nll = _next_token_stats(logits[:, :-1], targets, None)
+        p_clean, neg_entropy, nll = _next_token_stats(logits, targets, None)
         _add_clean_sums(state["clean"], acts, nll, act_mask, pred_mask)
         state["neg_entropy"].append(neg_entropy.cpu())
         if out is not None and out.normed is not None:
@@ -337,35 +343,39 @@ def _next_token_stats(logits: Tensor, targets: Tensor, p_ref: Tensor | None) -> 
     """Next-token probabilities, sum_v p_ref log q, and the NLL of the targets, in row chunks.
 
     Args:
-        logits: (B, T-1, V) logits of q; targets: (B, T-1) next tokens.
+        logits: (B, T, V) logits of q (the last position predicts nothing and is skipped);
+            targets: (B, T-1) next tokens.
         p_ref: (B, T-1, V) float32 reference probabilities; None uses q itself (so the second
             result is sum_v q log q, the negative entropy).
     Returns:
         q as float32 probabilities (B, T-1, V) when p_ref is None (else p_ref), sum_v p_ref log q
         (B, T-1), and -log q(target) (B, T-1).
     """
-    shape, vocab = logits.shape[:2], logits.shape[-1]
-    z, tgt = logits.reshape(-1, vocab), targets.reshape(-1, 1)
-    probs = torch.empty(z.shape, dtype=torch.float32, device=z.device) if p_ref is None else p_ref.view(-1, vocab)
-    cross = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    n_pred = logits.shape[1] - 1
+    probs = _probabilities(logits) if p_ref is None else p_ref
+    cross = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     nll = torch.empty_like(cross)
-    for start in range(0, z.shape[0], CHUNK_ROWS):
-        rows = slice(start, start + CHUNK_ROWS)
-        logq = torch.log_softmax(z[rows], -1, dtype=torch.float32)
-        if p_ref is None:
-            probs[rows] = torch.softmax(z[rows], -1, dtype=torch.float32)
-        cross[rows] = torch.linalg.vecdot(probs[rows], logq)
-        nll[rows] = -logq.gather(-1, tgt[rows]).squeeze(-1)
-    return probs.view(*shape, vocab), cross.view(shape), nll.view(shape)
+    for b, rows in _chunks(logits.shape[0], n_pred):  # slices of the contiguous logits: no copies
+        logq = torch.log_softmax(logits[b, rows], -1, dtype=torch.float32)
+        cross[b, rows] = torch.linalg.vecdot(probs[b, rows], logq)
+        nll[b, rows] = -logq.gather(-1, targets[b, rows, None]).squeeze(-1)
+    return probs, cross, nll
 
 
 def _probabilities(logits: Tensor) -> Tensor:
-    """(B, T-1, V) float32 softmax of `logits`, row chunks as in _next_token_stats (identical values)."""
-    z = logits.reshape(-1, logits.shape[-1])
-    probs = torch.empty(z.shape, dtype=torch.float32, device=z.device)
-    for start in range(0, z.shape[0], CHUNK_ROWS):
-        probs[start:start + CHUNK_ROWS] = torch.softmax(z[start:start + CHUNK_ROWS], -1, dtype=torch.float32)
-    return probs.view(logits.shape)
+    """(B, T-1, V) float32 softmax of the (B, T, V) logits' first T-1 positions, in row chunks."""
+    probs = torch.empty(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32,
+                        device=logits.device)
+    for b, rows in _chunks(logits.shape[0], logits.shape[1] - 1):
+        probs[b, rows] = torch.softmax(logits[b, rows], -1, dtype=torch.float32)
+    return probs
+
+
+def _chunks(batch: int, n_pred: int):
+    """(row, positions) pieces of CHUNK_ROWS predictions covering a (batch, n_pred) grid."""
+    for b in range(batch):
+        for start in range(0, n_pred, CHUNK_ROWS):
+            yield b, slice(start, min(start + CHUNK_ROWS, n_pred))
 
 
 def _add_clean_sums(clean: dict[str, list[Tensor]], acts: Tensor, nll: Tensor, act_mask: Tensor,

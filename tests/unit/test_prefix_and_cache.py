@@ -122,3 +122,31 @@ def test_dtype_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # kernels capped at AVX2
     assert resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("auto", "mps") == "float32"
+
+
+def test_unknown_head_falls_back_to_full_passes_with_a_notice(tiny_llama, monkeypatch):
+    import saebench.forward as forward
+
+    monkeypatch.setattr(forward, "FINAL_NORM_PATHS", {})
+    notices: list[str] = []
+    fwd = HookpointForward(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), notice=notices.append)
+    assert not fwd.reuse_prefix and "does not know its final norm and LM head" in notices[0]
+    ids = torch.randint(0, 100, (2, 12))
+    acts = fwd.capture(ids)
+    assert torch.equal(fwd.resume(acts, ids).logits, tiny_llama.model(ids, use_cache=False).logits)
+
+
+def test_a_suffix_that_disagrees_with_the_full_pass_is_switched_off(tiny_llama, monkeypatch):
+    notices: list[str] = []
+    fwd = HookpointForward(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), notice=notices.append)
+    real = fwd._suffix
+
+    def wrong(hidden):  # as if a layer needed an input the recorded arguments do not carry
+        out = real(hidden)
+        return type(out)(out.logits + 1.0, out.normed)
+
+    monkeypatch.setattr(fwd, "_suffix", wrong)
+    ids = torch.randint(0, 100, (2, 12))
+    acts = fwd.capture(ids)
+    assert not fwd.reuse_prefix and "changed the logits" in notices[0]
+    assert torch.equal(fwd.resume(acts, ids).logits, tiny_llama.model(ids, use_cache=False).logits)
