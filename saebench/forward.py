@@ -191,7 +191,7 @@ class HookpointForward:
         return self.head.logits(normed.to(self.model.device))
 
 
-_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, bool], HookpointForward]]" = weakref.WeakKeyDictionary()
+_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HookpointForward]]" = weakref.WeakKeyDictionary()
 
 
 def hookpoint_forward(model: LoadedModel, hookpoint: Hookpoint, reuse_prefix: bool = True) -> HookpointForward:
@@ -201,7 +201,9 @@ def hookpoint_forward(model: LoadedModel, hookpoint: Hookpoint, reuse_prefix: bo
     pass, to once per process instead of once per task run.
     """
     per_model = _FORWARDS.setdefault(model.model, {})
-    key = (hookpoint.name, reuse_prefix)
+    # the layer objects are part of the key: a model whose layers were swapped in place (as
+    # sae-lens's bridge does) gets its suffix recorded and checked again
+    key = (hookpoint.name, reuse_prefix, tuple(id(layer) for layer in model.layers()))
     if key not in per_model:
         per_model[key] = HookpointForward(model, hookpoint, reuse_prefix)
     return per_model[key]
