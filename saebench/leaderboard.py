@@ -5,12 +5,13 @@ task versions and dtypes are never mixed, and each table's heading names its dty
 ranked by the task's headline metric in its better direction.
 """
 
+import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
 from saebench.errors import SaebenchError
-from saebench.records import RunRecord, load_records, write_atomic
+from saebench.records import RunRecord, scan_records, write_atomic
 from saebench.report import fmt, records_frame
 from saebench.runner import resolve_task
 
@@ -60,12 +61,15 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
 
 def write_leaderboards(runs_dir: Path, out_dir: Path, task: str | None = None) -> list[Path]:
     """Write <task>.md and <task>.csv into `out_dir` for every task with records; returns the paths."""
-    recs = load_records(runs_dir)
+    recs, rejected = scan_records(runs_dir)
+    for path, reason in rejected:
+        print(f"saebench: warning: skipped {path}: {reason}", file=sys.stderr)
     if task is not None:
         recs = [r for r in recs if r.task["name"] == task]
     if not recs:
         what = f"records of task {task!r}" if task else "records"
-        raise SaebenchError(f"no {what} under {runs_dir}; run `saebench run ...` first or pass --runs")
+        skipped = f" ({len(rejected)} unusable files skipped, named above)" if rejected else ""
+        raise SaebenchError(f"no {what} under {runs_dir}{skipped}; run `saebench run ...` first or pass --runs")
     written = []
     for name in sorted({r.task["name"] for r in recs}):
         md, csv = leaderboard_markdown(name, [r for r in recs if r.task["name"] == name])

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,39 @@ def read_record(path: Path) -> RunRecord | None:
         return None
 
 
-def load_records(runs_dir: Path) -> list[RunRecord]:
-    """Every readable record under `runs_dir`."""
-    out = []
+def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+    """Every record under `runs_dir`, and each rejected file with the reason.
+
+    Temporary files of writes in progress (names starting with '.') are not records.
+    """
+    out, rejected = [], []
     for path in sorted(Path(runs_dir).rglob("*.json")):
-        rec = read_record(path)
-        if rec is not None and rec.schema_version == SCHEMA_VERSION:
-            out.append(rec)
-    return out
+        if path.name.startswith("."):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            rejected.append((path, f"not readable JSON ({exc})"))
+            continue
+        if not isinstance(data, dict) or "schema_version" not in data:
+            rejected.append((path, "not a saebench record (no schema_version)"))
+            continue
+        if data["schema_version"] != SCHEMA_VERSION:
+            rejected.append((path, f"record schema version {data['schema_version']}, this saebench reads "
+                                   f"version {SCHEMA_VERSION}"))
+            continue
+        missing = sorted(f.name for f in fields(RunRecord) if f.default is MISSING
+                         and f.default_factory is MISSING and f.name not in data)
+        if missing:
+            rejected.append((path, f"missing fields {', '.join(missing)}"))
+            continue
+        out.append(RunRecord.from_dict(data))
+    return out, rejected
+
+
+def load_records(runs_dir: Path) -> list[RunRecord]:
+    """Every valid record under `runs_dir` (scan_records names the rejected files)."""
+    return scan_records(runs_dir)[0]
 
 
 def git_sha() -> str | None:

@@ -1,6 +1,7 @@
 """evaluate(): the one entry point the CLI and the tests both call."""
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,29 @@ def _validate(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str]) 
         raise SaebenchError(f"--limit must be a positive number, not {config.limit}")
     if config.batch_size <= 0:
         raise SaebenchError(f"--batch-size must be positive, not {config.batch_size}")
+    if config.context_len is not None and config.context_len < 2:
+        raise SaebenchError(f"--context-len must be at least 2, not {config.context_len}")
+    _check_writable(Path(config.output_dir))
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when records could not be written to `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SaebenchError(f"cannot write records to --output {str(folder)!r} ({exc.strerror or exc}); "
+                            "choose a folder you can write to") from exc
+
+
+def _check_context_len(config: RunConfig, model: LoadedModel) -> None:
+    """--context-len must fit the model's position embeddings (checked before any forward pass)."""
+    cfg = model.model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if config.context_len is not None and limit and config.context_len > limit:
+        raise SaebenchError(f"--context-len {config.context_len} is longer than model {model.name!r} "
+                            f"supports ({limit} positions)")
 
 
 def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[str],
@@ -150,6 +174,7 @@ def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[
         _encoder_class(spec)  # fail on unknown names before loading anything
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, config.dtype, config.device, config.gguf_file, config.revision)
+    _check_context_len(config, loaded)
     if config.hookpoint:
         loaded.hookpoint(config.hookpoint)
     encs = build_encoders(encoders, loaded, config)

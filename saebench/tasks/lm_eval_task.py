@@ -7,6 +7,7 @@ which item each (reordered, right-padded) batch row holds, for prompt CE and act
 """
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,32 @@ def file_sha256(path: str | None) -> str | None:
     if not p.is_file():
         raise SaebenchError(f"--data-file {path!r} does not exist")
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def check_json_data_file(path: str | None) -> None:
+    """A JSON or JSON-lines --data-file parses, or one clear error naming the bad line."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise SaebenchError(f"--data-file {path!r} does not exist")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix == ".json":
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise SaebenchError(f"--data-file {path!r} is not valid JSON ({exc})") from exc
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise SaebenchError(f"--data-file {path!r} line {number} is not valid JSON ({exc}); "
+                                "a JSON-lines file holds one JSON object per line") from exc
+        if not isinstance(row, dict):
+            raise SaebenchError(f"--data-file {path!r} line {number} is not a JSON object")
 
 
 def load_lm_eval_task(name: str, include_path: str | None, data_file: str | None):
@@ -160,6 +187,7 @@ class LMEvalTask(Task):
         name = arg or lm_eval_task
         if not name:
             raise SaebenchError("lm_eval needs a task name: --task lm_eval:<lm-eval task>")
+        check_json_data_file(data_file)
         self.lm_eval_task, self.include_path, self.data_file = name, include_path, data_file
         if type(self) is LMEvalTask:
             self.spec = replace(LMEvalTask.spec, name=f"lm_eval:{name}")

@@ -82,3 +82,43 @@ def test_help_for_every_subcommand(capsys):
             main(argv)
         assert exc.value.code == 0
         assert "usage: saebench" in capsys.readouterr().out
+
+
+def test_malformed_jsonl_data_file(tiny_llama_dir, tmp_path, capsys):
+    bad = tmp_path / "lambada.jsonl"
+    bad.write_text('{"text": "one two three"}\n{"text": "four five\n')
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "lambada",
+                         "--data-file", str(bad)], capsys, out)
+    assert_clean_failure(code, err, out, "line 2 is not valid JSON")
+
+
+def test_unwritable_output_folder(tiny_llama_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "ce_kl"],
+                        capsys, blocker / "runs")
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot write records to --output" in err, err
+
+
+def test_context_longer_than_the_model_supports(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "ce_kl",
+                         "--context-len", "100000"], capsys, out)
+    assert_clean_failure(code, err, out, "--context-len 100000 is longer than model")
+
+
+def test_corrupt_record_is_named_by_the_leaderboard(tiny_llama, tmp_path, capsys):
+    from saebench import RunConfig, evaluate
+
+    runs = tmp_path / "runs"
+    evaluate(tiny_llama, ["identity"], ["ce_kl"], RunConfig(limit=64, context_len=16, output_dir=runs,
+                                                            progress=False))
+    (runs / "ce_kl" / "broken.json").write_text('{"schema_version": 1, "task": ')
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 0
+    assert "skipped" in capsys.readouterr().err and (tmp_path / "lb" / "ce_kl.md").exists()
+    for good in (runs / "ce_kl").glob("identity-*.json"):
+        good.unlink()
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb2")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json: not readable JSON" in err and "1 unusable files skipped" in err
