@@ -97,9 +97,11 @@ class SAELensEncoder(Encoder):
         hook_name = sae.cfg.metadata.hook_name
         match = HOOKPOINT_RE.match(hook_name or "")
         hookpoint = f"layers.{match.group(1)}.{match.group(2)}" if match else None
-        if hookpoint is None and hook_name and not build.hookpoint:
-            raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot place; "
-                                "pass --hookpoint")
+        if hookpoint is None and hook_name:
+            # never splice an SAE somewhere else than where it was trained: an MLP-output SAE has
+            # the residual stream's width, so a width check could not catch it
+            raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot splice "
+                                "(it splices the residual stream: blocks.{i}.hook_resid_pre / hook_resid_post)")
         if hookpoint and build.hookpoint and build.model.hookpoint(build.hookpoint).name != hookpoint:
             raise SaebenchError(f"SAE {arg!r} was trained at {hookpoint} but --hookpoint is {build.hookpoint}")
         return cls(sae, arg, hookpoint or build.hookpoint, provenance)

@@ -122,3 +122,16 @@ def test_corrupt_record_is_named_by_the_leaderboard(tiny_llama, tmp_path, capsys
     assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb2")]) == 2
     err = capsys.readouterr().err
     assert "broken.json: not readable JSON" in err and "1 unusable files skipped" in err
+
+
+def test_sae_trained_off_the_residual_stream_is_refused(tiny_llama_dir, tmp_path, capsys):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae_dir = tmp_path / "mlp_out_sae"
+    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_mlp_out"))
+                ).save_model(sae_dir)
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl",
+                         "--hookpoint", "layers.1.resid_pre"], capsys, out)
+    assert_clean_failure(code, err, out, "was trained at 'blocks.1.hook_mlp_out', which saebench cannot splice")
