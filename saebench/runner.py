@@ -1,5 +1,6 @@
 """evaluate(): the one entry point the CLI and the tests both call."""
 
+import inspect
 import json
 import tempfile
 import time
@@ -89,6 +90,26 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
         raise SaebenchError(f"task {name!r}: bad parameters {params}: {exc}") from exc
 
 
+def _accepted_params(name: str) -> set[str]:
+    """Parameter names the task behind `name` (entry point or preset) takes."""
+    presets = load_presets("tasks", "*")
+    plugin = presets.get(name, {}).get("task", name)
+    base = plugin if plugin in available(TASK_GROUP) else plugin.partition(":")[0]
+    if base not in available(TASK_GROUP):
+        return set()  # resolve_task reports the unknown name
+    return set(inspect.signature(load_plugin(TASK_GROUP, base).__init__).parameters) - {"self"}
+
+
+def _params_for(name: str, params: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """The run-wide task parameters (e.g. --data-file) that task `name` takes; each must fit some task."""
+    for key in params:
+        if not any(key in _accepted_params(t) for t in tasks):
+            option = "--" + key.replace("_", "-")
+            raise SaebenchError(f"{option} applies to none of the tasks given ({', '.join(tasks)}); "
+                                "it is for benchmark tasks such as lambada, cbt_cn or lm_eval:<task>")
+    return {k: v for k, v in params.items() if k in _accepted_params(name)}
+
+
 def _encoder_class(spec: str) -> type[Encoder]:
     name, _ = parse_encoder_arg(spec)
     if name not in available(ENCODER_GROUP):
@@ -169,7 +190,7 @@ def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[
         The records, in task-major, encoder order.
     """
     _validate(config, encoders, tasks)
-    task_objs = [(name, resolve_task(name, config.task_params)) for name in tasks]
+    task_objs = [(name, resolve_task(name, _params_for(name, config.task_params, tasks))) for name in tasks]
     for spec in encoders:
         _encoder_class(spec)  # fail on unknown names before loading anything
     loaded = model if isinstance(model, LoadedModel) else load_model(

@@ -135,3 +135,15 @@ def test_sae_trained_off_the_residual_stream_is_refused(tiny_llama_dir, tmp_path
     code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl",
                          "--hookpoint", "layers.1.resid_pre"], capsys, out)
     assert_clean_failure(code, err, out, "was trained at 'blocks.1.hook_mlp_out', which saebench cannot splice")
+
+
+def test_data_file_goes_only_to_the_tasks_that_take_it(tiny_llama_dir, tmp_path, capsys):
+    from saebench.runner import _params_for
+
+    params = {"data_file": "x.jsonl"}
+    assert _params_for("ce_kl", params, ["ce_kl", "lambada"]) == {}
+    assert _params_for("lambada", params, ["ce_kl", "lambada"]) == params
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "ce_kl",
+                         "--data-file", "x.jsonl"], capsys, out)
+    assert_clean_failure(code, err, out, "--data-file applies to none of the tasks given (ce_kl)")
