@@ -144,11 +144,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             obj = getattr(obj, attr, None)
         if isinstance(obj, nn.ModuleList):
             return obj
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if not candidates:
-        raise SaebenchError(f"cannot find the decoder layers of {type(model).__name__}")
-    return candidates[0]
+    # No guessing (say, the first ModuleList of the right length): a wrong guess would splice
+    # somewhere else than the hookpoint's name says.
+    raise SaebenchError(f"cannot find the decoder layers of {type(model).__name__}: saebench knows "
+                        f"{', '.join(LAYER_PATHS)}")
 
 
 def model_presets() -> dict[str, dict]:

@@ -92,3 +92,16 @@ def test_unknown_hookpoint_lists_valid_ones(tiny_llama):
     with pytest.raises(SaebenchError, match="no hookpoint 'mlp.3'"):
         tiny_llama.hookpoint("mlp.3")
     assert tiny_llama.hookpoint("blocks.1.hook_resid_pre").name == "layers.1.resid_pre"
+
+
+def test_unknown_architecture_is_an_error_not_a_guess():
+    from saebench.models import decoder_layers
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"num_hidden_layers": 2})()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+    with pytest.raises(SaebenchError, match="cannot find the decoder layers of Odd"):
+        decoder_layers(Odd())
