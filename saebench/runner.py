@@ -239,6 +239,8 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
         for enc, cfg, chash, path in todo:
             rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds, len(todo),
                           config)
+            if ctx.warnings:
+                rec.extra["warnings"] = list(ctx.warnings)
             _write(path, rec, results[enc.spec.label])
             done[enc.spec.label] = rec
         ctx.partial.clear()

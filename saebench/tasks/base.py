@@ -111,6 +111,8 @@ class TaskContext:
     """Run the layers below the hookpoint once per batch and only the layers above it per encoder."""
     cache_references: bool = True
     """Store the reference passes (clean, zero, mean) in saebench's cache and reuse them."""
+    warnings: list[str] = field(default_factory=list)
+    """Warnings raised while the task ran; stored in each record's extra.warnings."""
     _forward: HookpointForward | None = None
     _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     _eval_tokens: Tensor | None = None
@@ -123,11 +125,16 @@ class TaskContext:
             tokens = token_contexts(self.model.tokenizer, self.corpus, context_len, n_tokens, self.seed,
                                     self.model.bos_id)
             if tokens.numel() < n_tokens:
-                print(f"saebench: warning: the {self.corpus.split} split of corpus {self.corpus.name!r} holds "
-                      f"{tokens.numel()} tokens in {context_len}-token contexts, fewer than the {n_tokens} "
-                      "asked for; evaluating all of them", file=sys.stderr)
+                self.warn(f"the {self.corpus.split} split of corpus {self.corpus.name!r} holds {tokens.numel()} "
+                          f"tokens in {context_len}-token contexts, fewer than the {n_tokens} asked for; "
+                          "evaluating all of them")
             self._contexts[key] = tokens
         return self._contexts[key]
+
+    def warn(self, message: str) -> None:
+        """Print a warning now and keep it for the records of this run (extra.warnings)."""
+        print(f"saebench: warning: {message}", file=sys.stderr)
+        self.warnings.append(message)
 
     def keep_mask(self, tokens: Tensor) -> Tensor:
         """(batch, seq) positions passed through unspliced: sinks unless --splice-bos."""

@@ -151,3 +151,23 @@ def test_interrupted_run_resumes_without_recomputing(tiny_llama, tmp_path, monke
     fresh = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)],
                       RunConfig(limit=32 * 8 * 4, context_len=32, output_dir=tmp_path / "b", progress=False))[0]
     assert resumed.metrics == fresh.metrics
+
+
+def test_a_corpus_shorter_than_asked_is_a_warning_kept_in_the_record(tiny_llama, tmp_path, monkeypatch, capsys):
+    from saebench.tasks import base
+
+    real = base.token_contexts
+
+    def short(tokenizer, spec, context_len, n_tokens, seed, bos_id):
+        return real(tokenizer, spec, context_len, n_tokens, seed, bos_id)[:2]  # as if the split ran out
+
+    monkeypatch.setattr(base, "token_contexts", short)
+    rec = run(tiny_llama, ["identity"], tmp_path, limit=32 * 8)["identity"]
+    assert "fewer than the 256 asked for" in capsys.readouterr().err
+    assert any("fewer than the 256 asked for" in w for w in rec.extra["warnings"])
+    assert rec.extra["contexts"] == 2 and rec.n["fve"] == _scored_activations_of(real, tiny_llama)
+
+
+def _scored_activations_of(draw, model):
+    tokens = draw(model.tokenizer, CorpusSpec(), 32, 32 * 8, 0, model.bos_id)[:2]
+    return int((tokens[:, 1:] != model.bos_id).sum())
