@@ -250,23 +250,33 @@ class LMEvalTask(Task):
             if "acc" not in result:
                 raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} reports no 'acc' metric")
             correct[k] = float(result["acc"])
-            logp[k] = resps[rows[self._gold_index(task, doc, len(rows))]][0]
+            logp[k] = resps[rows[self._gold_index(task, doc, len(rows), d)]][0]
         aggregation = task.aggregation()
         aggregates = {name: float(aggregation[name](values)) for name, values in per_metric.items()
                       if name in aggregation and name != "acc"}
         return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), aggregates)
 
     @staticmethod
-    def _gold_index(task, doc, n_choices: int) -> int:
-        """Which request holds the answer: the only one, or the gold choice of a multiple-choice doc."""
+    def _gold_index(task, doc, n_choices: int, doc_id: int = -1) -> int:
+        """Which request holds the answer: the only one, or the gold choice of a multiple-choice doc.
+
+        A gold answer that names no choice is an error, never silently choice 0.
+        """
         if task.OUTPUT_TYPE != "multiple_choice":
             return 0
         gold = task.doc_to_target(doc)
+        where = f"lm-eval task {getattr(getattr(task, 'config', None), 'task', '?')!r}, document {doc_id}"
         if isinstance(gold, str):
-            gold = task.doc_to_choice(doc).index(gold)
+            choices = task.doc_to_choice(doc)
+            if gold not in choices:
+                raise SaebenchError(f"{where}: its answer {gold!r} is not one of its choices {choices}")
+            gold = choices.index(gold)
         if isinstance(gold, list):
             gold = gold[0]
-        return int(gold) if 0 <= int(gold) < n_choices else 0
+        if not 0 <= int(gold) < n_choices:
+            raise SaebenchError(f"{where}: its answer index {int(gold)} is outside its {n_choices} choices; "
+                                "check the task's doc_to_target or the data file")
+        return int(gold)
 
     @staticmethod
     def _lift(result: TaskResult, metric_names: set[str]) -> TaskResult:

@@ -179,3 +179,19 @@ def test_lm_eval_cli_finds_the_saebench_model(tiny, tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lambada_local" in out.stdout and "acc" in out.stdout
+
+
+def test_a_gold_answer_outside_the_choices_is_an_error_not_choice_0():
+    from types import SimpleNamespace
+
+    from saebench.errors import SaebenchError
+    from saebench.tasks.lm_eval_task import LMEvalTask
+
+    task = SimpleNamespace(OUTPUT_TYPE="multiple_choice", config=SimpleNamespace(task="toy"),
+                           doc_to_target=lambda doc: doc["gold"], doc_to_choice=lambda doc: ["a", "b", "c"])
+    assert LMEvalTask._gold_index(task, {"gold": 2}, 3, 7) == 2
+    assert LMEvalTask._gold_index(task, {"gold": "b"}, 3, 7) == 1
+    with pytest.raises(SaebenchError, match="document 7: its answer index 5 is outside its 3 choices"):
+        LMEvalTask._gold_index(task, {"gold": 5}, 3, 7)
+    with pytest.raises(SaebenchError, match="its answer 'z' is not one of its choices"):
+        LMEvalTask._gold_index(task, {"gold": "z"}, 3, 7)
