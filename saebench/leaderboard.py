@@ -1,10 +1,15 @@
 """Leaderboards: records -> pandas -> tabulate markdown (+ CSV), one table per comparable group.
 
-Records are comparable only within one (task, task version, model, model dtype, hookpoint):
-task versions and dtypes are never mixed, and each table's heading names its dtype. Rows are
-ranked by the task's headline metric in its better direction.
+Records are comparable only when everything that changes their numbers matches: task name and
+version, model id, revision and dtype, hookpoint, the task's effective parameters (subset, data
+file and its checksum, limit, context length, ...), corpus, seed and splice_bos. Each such group
+is one table whose heading lists those settings and how its standard errors were computed; task
+versions and dtypes are never mixed. Within a table, re-runs of the same encoder keep the newest
+record and the heading says how many were superseded. Rows are ranked by the task's headline
+metric in its better direction; `n` is the headline metric's n.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,47 +18,86 @@ from tabulate import tabulate
 from saebench.errors import SaebenchError
 from saebench.records import RunRecord, scan_records, write_atomic
 from saebench.report import fmt, records_frame
-from saebench.runner import resolve_task
+from saebench.tasks.base import TaskSpec
+
+
+def task_spec_of(rec: RunRecord) -> TaskSpec:
+    """The task's spec as the record carries it; older records fall back to the installed plugin."""
+    if "metrics" in rec.task:
+        return TaskSpec.from_dict(rec.task)
+    from saebench.runner import resolve_task
+
+    return resolve_task(rec.task["name"]).spec
+
+
+def comparable_settings(rec: RunRecord) -> dict:
+    """Everything besides the encoder that must match for two records to share a table."""
+    cfg = rec.config
+    params = cfg.get("task", {}).get("params", {})
+    return {"model": rec.model["id"], "revision": rec.model.get("revision"), "dtype": rec.model.get("dtype"),
+            "hookpoint": rec.hookpoint, **params, "corpus": cfg.get("corpus"), "seed": cfg.get("seed"),
+            "splice_bos": cfg.get("splice_bos")}
 
 
 def _group_key(rec: RunRecord) -> tuple:
-    return (rec.task["name"], rec.task["version"], rec.model["id"], rec.model.get("dtype"), rec.hookpoint)
+    return (rec.task["name"], rec.task["version"], json.dumps(comparable_settings(rec), sort_keys=True, default=str))
 
 
-def _latest(recs: list[RunRecord]) -> list[RunRecord]:
-    """One record per encoder label in a group: the one with the most tokens (ties: last read)."""
+def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
+    """One record per encoder label: the newest (records without a time count as oldest); and how many
+    older ones it superseded."""
     best: dict[str, RunRecord] = {}
     for rec in recs:
-        label = rec.encoder["label"]
-        n = max((v for v in rec.n.values() if v is not None), default=0)
-        old = best.get(label)
-        if old is None or n >= max((v for v in old.n.values() if v is not None), default=0):
-            best[label] = rec
-    return list(best.values())
+        old = best.get(rec.encoder["label"])
+        if old is None or (rec.created or "") >= (old.created or ""):
+            best[rec.encoder["label"]] = rec
+    return list(best.values()), len(recs) - len(best)
+
+
+def _setting_text(key: str, value) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        value = value[:12]  # a sha256
+    return f"{key}={value}"
+
+
+def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded: int) -> str:
+    shown = {k: v for k, v in settings.items() if k not in ("model", "revision", "dtype", "hookpoint")
+             and v is not None}
+    revision = f", revision {settings['revision']}" if settings.get("revision") else ""
+    lines = [f"## {name} v{version} · {settings['model']} ({settings['dtype']}{revision}) · {settings['hookpoint']}",
+             "", f"Settings: {', '.join(_setting_text(k, v) for k, v in shown.items())}. "
+                 f"Standard errors: {spec.stderr_method}."]
+    if superseded:
+        lines[-1] += f" {superseded} older record(s) of the same encoders and settings superseded by newer ones."
+    return "\n".join(lines)
 
 
 def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
-    """Markdown and CSV text for one task's records (all groups)."""
-    spec = resolve_task(task).spec
-    headline = spec.metric(spec.headline)
+    """Markdown and CSV text for one task's records (all comparable groups)."""
     groups: dict[tuple, list[RunRecord]] = {}
     for rec in recs:
         groups.setdefault(_group_key(rec), []).append(rec)
-    parts = [f"# {task} leaderboard\n\nRanked by `{spec.headline}` ({headline.direction} is better). "
-             "Values are mean ± standard error (clustered by context); n is the number of tokens or items.\n"]
+    newest_spec = task_spec_of(max(recs, key=lambda r: (r.task["version"], r.created or "")))
+    headline = newest_spec.metric(newest_spec.headline)
+    parts = [f"# {task} leaderboard\n\nRanked by `{newest_spec.headline}` ({headline.direction} is better). "
+             f"Values are mean ± standard error; n is the number of tokens or items behind `{newest_spec.headline}`. "
+             "One table per set of comparable settings.\n"]
     frames = []
-    for (name, version, model, dtype, hookpoint), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        group = _latest(group)
+    for (name, version, _), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        spec = task_spec_of(group[0])
+        group, superseded = _newest(group)
         names = list(spec.summary_metrics())
-        frame = records_frame(group, names)
-        ascending = headline.direction == "lower"
+        frame = records_frame(group, names, n_of=spec.headline)
+        settings = comparable_settings(group[0])
+        frame["settings"] = json.dumps(settings, sort_keys=True, default=str)
+        ascending = spec.metric(spec.headline).direction == "lower"
         frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
         frames.append(frame)
         rows = [[i + 1, row["encoder"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for i, row in frame.iterrows()]
-        parts.append(f"## {name} v{version} · {model} ({dtype}) · {hookpoint}\n\n"
+        parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=["rank", "encoder", *names, "n"], tablefmt="github",
-                                  disable_numparse=True) + "\n")
+                                disable_numparse=True) + "\n")
     import pandas as pd
 
     return "\n".join(parts), pd.concat(frames).to_csv(index=False)

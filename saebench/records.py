@@ -24,7 +24,8 @@ class RunRecord:
     """One task's result for one encoder."""
 
     task: dict[str, Any]
-    """{'name', 'version'}."""
+    """{'name', 'version'} and, since records carry them, 'headline', 'summary', 'stderr_method' and
+    'metrics' ({name: {direction, description}}): leaderboards need no task plugin to read a record."""
     encoder: dict[str, Any]
     """The EncoderSpec as a dict, plus the plugin's distribution and version."""
     model: dict[str, Any]
@@ -41,6 +42,8 @@ class RunRecord:
     seed: int
     saebench_version: str
     git_sha: str | None
+    created: str | None = None
+    """UTC time the record was written (ISO 8601); leaderboards keep the newest of re-runs."""
     details_file: str | None = None
     """JSONL of per-item details next to the record, when the task produces them."""
     schema_version: int = SCHEMA_VERSION

@@ -20,17 +20,21 @@ def fmt(value: float | None, err: float | None = None) -> str:
     return text
 
 
-def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per record: encoder, task, model, hookpoint, then value and stderr per metric."""
+def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = None,
+                  n_of: str | None = None) -> pd.DataFrame:
+    """One row per record: encoder, task, model, hookpoint, then value and stderr per metric.
+
+    The `n` column is the n of metric `n_of` (default: the largest n of the record).
+    """
     rows = []
     for rec in recs:
         names = metrics or list(rec.metrics)
         row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": rec.model["id"],
-               "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"]}
+               "dtype": rec.model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"]}
         for name in names:
             row[name] = rec.metrics.get(name)
             row[f"{name}_stderr"] = rec.stderr.get(name)
-        row["n"] = max((v for v in rec.n.values() if v is not None), default=None)
+        row["n"] = rec.n.get(n_of) if n_of else max((v for v in rec.n.values() if v is not None), default=None)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -6,6 +6,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -251,13 +252,14 @@ def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dic
             result: TaskResult, seconds: float, n_run: int, config: RunConfig) -> records.RunRecord:
     plugin = distribution_of(ENCODER_GROUP, enc.spec.name)
     return records.RunRecord(
-        task={"name": task.spec.name, "version": task.spec.version},
+        task=task.spec.to_dict(),
         encoder=enc.spec.to_dict() | {"plugin": plugin},
         model={"id": model.model_id, "revision": model.revision, "name": model.name, "dtype": model.dtype},
         hookpoint=hp_name, config=cfg, config_hash=chash,
         metrics=result.metrics, stderr=result.stderr, n=result.n,
         seconds=round(seconds, 3), seed=config.seed,
         saebench_version=saebench.__version__, git_sha=records.git_sha(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # `seconds` is the wall time of the whole task run, shared by the encoders run together
         extra=result.extra | {"device": str(model.device), "torch": torch.__version__, "encoders_in_run": n_run},
     )

@@ -41,12 +41,26 @@ class TaskSpec:
     metrics: tuple[MetricSpec, ...]
     summary: tuple[str, ...] = ()
     """Metrics shown in printed tables and leaderboards (default: all)."""
+    stderr_method: str = "clustered by context"
+    """How the standard errors are computed (printed in leaderboard headings)."""
 
     def summary_metrics(self) -> tuple[str, ...]:
         return self.summary or tuple(m.name for m in self.metrics)
 
     def metric(self, name: str) -> MetricSpec:
         return next(m for m in self.metrics if m.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a record carries about its task, so leaderboards need no plugin to read it."""
+        return {"name": self.name, "version": self.version, "headline": self.headline,
+                "summary": list(self.summary_metrics()), "stderr_method": self.stderr_method,
+                "metrics": {m.name: {"direction": m.direction, "description": m.description} for m in self.metrics}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
+        metrics = tuple(MetricSpec(name, m["direction"], m["description"]) for name, m in data["metrics"].items())
+        return cls(data["name"], data["version"], data["headline"], metrics, tuple(data["summary"]),
+                   data["stderr_method"])
 
 
 @dataclass

@@ -37,6 +37,8 @@ BENCHMARK_METRICS = (
     MetricSpec("ce_prompt_clean", "none", "mean CE over prompt tokens, clean"),
     MetricSpec("ce_prompt_zero", "none", "mean CE over prompt tokens, zero-ablated"),
 )
+BENCHMARK_STDERR = ("over items (sample std / sqrt n; prompt CE as a ratio clustered by item); delta_acc and "
+                    "delta_acc_zero by a paired bootstrap over items")
 BENCHMARK_SUMMARY = ("acc", "acc_clean", "acc_zero", "delta_acc", "delta_logp", "ce_prompt", "ce_prompt_clean")
 
 

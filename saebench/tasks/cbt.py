@@ -21,7 +21,8 @@ from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
-from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_SUMMARY, ItemScores, PromptRecorder,
+from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
+                                      PromptRecorder,
                                       benchmark_passes, compare)
 from saebench.tasks.lm_eval_task import file_sha256
 
@@ -104,7 +105,7 @@ def load_questions(subset: str, data_file: str | None) -> list[CBTQuestion]:
 class CBTTask(Task):
     """CBT-CN / CBT-NE accuracy, clean, zero-ablated and spliced (GPT-2 protocol)."""
 
-    spec = TaskSpec("cbt", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY)
+    spec = TaskSpec("cbt", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR)
 
     def __init__(self, subset: str = "cn", data_file: str | None = None):
         """

@@ -51,3 +51,51 @@ def test_leaderboards_never_mix_dtypes(tiny_llama, tmp_path):
     main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
     assert "tiny-llama (float32) ·" in md and "tiny-llama (bfloat16) ·" in md
+
+
+def _one_record(tiny_llama, runs, **kw):
+    import json
+
+    evaluate(tiny_llama, ["identity"], ["ce_kl"],
+             RunConfig(limit=64, context_len=16, output_dir=runs, progress=False, **kw))
+    return [json.loads(p.read_text()) for p in sorted(runs.rglob("*.json"))]
+
+
+def test_runs_that_differ_in_settings_get_separate_labelled_tables(tiny_llama, tmp_path):
+    runs = tmp_path / "runs"
+    _one_record(tiny_llama, runs)
+    _one_record(tiny_llama, runs, seed=1)
+    evaluate(tiny_llama, ["identity"], ["ce_kl"],
+             RunConfig(limit=128, context_len=16, output_dir=runs, progress=False))
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 0
+    md = (tmp_path / "lb" / "ce_kl.md").read_text()
+    headings = [line for line in md.splitlines() if line.startswith("Settings:")]
+    assert len(headings) == 3, md
+    assert any("tokens=64" in h and "seed=0" in h for h in headings)
+    assert any("tokens=64" in h and "seed=1" in h for h in headings)
+    assert any("tokens=128" in h and "seed=0" in h for h in headings)
+    assert all("Standard errors: clustered by context" in h for h in headings)
+
+
+def test_reruns_keep_the_newest_and_say_how_many_were_superseded(tiny_llama, tmp_path):
+    import json
+
+    runs = tmp_path / "runs"
+    [data] = _one_record(tiny_llama, runs)
+    older = dict(data, created="2000-01-01T00:00:00+00:00", metrics=dict(data["metrics"], kl=123.0))
+    (runs / "ce_kl" / "older.json").write_text(json.dumps(older))
+    main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")])
+    md = (tmp_path / "lb" / "ce_kl.md").read_text()
+    assert "1 older record(s) of the same encoders and settings superseded" in md and "123" not in md
+
+
+def test_records_stand_alone_without_their_task_plugin(tiny_llama, tmp_path):
+    import json
+
+    runs = tmp_path / "runs"
+    [data] = _one_record(tiny_llama, runs)
+    data["task"]["name"] = "someone_elses_task"  # no such plugin is installed
+    (runs / "ce_kl" / "foreign.json").write_text(json.dumps(data))
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 0
+    md = (tmp_path / "lb" / "someone_elses_task.md").read_text()
+    assert "Ranked by `ce_loss_recovered` (higher is better)" in md and "| identity" in md
