@@ -38,7 +38,7 @@ class _RegisteringLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.inner.exec_module(module)
-        register()
+        safe_register()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -54,9 +54,45 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def safe_register() -> None:
+    """register(), but never let a failure break lm-eval for its other models.
+
+    The hook runs inside the import of lm_eval.models, so an exception here (an lm-eval whose
+    registry changed, say) would break every `lm_eval` command. Instead the failure is kept and
+    reported in one line when the command line asks for `--model saebench`.
+    """
+    global FAILURE
+    try:
+        register()
+    except Exception as exc:  # noqa: BLE001 - any failure must stay inside saebench
+        FAILURE = f"{type(exc).__name__}: {exc}"
+        if _asks_for_saebench(sys.argv):
+            print(f"saebench: warning: could not register `--model saebench` with lm-eval {_lm_eval_version()} "
+                  f"({FAILURE}); saebench is tested with lm-eval {TESTED_LM_EVAL}", file=sys.stderr)
+
+
+FAILURE: str | None = None
+"""Why registration failed, if it did."""
+TESTED_LM_EVAL = "0.4.13"
+
+
+def _asks_for_saebench(argv: list[str]) -> bool:
+    return any(a == f"--model={MODEL_NAME}" or (a == "--model" and argv[i + 1:i + 2] == [MODEL_NAME])
+               for i, a in enumerate(argv))
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
 def install() -> None:
     """Add the import hook (or register at once if lm-eval's model table is already imported)."""
     if _WATCHED in sys.modules:
-        register()
+        safe_register()
     elif not any(getattr(f, "saebench_lm_eval", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

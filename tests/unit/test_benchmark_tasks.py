@@ -195,3 +195,42 @@ def test_a_gold_answer_outside_the_choices_is_an_error_not_choice_0():
         LMEvalTask._gold_index(task, {"gold": 5}, 3, 7)
     with pytest.raises(SaebenchError, match="its answer 'z' is not one of its choices"):
         LMEvalTask._gold_index(task, {"gold": "z"}, 3, 7)
+
+
+BREAK_THE_HOOK = (
+    "finder = next(f for f in sys.meta_path if getattr(f, 'saebench_lm_eval', False))  # from the .pth\n"
+    "def broken():\n"
+    "    raise RuntimeError('registry moved')\n"
+    "type(finder).find_spec.__globals__['register'] = broken\n")
+
+
+def test_a_failing_lm_eval_hook_leaves_lm_eval_working_for_other_models(tiny, tmp_path):
+    """Force the start-up hook's registration to fail: lm-eval's own `--model hf` still runs."""
+    data = write_lambada(tmp_path / "lambada.jsonl", 8)
+    _local_lambada_yaml(tmp_path / "tasks", data)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import runpy, sys\n"
+        + BREAK_THE_HOOK
+        + f"sys.argv = ['lm_eval', 'run', '--model', 'hf', '--model_args', 'pretrained={tiny['path']},dtype=float32',"
+        f" '--tasks', 'lambada_local', '--include_path', {str(tmp_path / 'tasks')!r}, '--device', 'cpu',"
+        " '--batch_size', '4']\n"
+        + "runpy.run_module('lm_eval', run_name='__main__')\n")
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lambada_local" in out.stdout and "acc" in out.stdout
+    assert "could not register" not in out.stderr  # --model saebench was not asked for: no noise
+
+
+def test_a_failing_lm_eval_hook_says_so_when_saebench_is_asked_for(tmp_path):
+    script = tmp_path / "ask.py"
+    script.write_text(
+        "import sys\n"
+        + BREAK_THE_HOOK
+        + "sys.argv = ['lm_eval', 'run', '--model', 'saebench']\nimport lm_eval.models\nprint('imported')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
+    assert "could not register `--model saebench` with lm-eval" in out.stderr
+    assert "RuntimeError: registry moved" in out.stderr and len(out.stderr.strip().splitlines()) == 1
