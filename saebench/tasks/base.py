@@ -43,6 +43,8 @@ class TaskSpec:
     """Metrics shown in printed tables and leaderboards (default: all)."""
     stderr_method: str = "clustered by context"
     """How the standard errors are computed (printed in leaderboard headings)."""
+    limit_unit: str = "tokens"
+    """What --limit counts for this task ('tokens' or 'items'); stated in every record."""
 
     def summary_metrics(self) -> tuple[str, ...]:
         return self.summary or tuple(m.name for m in self.metrics)
@@ -54,13 +56,14 @@ class TaskSpec:
         """What a record carries about its task, so leaderboards need no plugin to read it."""
         return {"name": self.name, "version": self.version, "headline": self.headline,
                 "summary": list(self.summary_metrics()), "stderr_method": self.stderr_method,
+                "limit_unit": self.limit_unit,
                 "metrics": {m.name: {"direction": m.direction, "description": m.description} for m in self.metrics}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
         metrics = tuple(MetricSpec(name, m["direction"], m["description"]) for name, m in data["metrics"].items())
         return cls(data["name"], data["version"], data["headline"], metrics, tuple(data["summary"]),
-                   data["stderr_method"])
+                   data["stderr_method"], data.get("limit_unit", "tokens"))
 
 
 @dataclass

@@ -105,7 +105,7 @@ def load_questions(subset: str, data_file: str | None) -> list[CBTQuestion]:
 class CBTTask(Task):
     """CBT-CN / CBT-NE accuracy, clean, zero-ablated and spliced (GPT-2 protocol)."""
 
-    spec = TaskSpec("cbt", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR)
+    spec = TaskSpec("cbt", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
 
     def __init__(self, subset: str = "cn", data_file: str | None = None):
         """

@@ -174,7 +174,7 @@ class _RequestObserver(PromptRecorder):
 class LMEvalTask(Task):
     """Any lm-eval loglikelihood or multiple-choice task, scored clean, zero-ablated and spliced."""
 
-    spec = TaskSpec("lm_eval", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR)
+    spec = TaskSpec("lm_eval", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
     protocol = "lm_eval"
 
     def __init__(self, lm_eval_task: str | None = None, include_path: str | None = None,
@@ -297,7 +297,7 @@ class LambadaTask(LMEvalTask):
     spec = TaskSpec("lambada", 1, "acc", BENCHMARK_METRICS + (
         MetricSpec("perplexity", "lower", "lm-eval's perplexity of the last word, spliced"),
         MetricSpec("perplexity_clean", "none", "lm-eval's perplexity of the last word, clean"),
-    ), BENCHMARK_SUMMARY + ("perplexity",), BENCHMARK_STDERR)
+    ), BENCHMARK_SUMMARY + ("perplexity",), BENCHMARK_STDERR, "items")
 
     def __init__(self, data_file: str | None = None, include_path: str | None = None):
         """
@@ -311,7 +311,7 @@ class LambadaFirstTokenTask(LambadaTask):
     """LAMBADA scored by the first token only: argmax over the vocabulary at the last prompt
     position must equal the first token of ' ' + last word; log p(answer) is that token's."""
 
-    spec = TaskSpec("lambada_first_token", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR)
+    spec = TaskSpec("lambada_first_token", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
     protocol = "first_token"
 
     def _first_tokens(self, lm, task, instances, doc_ids) -> Tensor:

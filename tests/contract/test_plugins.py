@@ -96,3 +96,12 @@ def test_third_party_encoder_shows_up_and_runs(fake_distribution, tiny_llama, tm
     assert abs(by["scale:1.0"].metrics["ce_loss_recovered"] - 1) < 1e-6
     assert by["scale:0.0"].metrics["ce_spliced"] == by["zero"].metrics["ce_spliced"]
     assert by["scale:1.0"].encoder["plugin"] == {"distribution": "saebench-scale", "version": "1.2.3"}
+
+
+@pytest.mark.parametrize("name", sorted(available(TASK_GROUP)))
+def test_task_spec_round_trips_through_a_record(name):
+    from saebench.tasks.base import TaskSpec
+
+    spec = load_plugin(TASK_GROUP, name).spec
+    assert TaskSpec.from_dict(spec.to_dict()) == spec
+    assert spec.limit_unit in ("tokens", "items") and spec.stderr_method
