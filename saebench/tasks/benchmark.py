@@ -3,7 +3,7 @@
 Each task scores items (a question, a passage) in several passes over the same data: clean,
 zero ablation, and every encoder spliced in. A pass yields `ItemScores`; `compare` turns a
 spliced pass plus the clean and zero passes into one encoder's `TaskResult`, with per-item
-details and the per-feature helpful/harmful scores of Anders & Bloom.
+details and the per-feature helpful/harmful scores of Anders & Bloom (plus a frequency-controlled one).
 """
 
 import math
@@ -169,31 +169,59 @@ def paired_bootstrap_se(a: Tensor, b: Tensor, seed: int, samples: int = BOOTSTRA
 
 
 def feature_scores(pairs: Tensor, delta: Tensor, d_latent: int) -> list[dict[str, Any]]:
-    """Helpful/harmful score of every latent active on at least one prompt (Anders & Bloom).
+    """Helpful/harmful scores of every latent active on at least one prompt.
 
-    Over the prompts where the latent is active: mean delta log p(answer), and
-    score = #(delta >= 0) - #(delta < 0).
+    Over the prompts where the latent is active: mean delta log p(answer) and Anders & Bloom's
+    count score = #(delta >= 0) - #(delta < 0). The count score mostly measures how often a latent
+    fires (a latent active on every prompt scores the global count), so beside it the
+    frequency-controlled score: mean delta where the latent is active minus mean delta where it
+    is not, with its Welch standard error (None where either side has fewer than 2 prompts; the
+    difference itself None where the latent is active on every prompt).
     """
     item, latent = pairs[:, 0], pairs[:, 1]
     d = delta.double()[item]
     count = torch.bincount(latent, minlength=d_latent)
     helped = torch.bincount(latent, weights=(d >= 0).double(), minlength=d_latent)
     total = torch.bincount(latent, weights=d, minlength=d_latent)
+    total_sq = torch.bincount(latent, weights=d * d, minlength=d_latent)
+    n_all, sum_all, sq_all = len(delta), delta.double().sum().item(), (delta.double() ** 2).sum().item()
     rows = []
     for f in count.nonzero().squeeze(1).tolist():
         n = int(count[f])
+        controlled, se = _active_minus_inactive(n, total[f].item(), total_sq[f].item(),
+                                                n_all - n, sum_all - total[f].item(), sq_all - total_sq[f].item())
         rows.append({"kind": "feature", "feature": f, "n_prompts": n, "mean_delta_logp": total[f].item() / n,
-                     "score": int(2 * helped[f].item() - n)})
+                     "score": int(2 * helped[f].item() - n), "controlled_delta_logp": controlled,
+                     "controlled_se": se})
     return rows
 
 
-def top_features(rows: list[dict[str, Any]], k: int = TOP_FEATURES) -> dict[str, list[dict[str, Any]]]:
-    """The k most helpful and k most harmful latents (by score, ties by mean delta log p)."""
-    def brief(r):
-        return {key: r[key] for key in ("feature", "score", "n_prompts", "mean_delta_logp")}
+def _active_minus_inactive(n_a: int, s_a: float, q_a: float, n_i: int, s_i: float,
+                           q_i: float) -> tuple[float | None, float | None]:
+    """Difference of two means from their counts, sums and sums of squares, and its Welch SE."""
+    if n_a == 0 or n_i == 0:
+        return None, None
+    diff = s_a / n_a - s_i / n_i
+    if n_a < 2 or n_i < 2:
+        return diff, None
+    var_a = max(q_a - s_a * s_a / n_a, 0.0) / (n_a - 1)
+    var_i = max(q_i - s_i * s_i / n_i, 0.0) / (n_i - 1)
+    return diff, math.sqrt(var_a / n_a + var_i / n_i)
 
-    ranked = sorted(rows, key=lambda r: (r["score"], r["mean_delta_logp"]))
-    return {"most_helpful": [brief(r) for r in ranked[::-1][:k]], "most_harmful": [brief(r) for r in ranked[:k]]}
+
+def top_features(rows: list[dict[str, Any]], k: int = TOP_FEATURES) -> dict[str, list[dict[str, Any]]]:
+    """The k most helpful and k most harmful latents by the frequency-controlled score.
+
+    Latents active on every prompt (no controlled score) are not ranked.
+    """
+    def brief(r):
+        return {key: r[key] for key in ("feature", "controlled_delta_logp", "controlled_se", "score", "n_prompts",
+                                        "mean_delta_logp")}
+
+    ranked = sorted((r for r in rows if r["controlled_delta_logp"] is not None),
+                    key=lambda r: (r["controlled_delta_logp"], r["score"]))
+    return {"most_helpful": [brief(r) for r in ranked[::-1][:k]], "most_harmful": [brief(r) for r in ranked[:k]],
+            "ranked_by": "controlled_delta_logp"}
 
 
 def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: Encoder, seed: int,
@@ -246,13 +274,20 @@ def feature_tables(recs) -> str:
     """The most helpful / harmful latents of each benchmark record that has them (for `saebench run`)."""
     from tabulate import tabulate
 
+    from saebench.report import fmt
+
     out = []
     for rec in recs:
         top = (rec.extra or {}).get("features")
         if not top:
             continue
+        if top.get("ranked_by") != "controlled_delta_logp":
+            continue  # a record from before the controlled score: its ranking is the count score's
         for kind in ("most_helpful", "most_harmful"):
-            rows = [(r["feature"], r["score"], r["n_prompts"], f"{r['mean_delta_logp']:.3f}") for r in top[kind]]
-            out.append(f"{rec.task['name']} / {rec.encoder['label']}: {len(rows)} {kind.replace('_', ' ')} latents\n"
-                       + tabulate(rows, headers=("latent", "score", "prompts", "mean Δlog p"), tablefmt="github"))
+            rows = [(r["feature"], fmt(r["controlled_delta_logp"], r["controlled_se"]), r["score"], r["n_prompts"],
+                     f"{r['mean_delta_logp']:.3f}") for r in top[kind]]
+            out.append(f"{rec.task['name']} / {rec.encoder['label']}: {len(rows)} {kind.replace('_', ' ')} latents, "
+                       "ranked by Δlog p where active minus where not (frequency-controlled)\n"
+                       + tabulate(rows, headers=("latent", "controlled Δlog p", "count score", "prompts",
+                                                 "mean Δlog p where active"), tablefmt="github"))
     return "\n\n".join(out)

@@ -50,8 +50,28 @@ def test_feature_scores_known_answer():
     assert rows[3]["score"] == 1 and rows[3]["n_prompts"] == 3
     assert rows[3]["mean_delta_logp"] == pytest.approx(-1 / 3)
     assert rows[5]["score"] == -1 and rows[5]["mean_delta_logp"] == pytest.approx(-2.0)
+    # controlled: latent 3 active mean -1/3, inactive: nothing (3 items, all active) -> None
+    assert rows[3]["controlled_delta_logp"] is None
+    # latent 5 active on item 1 (-2) vs inactive items 0, 2 (mean 0.5): -2.5, no SE with one active prompt
+    assert rows[5]["controlled_delta_logp"] == pytest.approx(-2.5) and rows[5]["controlled_se"] is None
     top = top_features(list(rows.values()), k=1)
-    assert top["most_helpful"][0]["feature"] == 3 and top["most_harmful"][0]["feature"] == 5
+    assert top["most_harmful"][0]["feature"] == 5 and top["ranked_by"] == "controlled_delta_logp"
+
+
+def test_controlled_score_is_welch_difference_of_means():
+    import numpy as np
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(40, generator=gen, dtype=torch.float64)
+    active = [0, 3, 4, 9, 10, 11, 20, 33]
+    pairs = torch.tensor([[i, 7] for i in active])
+    [row] = feature_scores(pairs, delta, d_latent=8)
+    a = delta[active].numpy()
+    b = np.delete(delta.numpy(), active)
+    t = stats.ttest_ind(a, b, equal_var=False)
+    assert row["controlled_delta_logp"] == pytest.approx(a.mean() - b.mean())
+    assert row["controlled_delta_logp"] / row["controlled_se"] == pytest.approx(t.statistic)
 
 
 def test_paired_bootstrap_matches_standard_error_of_paired_difference():
