@@ -151,6 +151,10 @@ class CEKLTask(Task):
         passes = _unique([zero, mean, *encoders], hp)
         cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.cache_references else None
         stored = cache.load(tokens) if cache is not None else None
+        if stored is not None and not _same_model_state(ctx, tokens, stored["acts"]):
+            cache.discard("the model's activations on the first batch differ from the stored ones (same "
+                          "model id, other weights or kernels)")
+            stored = None
         state = ctx.partial.load() or {"done": 0, "acts": [], "normed": [], "neg_entropy": [],
                                        "sums": {k: _EncoderSums(e.spec.d_latent) for k, e in passes.items()},
                                        "clean": {k: [] for k in CLEAN_SUMS}}
@@ -323,6 +327,19 @@ def _reference_key(ctx: TaskContext, cfg: CEKLConfig) -> dict[str, Any]:
             "device": torch.device(model.device).type, "hookpoint": ctx.hookpoint.name, "corpus": ctx.corpus.name,
             "seed": ctx.seed, "context_len": cfg.context_len, "tokens": cfg.tokens,
             "splice_bos": ctx.splice.splice_bos, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _same_model_state(ctx: TaskContext, tokens: Tensor, stored_acts: Tensor) -> bool:
+    """Whether the model still produces the stored activations on the first batch.
+
+    The cache key names the model by id, revision and dtype; a model object whose weights or
+    attention kernel changed under the same id (an in-process edit, a bridged copy) would
+    otherwise get another model's reference passes. Costs one pass to the hookpoint.
+    """
+    fresh = ctx.capture(tokens[:ctx.batch_size]).cpu().float()
+    old = stored_acts[:ctx.batch_size].float()
+    scale = max(1.0, old.abs().max().item())
+    return fresh.shape == old.shape and bool(torch.allclose(fresh, old, rtol=1e-3, atol=1e-3 * scale))
 
 
 def _mean_activation(acts: Tensor, tokens: Tensor, bos_id: int) -> Tensor:

@@ -78,6 +78,12 @@ class ReferenceCache:
             raise ValueError("its token ids differ from this run's (has the corpus or tokenizer changed?)")
         return tensors
 
+    def discard(self, reason: str) -> None:
+        """Delete this entry (found stale by a check the caller made), saying why in one line."""
+        print(f"saebench: cached reference passes in {self.path} are unusable ({reason}); recomputing them",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def save(self, tensors: dict[str, Tensor]) -> None:
         """Store `tensors` (must include 'tokens') atomically; a concurrent writer's entry is kept."""
         from safetensors.torch import save_file

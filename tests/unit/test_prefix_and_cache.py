@@ -80,17 +80,27 @@ def _count_layer_calls(model) -> list[int]:
 
 def test_warm_reference_cache_skips_the_reference_passes_and_gives_the_same_numbers(tiny_llama, tmp_path):
     calls = _count_layer_calls(tiny_llama)  # hookpoint layers.1.resid_pre: layer 0 below it, layer 1 above
-    cold = _ce_kl(tiny_llama, ["noisy"], tmp_path, "cold")
+    cold = _ce_kl(tiny_llama, ["noisy"], tmp_path, "cold", seed=11)  # a seed no other test uses: a cold cache
     # 3 batches. Below: one pass per batch (the first a full pass recording the batch shape).
     # Above: that full pass, its check of the suffix, and clean, zero, mean and noisy per batch.
     assert calls == [3, 2 + 4 * 3]
     calls[:] = [0, 0]
-    warm = _ce_kl(tiny_llama, ["noisy"], tmp_path, "warm")
+    warm = _ce_kl(tiny_llama, ["noisy"], tmp_path, "warm", seed=11)
     assert warm["noisy"] == cold["noisy"]
-    # warm, same process (the batch shape is known): nothing below the hookpoint runs, and above
-    # it only the noisy encoder's pass per batch (the clean logits come from the cached final-norm
-    # output through the LM head)
-    assert calls == [0, 3]
+    # warm, same process (the batch shape is known): below the hookpoint only the first batch,
+    # checking the model still gives the stored activations; above it only the noisy encoder's
+    # pass per batch (the clean logits come from the cached final-norm output and the LM head)
+    assert calls == [1, 3]
+
+
+def test_a_cache_entry_of_another_model_state_is_not_used(tiny_llama, tmp_path, capsys):
+    first = _ce_kl(tiny_llama, ["noisy"], tmp_path, "a", seed=12)
+    with torch.no_grad():  # same model id, other weights
+        tiny_llama.model.model.embed_tokens.weight.mul_(1.5)
+    changed = _ce_kl(tiny_llama, ["noisy"], tmp_path, "b", seed=12)
+    assert "activations on the first batch differ from the stored ones" in capsys.readouterr().err
+    uncached = _ce_kl(tiny_llama, ["noisy"], tmp_path, "c", seed=12, cache_references=False)
+    assert changed == uncached and changed != first
 
 
 def test_corrupt_or_partial_cache_entries_are_recomputed(tiny_llama, tmp_path, saebench_cache, capsys):
