@@ -83,10 +83,10 @@ def draw_contexts(lm: LoadedModel, n_tokens: int, batch_size: int) -> Tensor:
 
 
 def run_saebench(lm: LoadedModel, encoders: list[str], n_tokens: int, batch_size: int, out: Path,
-                 splice_bos: bool = False) -> SaebenchRun:
+                 splice_bos: bool = False, cache_references: bool = True) -> SaebenchRun:
     """Score `encoders` with saebench's ce_kl task on `lm` and return the first record's metrics."""
     config = RunConfig(limit=n_tokens, batch_size=batch_size, output_dir=out, reuse=False, progress=False,
-                       splice_bos=splice_bos)
+                       splice_bos=splice_bos, cache_references=cache_references)
     start = time.perf_counter()
     records = evaluate(lm, encoders, ["ce_kl"], config)
     wall = time.perf_counter() - start
@@ -376,8 +376,10 @@ def matched_chain(lm: LoadedModel, tap: Tap, special: list[int], n_sub: int, bat
     n = n_sub * 128
     if not torch.equal(draw_contexts(lm, n, 1), torch.cat(tap.tokens)[:n_sub]):
         raise RuntimeError("saebench's contexts for the subset are not a prefix of the full run's")
-    s1 = run_saebench(lm, ["sae:default"], n, batch_size, out / "s1")
-    s2 = run_saebench(lm, ["zero"], n, batch_size, out / "s2", splice_bos=True)
+    # The bridged model runs eager attention under the same model id: its reference passes are
+    # not the plain model's, so they are neither read from nor written to saebench's cache.
+    s1 = run_saebench(lm, ["sae:default"], n, batch_size, out / "s1", cache_references=False)
+    s2 = run_saebench(lm, ["zero"], n, batch_size, out / "s2", splice_bos=True, cache_references=False)
     # The original model object is bridged by now: S0 on the subset uses a fresh copy of the same weights.
     s0 = run_saebench(load_model(MODEL), ["sae:default"], n, batch_size, out / "s0sub")
     print(f"[subset runs done: S1 {s1.wall_s:.1f}s, S2 {s2.wall_s:.1f}s, S0 {s0.wall_s:.1f}s]", flush=True)

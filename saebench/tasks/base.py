@@ -10,7 +10,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
@@ -132,7 +131,6 @@ class TaskContext:
     """Warnings raised while the task ran; stored in each record's extra.warnings."""
     _forward: HookpointForward | None = None
     _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
-    _eval_tokens: Tensor | None = None
     _mean: Tensor | None = None
 
     def contexts(self, n_tokens: int, context_len: int) -> Tensor:
@@ -170,33 +168,15 @@ class TaskContext:
         """(batch, seq, d_in) activations at the hookpoint; the layers above it are not run."""
         return self.forward.capture(tokens)
 
-    def set_eval_tokens(self, tokens: Tensor) -> None:
-        """Declare the evaluation contexts that activation_mean() averages over."""
-        if self._eval_tokens is None or not torch.equal(self._eval_tokens, tokens):
-            self._eval_tokens = tokens
-            self._mean = None
-
-    def set_activation_mean(self, tokens: Tensor, mean: Tensor) -> None:
-        """Declare the evaluation contexts together with their already computed (d_in,) mean activation."""
-        self._eval_tokens, self._mean = tokens, mean
+    def set_activation_mean(self, mean: Tensor) -> None:
+        """Declare the (d_in,) mean activation over the task's evaluation tokens (sinks excluded)."""
+        self._mean = mean
 
     def activation_mean(self) -> Tensor:
         """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""
-        if self._eval_tokens is None:
+        if self._mean is None:
             raise SaebenchError("this task has no evaluation corpus to take a mean activation over, so the "
                                 "'mean' encoder cannot run here; use it with ce_kl")
-        if self._mean is None:
-            tokens = self._eval_tokens
-            total = torch.zeros(self.model.d_model, dtype=torch.float64)
-            count = 0
-            for start in tqdm(range(0, len(tokens), self.batch_size), desc=f"mean activation {self.hookpoint.name}",
-                              unit="batch", disable=not self.progress):
-                batch = tokens[start:start + self.batch_size]
-                acts = self.capture(batch).double().cpu()
-                use = ~sink_mask(batch, self.model.bos_id)
-                total += acts[use].sum(0)
-                count += int(use.sum())
-            self._mean = (total / max(count, 1)).float()
         return self._mean
 
 

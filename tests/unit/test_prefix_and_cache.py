@@ -160,3 +160,9 @@ def test_a_suffix_that_disagrees_with_the_full_pass_is_switched_off(tiny_llama, 
     acts = fwd.capture(ids)
     assert not fwd.reuse_prefix and "changed the logits" in notices[0]
     assert torch.equal(fwd.resume(acts, ids).logits, tiny_llama.model(ids, use_cache=False).logits)
+
+
+def test_a_cache_entry_serves_a_run_without_prefix_reuse(tiny_llama, tmp_path):
+    with_reuse = _ce_kl(tiny_llama, ["noisy"], tmp_path, "a", seed=13)  # stores the final-norm output too
+    without = _ce_kl(tiny_llama, ["noisy"], tmp_path, "b", seed=13, reuse_prefix=False)  # warm, full passes
+    assert without == with_reuse
