@@ -1,10 +1,13 @@
 """evaluate(): the one entry point the CLI and the tests both call."""
 
+import fcntl
 import inspect
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,19 +236,49 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
             todo.append((enc, cfg, chash, path))
     if todo:
         run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo)})
-        ctx.partial = PartialStore(Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt")
-        start = time.monotonic()
-        results = task.run(ctx, [enc for enc, *_ in todo])
-        seconds = time.monotonic() - start
-        for enc, cfg, chash, path in todo:
-            rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds, len(todo),
-                          config)
-            if ctx.warnings:
-                rec.extra["warnings"] = list(ctx.warnings)
-            _write(path, rec, results[enc.spec.label])
-            done[enc.spec.label] = rec
-        ctx.partial.clear()
+        partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
+        with _exclusive(partial.with_suffix(".lock"), task.spec.name):
+            finished = {enc.spec.label: rec for enc, _, _, path in todo
+                        if config.reuse and (rec := records.read_record(path)) is not None}
+            if len(finished) == len(todo):  # another run wrote them while this one waited
+                done |= finished
+            else:
+                ctx.partial = PartialStore(partial)
+                start = time.monotonic()
+                results = task.run(ctx, [enc for enc, *_ in todo])
+                seconds = time.monotonic() - start
+                for enc, cfg, chash, path in todo:
+                    rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds,
+                                  len(todo), config)
+                    if ctx.warnings:
+                        rec.extra["warnings"] = list(ctx.warnings)
+                    _write(path, rec, results[enc.spec.label])
+                    done[enc.spec.label] = rec
+                ctx.partial.clear()
     return [done[enc.spec.label] for enc in encoders]
+
+
+@contextmanager
+def _exclusive(lock: Path, what: str):
+    """Hold an exclusive lock on `lock` (waiting for it): one run at a time computes a given set of records.
+
+    Two runs writing into one output folder never share partial state: runs of other tasks or
+    encoders take other locks and go on side by side; a run of the same records waits, then
+    reuses what the first one wrote. The lock files are empty and left in place (removing them
+    would let a third run lock a new file while a second still holds the old one).
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"saebench: another run is computing the same {what} records in {lock.parent.parent}; "
+                  "waiting for it to finish", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dict, chash: str,

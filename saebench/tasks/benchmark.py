@@ -6,12 +6,15 @@ spliced pass plus the clean and zero passes into one encoder's `TaskResult`, wit
 details and the per-feature helpful/harmful scores of Anders & Bloom (plus a frequency-controlled one).
 """
 
+import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saebench.encoders.base import Codes, Encoder, SparseCodes, dense
 from saebench.encoders.baselines import ZeroEncoder
@@ -58,6 +61,54 @@ class ItemScores:
     """(pairs, 2) unique (item, latent) pairs: latent active in the item's last FEATURE_WINDOW prompt positions."""
     aggregates: dict[str, float | None] = field(default_factory=dict)
     """Task-level metrics of this pass (e.g. lm-eval's perplexity)."""
+    per_item: dict[str, list] = field(default_factory=dict)
+    """Per-item values the aggregates are computed from (e.g. lm-eval's process_results)."""
+
+
+CHECKPOINT_ITEMS = 256
+"""Items per checkpoint of a benchmark pass: each chunk of a pass is saved once finished, and an
+interrupted run recomputes only unfinished chunks. Uninterrupted runs use the same chunks, so
+a resumed run's numbers equal an uninterrupted one's exactly."""
+
+
+def concat_scores(parts: list[ItemScores]) -> ItemScores:
+    """Scores of consecutive chunks of items as one pass (features renumbered to global items)."""
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part.correct))
+    feats = None
+    if parts and parts[0].features is not None:
+        feats = torch.cat([p.features + torch.tensor([off, 0]) for p, off in zip(parts, offsets)])
+    per_item: dict[str, list] = {}
+    for part in parts:
+        for name, values in part.per_item.items():
+            per_item.setdefault(name, []).extend(values)
+    return ItemScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("correct", "logp", "ce_sum", "ce_count")),
+                      feats, {}, per_item)
+
+
+def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Callable[[range], ItemScores],
+                   desc: str) -> ItemScores:
+    """One pass over n items in chunks of CHECKPOINT_ITEMS, each saved to ctx.partial once done.
+
+    Args:
+        name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
+        score_chunk: scores items `range` (a chunk), with item numbers in its result counted
+            from the chunk's start.
+    """
+    key = hashlib.sha256(name.encode()).hexdigest()[:12]
+    parts = []
+    with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.progress) as bar:
+        for start in range(0, n_items, CHECKPOINT_ITEMS):
+            items = range(start, min(start + CHECKPOINT_ITEMS, n_items))
+            piece_name = f"{key}-{items.start}-{items.stop}"
+            part = ctx.partial.load_piece(piece_name)
+            if part is None:
+                part = score_chunk(items)
+                ctx.partial.save_piece(piece_name, part)
+            parts.append(part)
+            bar.update(len(items))
+    return concat_scores(parts)
 
 
 def benchmark_passes(ctx: TaskContext, encoders: list[Encoder]) -> dict[str, Encoder | None]:

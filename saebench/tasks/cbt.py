@@ -15,15 +15,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      PromptRecorder,
-                                      benchmark_passes, compare)
+                                      PromptRecorder, benchmark_passes, compare, resumable_pass)
 from saebench.tasks.lm_eval_task import file_sha256
 
 BLANK = "XXXXX"
@@ -123,19 +121,24 @@ class CBTTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         questions = load_questions(self.subset, self.data_file)[:ctx.limit]
         tokenized = [self._tokenize(ctx, q) for q in questions]
-        scores = {}
-        for label, enc in benchmark_passes(ctx, encoders).items():
-            recorder = PromptRecorder(len(questions), ctx.model.bos_id, enc is not None and enc.has_latents)
-            correct, logp = torch.zeros(len(questions)), torch.zeros(len(questions), dtype=torch.float64)
-            bar = tqdm(tokenized, desc=f"cbt_{self.subset} {label}", disable=not ctx.progress)
-            for k, (q, (ctx_ids, cont_ids)) in enumerate(zip(questions, bar)):
-                ll = self._score(ctx, enc, recorder, k, ctx_ids, cont_ids)
-                gold = q.candidates.index(q.answer)
-                correct[k], logp[k] = float(int(ll.argmax()) == gold), ll[gold].item()
-            scores[label] = ItemScores(correct, logp, recorder.ce_sum, recorder.ce_count, recorder.features())
+        scores = {label: resumable_pass(ctx, label, len(questions),
+                                        lambda chunk, enc=enc: self._score_items(ctx, enc, questions, tokenized, chunk),
+                                        f"cbt_{self.subset} {label}")
+                  for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
         return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.seed, items)
                 for e in encoders}
+
+    def _score_items(self, ctx: TaskContext, enc: Encoder | None, questions: list[CBTQuestion],
+                     tokenized: list[tuple[list[int], list[list[int]]]], chunk: range) -> ItemScores:
+        """One pass over the questions in `chunk` (items numbered from the chunk's start)."""
+        recorder = PromptRecorder(len(chunk), ctx.model.bos_id, enc is not None and enc.has_latents)
+        correct, logp = torch.zeros(len(chunk)), torch.zeros(len(chunk), dtype=torch.float64)
+        for k, i in enumerate(chunk):
+            ll = self._score(ctx, enc, recorder, k, *tokenized[i])
+            gold = questions[i].candidates.index(questions[i].answer)
+            correct[k], logp[k] = float(int(ll.argmax()) == gold), ll[gold].item()
+        return ItemScores(correct, logp, recorder.ce_sum, recorder.ce_count, recorder.features())
 
     @staticmethod
     def _tokenize(ctx: TaskContext, q: CBTQuestion) -> tuple[list[int], list[list[int]]]:

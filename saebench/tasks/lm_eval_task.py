@@ -19,8 +19,7 @@ from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      PromptRecorder,
-                                      benchmark_passes, compare)
+                                      PromptRecorder, benchmark_passes, compare, resumable_pass)
 
 
 @dataclass(frozen=True)
@@ -210,20 +209,32 @@ class LMEvalTask(Task):
             raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} makes {', '.join(sorted(bad))} requests; "
                                 "saebench splices loglikelihood and multiple-choice tasks only")
         doc_ids = sorted({i.doc_id for i in instances})
-        item_of = {d: k for k, d in enumerate(doc_ids)}
+        rows_of: dict[int, list[int]] = {}
+        for r, inst in enumerate(instances):
+            rows_of.setdefault(inst.doc_id, []).append(r)
         lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
         lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
-        scores = {}
-        for label, enc in benchmark_passes(ctx, encoders).items():
-            obs = _RequestObserver([item_of[i.doc_id] for i in instances], len(doc_ids), ctx.model.bos_id,
-                                   lm.max_length, enc is not None and enc.has_latents, first)
+
+        def score_chunk(chunk: range, enc: Encoder | None) -> ItemScores:
+            """One pass over the documents in `chunk`: lm-eval answers their requests in one call."""
+            docs = doc_ids[chunk.start:chunk.stop]
+            local = {d: k for k, d in enumerate(docs)}
+            insts = [instances[r] for d in docs for r in rows_of[d]]
+            obs = _RequestObserver([local[i.doc_id] for i in insts], len(docs), ctx.model.bos_id, lm.max_length,
+                                   enc is not None and enc.has_latents,
+                                   None if first is None else first[chunk.start:chunk.stop])
             lm.encoder, lm.observer = enc, obs
             try:
-                resps = lm.loglikelihood(instances, disable_tqdm=not ctx.progress)
+                resps = lm.loglikelihood(insts, disable_tqdm=True)
             finally:
                 lm.encoder, lm.observer = None, None
-            scores[label] = self._scores(task, instances, resps, doc_ids, obs)
+            return self._scores(task, insts, resps, docs, obs)
+
+        scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
+                                                              lambda chunk, enc=enc: score_chunk(chunk, enc),
+                                                              f"{self.spec.name} {label}"))
+                  for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}
         return {e.spec.label: self._lift(compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.seed,
@@ -234,7 +245,7 @@ class LMEvalTask(Task):
         return None
 
     def _scores(self, task, instances, resps, doc_ids, obs: _RequestObserver) -> ItemScores:
-        """Per-document lm-eval metrics of one pass, aggregated the way lm-eval does."""
+        """Per-document lm-eval metrics of one chunk of a pass (`_aggregate` combines the chunks)."""
         obs.copy_aliases()
         by_doc: dict[int, list[int]] = {}
         for r, inst in enumerate(instances):
@@ -252,10 +263,15 @@ class LMEvalTask(Task):
                 raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} reports no 'acc' metric")
             correct[k] = float(result["acc"])
             logp[k] = resps[rows[self._gold_index(task, doc, len(rows), d)]][0]
+        return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), per_item=per_metric)
+
+    @staticmethod
+    def _aggregate(task, scores: ItemScores) -> ItemScores:
+        """lm-eval's own aggregation of its per-document metrics over the whole pass (besides acc)."""
         aggregation = task.aggregation()
-        aggregates = {name: float(aggregation[name](values)) for name, values in per_metric.items()
-                      if name in aggregation and name != "acc"}
-        return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), aggregates)
+        scores.aggregates = {name: float(aggregation[name](values)) for name, values in scores.per_item.items()
+                             if name in aggregation and name != "acc"}
+        return scores
 
     @staticmethod
     def _gold_index(task, doc, n_choices: int, doc_id: int = -1) -> int:
@@ -320,6 +336,12 @@ class LambadaFirstTokenTask(LambadaTask):
 
     def _scores(self, task, instances, resps, doc_ids, obs: _RequestObserver) -> ItemScores:
         scores = super()._scores(task, instances, resps, doc_ids, obs)
-        scores.aggregates["lm_eval_acc"] = scores.correct.double().mean().item() if len(doc_ids) else None
         scores.correct, scores.logp = obs.first_correct.clone(), obs.first_logp.clone()
+        return scores
+
+    @staticmethod
+    def _aggregate(task, scores: ItemScores) -> ItemScores:
+        scores = LMEvalTask._aggregate(task, scores)
+        acc = scores.per_item.get("acc", [])
+        scores.aggregates["lm_eval_acc"] = sum(map(float, acc)) / len(acc) if acc else None
         return scores

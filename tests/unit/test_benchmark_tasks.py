@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,69 @@ def test_a_failing_lm_eval_hook_says_so_when_saebench_is_asked_for(tmp_path):
     assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
     assert "could not register `--model saebench` with lm-eval" in out.stderr
     assert "RuntimeError: registry moved" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _child_args(tiny, task, data, output, kill_after=0, pause=0.0) -> dict:
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {"args": [sys.executable, "-m", "tests.unit.resume_child", str(tiny["path"]), task, str(data),
+                     str(output), str(kill_after), str(pause)],
+            "env": env, "cwd": Path(__file__).resolve().parents[2], "text": True}
+
+
+def _child(tiny, task, data, output, kill_after=0):
+    return subprocess.run(**_child_args(tiny, task, data, output, kill_after), capture_output=True, timeout=600)
+
+
+def _numbers(output: Path) -> list[float]:
+    """Every metric, standard error and per-item detail value of the records under `output`, in order."""
+    out = []
+    for path in sorted(output.rglob("*.json")):
+        rec = json.loads(path.read_text())
+        for part in ("metrics", "stderr"):
+            out += [v for _, v in sorted(rec[part].items()) if isinstance(v, float)]
+        details = path.with_suffix(".details.jsonl")
+        if details.exists():
+            for line in details.read_text().splitlines():
+                out += [v for _, v in sorted(json.loads(line).items()) if isinstance(v, float)]
+    return out
+
+
+@pytest.mark.parametrize("task,kill_after", [("lambada", 9), ("cbt_cn", 5), ("ce_kl", 7)])
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny, tmp_path, task, kill_after):
+    data = (write_lambada(tmp_path / "lambada.jsonl", 24) if task == "lambada" else
+            write_cbt(tmp_path / "cbt.txt", 12) if task == "cbt_cn" else None)
+    killed = _child(tiny, task, data, tmp_path / "a", kill_after)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not list((tmp_path / "a").rglob("*.json"))  # no record, half-written or otherwise
+    resumed = _child(tiny, task, data, tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    fresh = _child(tiny, task, data, tmp_path / "b")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    n_resumed, n_fresh = (int(p.stdout.split(":")[-1]) for p in (resumed, fresh))
+    assert n_resumed == n_fresh - kill_after  # what was checkpointed was not recomputed
+    assert not list((tmp_path / "a").rglob("*.pt"))  # checkpoints cleared once the records exist
+    a, b = _numbers(tmp_path / "a"), _numbers(tmp_path / "b")
+    assert len(a) == len(b) > 20
+    assert max(abs(x - y) for x, y in zip(a, b)) == 0.0
+
+
+def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path):
+    """A second run of the same records waits for the first and reuses them; another task runs alongside."""
+    lambada, cbt = write_lambada(tmp_path / "lambada.jsonl", 24), write_cbt(tmp_path / "cbt.txt", 8)
+    out = tmp_path / "shared"
+    first = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out, pause=4.0), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("*.pieces/*.pt")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    same = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    other = subprocess.Popen(**_child_args(tiny, "cbt_cn", cbt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outputs = [p.communicate(timeout=600) for p in (first, same, other)]
+    assert [p.returncode for p in (first, same, other)] == [0, 0, 0], [o[1][-2000:] for o in outputs]
+    assert "waiting for it to finish" in outputs[1][1]
+    assert outputs[1][0].strip() == "checkpoints written: 0"  # it reused the first run's records
+    assert sorted(p.parent.name for p in out.rglob("*.json")) == ["cbt", "lambada"]
+    for task, data in (("lambada", lambada), ("cbt_cn", cbt)):
+        assert _child(tiny, task, data, tmp_path / task).returncode == 0
+    assert _numbers(out) == _numbers(tmp_path / "cbt_cn") + _numbers(tmp_path / "lambada")
