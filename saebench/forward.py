@@ -13,19 +13,25 @@ different masks) and checks that the suffix reproduces the full pass's logits; l
 that shape reuse the arguments. Where the suffix cannot be run (an architecture without a known
 final norm and head) or does not reproduce the full pass, a one-line notice is printed and
 `resume` runs the full model with the hookpoint replaced instead: slower, same numbers.
+
+Hookpoints inside a layer (attn_out, mlp_out) resume at that layer's input: the layer runs in
+full with its attention or MLP output replaced, then the layers above it. The layer's clean
+input comes from the last capture of the same tokens, else from one prefix pass per batch
+(shared by every encoder resumed on that batch).
 """
 
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saebench.models import LoadedModel, Hookpoint
-from saebench.splice import StopForward, check_finite, hook_at
+from saebench.models import Hookpoint, LoadedModel
+from saebench.splice import StopForward, check_finite, hook_at, module_input
 
 # Final norm of each architecture family, keyed by where its layers live (models.LAYER_PATHS).
 # The output embedding is the model's own get_output_embeddings(); Gemma-2 also soft-caps its
@@ -82,7 +88,7 @@ class HookpointForward:
 
     Args:
         model: the subject model.
-        hookpoint: a residual-stream hookpoint of it.
+        hookpoint: a hookpoint of it (residual stream, or attn_out / mlp_out inside a layer).
         reuse_prefix: run only the layers above the hookpoint when resuming (False: always the
             full model, with the hookpoint's activation replaced).
         notice: where one-line notices go (default: stderr).
@@ -92,8 +98,11 @@ class HookpointForward:
                  notice: Callable[[str], None] | None = None):
         self.model, self.hookpoint = model, hookpoint
         self.layers = model.layers()
-        # resid_post of layer L is the input of layer L+1 (or of the final norm after the last layer)
+        # resid_post of layer L is the input of layer L+1 (or of the final norm after the last layer);
+        # resid_pre, attn_out and mlp_out of layer L resume at layer L's input
         self.start = hookpoint.layer + (1 if hookpoint.kind == "resid_post" else 0)
+        self._layer_input: tuple[Tensor, Tensor] | None = None
+        """(token ids, clean input of layer `start`) of the last batch seen, for inside-layer hookpoints."""
         self._notice = notice or (lambda msg: print(f"saebench: {msg}", file=sys.stderr, flush=True))
         self.head = LMHead.of(model.model, self.layers) if reuse_prefix else None
         self.reuse_prefix = reuse_prefix
@@ -121,13 +130,46 @@ class HookpointForward:
             box.append(hidden.detach())
             raise StopForward
 
-        with hook_at(self.hookpoint, grab):
+        with self._keeping_layer_input(ids), hook_at(self.hookpoint, grab):
             try:
                 self.model.model(ids, use_cache=False)
             except StopForward:
                 pass
         check_finite(box[0], f"the model's activations at {self.hookpoint.name}")
         return box[0]
+
+    @contextmanager
+    def _keeping_layer_input(self, ids: Tensor) -> Iterator[None]:
+        """For inside-layer hookpoints: keep the clean input of layer `start` seen during the block."""
+        if not self.hookpoint.inside_layer:
+            yield
+            return
+
+        def keep(module, args, kwargs):
+            self._layer_input = (ids, module_input(args, kwargs).detach())
+
+        handle = self.layers[self.start].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _clean_layer_input(self, ids: Tensor) -> Tensor:
+        """Clean input of layer `start` for `ids`: kept from the last pass over them, else a prefix pass."""
+        if self._layer_input is None or not torch.equal(self._layer_input[0], ids):
+            def stop(module, args, kwargs):
+                raise StopForward
+
+            with self._keeping_layer_input(ids):
+                handle = self.layers[self.start].register_forward_pre_hook(stop, with_kwargs=True)
+                try:
+                    self.model.model(ids, use_cache=False)
+                except StopForward:
+                    pass
+                finally:
+                    handle.remove()
+        assert self._layer_input is not None
+        return self._layer_input[1]
 
     def _record_shape(self, ids: Tensor) -> Tensor:
         """Full clean pass recording every layer's arguments above the hookpoint; checks the suffix."""
@@ -139,7 +181,7 @@ class HookpointForward:
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers[self.start:]]
         try:
-            with hook_at(self.hookpoint, lambda h: seen.append(h.detach()) or None):
+            with self._keeping_layer_input(ids), hook_at(self.hookpoint, lambda h: seen.append(h.detach()) or None):
                 logits = self.model.model(ids, use_cache=False).logits
         finally:
             for handle in handles:
@@ -151,7 +193,7 @@ class HookpointForward:
                           "call each decoder layer once; every spliced pass runs the full model")
             return acts
         self._layer_args[tuple(ids.shape)] = recorded
-        suffix = self._suffix(acts).logits
+        suffix = self._suffix(acts, ids).logits
         scale = max(1.0, logits.abs().max().item())
         diff = (suffix.float() - logits.float()).abs().max().item()
         if diff > 8 * torch.finfo(logits.dtype).eps * scale:
@@ -170,17 +212,21 @@ class HookpointForward:
         if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
             self._record_shape(ids)
         if self.reuse_prefix:
-            return self._suffix(hidden)
+            return self._suffix(hidden, ids)
         with hook_at(self.hookpoint, lambda _: hidden):
             return ForwardOutput(self.model.model(ids, use_cache=False).logits, None)
 
-    def _suffix(self, hidden: Tensor) -> ForwardOutput:
+    def _suffix(self, hidden: Tensor, ids: Tensor) -> ForwardOutput:
         assert self.head is not None
         args = self._layer_args[tuple(hidden.shape[:2])]
-        h = hidden
-        for layer, (extra, kwargs) in zip(self.layers[self.start:], args):
-            out = layer(h, *extra, **kwargs)
-            h = out if isinstance(out, Tensor) else out[0]
+        if self.hookpoint.inside_layer:  # layer `start` runs from its clean input, its sub-layer output replaced
+            h, replace = self._clean_layer_input(ids), hook_at(self.hookpoint, lambda _: hidden)
+        else:
+            h, replace = hidden, nullcontext()
+        with replace:
+            for layer, (extra, kwargs) in zip(self.layers[self.start:], args):
+                out = layer(h, *extra, **kwargs)
+                h = out if isinstance(out, Tensor) else out[0]
         normed = self.head.norm(h)
         return ForwardOutput(self.head.logits(normed), normed)
 

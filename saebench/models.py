@@ -1,8 +1,10 @@
 """Subject models: load any HF causal LM, name its hookpoints uniformly, and the embedded default.
 
-Hookpoints are named ``layers.{i}.resid_pre`` (the residual stream entering decoder layer i)
-and ``layers.{i}.resid_post`` (leaving it). TransformerLens / sae-lens names
-(``blocks.{i}.hook_resid_pre``) are accepted as aliases, so sae-lens SAEs map directly.
+Hookpoints are named ``layers.{i}.resid_pre`` (the residual stream entering decoder layer i),
+``layers.{i}.resid_post`` (leaving it), ``layers.{i}.attn_out`` and ``layers.{i}.mlp_out`` (what
+layer i's attention and MLP add to the residual stream). TransformerLens / sae-lens names
+(``blocks.{i}.hook_resid_pre``, ``blocks.{i}.hook_mlp_out``) are accepted as aliases, so
+sae-lens SAEs map directly.
 """
 
 import importlib.metadata
@@ -21,7 +23,25 @@ from torch import nn
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.presets import load_presets
 
-HOOKPOINT_RE = re.compile(r"^(?:layers|blocks)\.(\d+)\.(?:hook_)?(resid_pre|resid_post)$")
+HOOKPOINT_RE = re.compile(r"^(?:layers|blocks)\.(\d+)\.(?:hook_)?(resid_pre|resid_post|attn_out|mlp_out)$")
+RESIDUAL_KINDS = ("resid_pre", "resid_post")
+SUBLAYER_KINDS = ("attn_out", "mlp_out")
+
+# Per model type, the submodules of a decoder layer whose outputs are what its attention and
+# its MLP add to the residual stream: TransformerLens's hook_attn_out / hook_mlp_out, so
+# after Gemma-2's post-norms (whose `post_attention_layernorm` is a post-norm, while Llama's
+# and Gemma-1's of the same name is the MLP's pre-norm). Checked against the residual stream
+# for each family in tests/unit/test_hookpoints.py. No entry: only residual hookpoints.
+SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {
+    "llama": ("self_attn", "mlp"),
+    "mistral": ("self_attn", "mlp"),
+    "qwen2": ("self_attn", "mlp"),
+    "qwen3": ("self_attn", "mlp"),
+    "gemma": ("self_attn", "mlp"),
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt2": ("attn", "mlp"),
+    "gpt_neox": ("attention", "mlp"),
+}
 
 # Where decoder layers live, per architecture family (attribute path from the CausalLM).
 LAYER_PATHS = (
@@ -71,14 +91,20 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Hookpoint:
-    """A named place in the residual stream, resolved to the module whose hook reaches it."""
+    """A named place in the model, resolved to the module whose hook reaches it."""
 
     name: str
     """Canonical name, e.g. 'layers.15.resid_post'."""
     layer: int
-    kind: Literal["resid_pre", "resid_post"]
+    kind: Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
     module: nn.Module
-    """The decoder layer: resid_pre is its input, resid_post its output."""
+    """resid_pre: the decoder layer (its input); resid_post: the decoder layer (its output);
+    attn_out / mlp_out: the submodule of the layer whose output is that contribution."""
+
+    @property
+    def inside_layer(self) -> bool:
+        """True for attn_out / mlp_out: the activation is made inside decoder layer `layer`."""
+        return self.kind in SUBLAYER_KINDS
 
     @property
     def transformer_lens_name(self) -> str:
@@ -120,7 +146,12 @@ class LoadedModel:
 
     def hookpoint_names(self) -> list[str]:
         n = len(self.layers())
-        return [f"layers.{i}.{kind}" for kind in ("resid_pre", "resid_post") for i in range(n)]
+        kinds = RESIDUAL_KINDS + (SUBLAYER_KINDS if self.model_type in SUBLAYER_OUTPUTS else ())
+        return [f"layers.{i}.{kind}" for kind in kinds for i in range(n)]
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.model.config, "model_type", type(self.model).__name__))
 
     def hookpoint(self, name: str) -> Hookpoint:
         """Resolve a hookpoint name; unknown names list the valid ones."""
@@ -128,12 +159,19 @@ class LoadedModel:
         match = HOOKPOINT_RE.match(name)
         if not match or int(match.group(1)) >= len(layers):
             last = len(layers) - 1
-            raise SaebenchError(
-                f"model {self.name!r} has no hookpoint {name!r}; valid hookpoints are "
-                f"layers.0.resid_pre .. layers.{last}.resid_pre and layers.0.resid_post .. layers.{last}.resid_post"
-            )
+            valid = " and ".join(f"layers.0.{k} .. layers.{last}.{k}" for k in RESIDUAL_KINDS)
+            if self.model_type in SUBLAYER_OUTPUTS:
+                valid = ", ".join(f"layers.0.{k} .. layers.{last}.{k}" for k in RESIDUAL_KINDS + SUBLAYER_KINDS)
+            raise SaebenchError(f"model {self.name!r} has no hookpoint {name!r}; valid hookpoints are {valid}")
         layer, kind = int(match.group(1)), match.group(2)
-        return Hookpoint(f"layers.{layer}.{kind}", layer, kind, layers[layer])
+        module = layers[layer]
+        if kind in SUBLAYER_KINDS:
+            if self.model_type not in SUBLAYER_OUTPUTS:
+                raise SaebenchError(f"model {self.name!r} (model type {self.model_type!r}): saebench does not know "
+                                    f"which of its modules give {kind}; it knows {', '.join(SUBLAYER_OUTPUTS)}. "
+                                    "Residual hookpoints (resid_pre, resid_post) work for every model")
+            module = getattr(module, SUBLAYER_OUTPUTS[self.model_type][SUBLAYER_KINDS.index(kind)])
+        return Hookpoint(f"layers.{layer}.{kind}", layer, kind, module)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -1,8 +1,10 @@
 """Hooks at a hookpoint: read the activation, or replace it with an encoder's reconstruction.
 
-resid_pre is the input of a decoder layer (a forward pre-hook), resid_post its output (a
-forward hook). Layer outputs are a tensor in transformers 5 and a tuple in older versions;
-both are handled. Hooks are removed when the ``with`` block ends, exceptions included.
+resid_pre is the input of a decoder layer (a forward pre-hook), resid_post its output, and
+attn_out / mlp_out the output of the layer's attention or MLP submodule (forward hooks).
+Outputs are a tensor or a tuple whose first entry is the hidden state (layers in older
+transformers, attention modules); both are handled. Hooks are removed when the ``with``
+block ends, exceptions included.
 """
 
 from collections.abc import Callable, Iterator
@@ -41,9 +43,14 @@ def sink_mask(token_ids: Tensor, bos_id: int) -> Tensor:
     return mask
 
 
+def module_input(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden-state input of a decoder layer call, from a forward pre-hook's arguments."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _get(args: tuple, kwargs: dict, output, pre: bool) -> Tensor:
     if pre:
-        return args[0] if args else kwargs["hidden_states"]
+        return module_input(args, kwargs)
     return output if isinstance(output, Tensor) else output[0]
 
 

@@ -7,6 +7,7 @@ Spec forms:
 """
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,24 @@ class SAELensEncoder(Encoder):
         match = HOOKPOINT_RE.match(hook_name or "")
         hookpoint = f"layers.{match.group(1)}.{match.group(2)}" if match else None
         if hookpoint is None and hook_name:
-            # never splice an SAE somewhere else than where it was trained: an MLP-output SAE has
-            # the residual stream's width, so a width check could not catch it
-            raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot splice "
-                                "(it splices the residual stream: blocks.{i}.hook_resid_pre / hook_resid_post)")
-        if hookpoint and build.hookpoint and build.model.hookpoint(build.hookpoint).name != hookpoint:
-            raise SaebenchError(f"SAE {arg!r} was trained at {hookpoint} but --hookpoint is {build.hookpoint}")
+            # never splice an SAE somewhere else than where it was trained: an MLP-input or
+            # attention-z SAE may have the residual stream's width, so a width check could not catch it
+            raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot splice (it "
+                                "splices blocks.{i}.hook_resid_pre, hook_resid_post, hook_attn_out and hook_mlp_out)")
+        if hookpoint:
+            hookpoint = build.model.hookpoint(hookpoint).name  # the model must have it (layer, known modules)
+        if hookpoint and build.hookpoint:
+            asked = build.model.hookpoint(build.hookpoint)
+            trained_kind = hookpoint.rsplit(".", 1)[1]
+            if asked.kind != trained_kind:
+                raise SaebenchError(f"SAE {arg!r} was trained at {hook_name} ({trained_kind}) but --hookpoint is "
+                                    f"{build.hookpoint} ({asked.kind}); --hookpoint may move an SAE to another layer "
+                                    "only at the same kind of hookpoint")
+            if asked.name != hookpoint:
+                print(f"saebench: SAE {arg!r} was trained at {hookpoint}; splicing it at {asked.name} as "
+                      "--hookpoint asks", file=sys.stderr)
+                provenance = provenance | {"trained_at": hookpoint}
+            hookpoint = asked.name
         return cls(sae, arg, hookpoint or build.hookpoint, provenance)
 
     @property

@@ -1,5 +1,6 @@
 """Bad input: one line on stderr, exit code 2, no traceback, no result file."""
 
+import json
 import subprocess
 import sys
 
@@ -124,17 +125,35 @@ def test_corrupt_record_is_named_by_the_leaderboard(tiny_llama, tmp_path, capsys
     assert "broken.json: not readable JSON" in err and "1 unusable files skipped" in err
 
 
-def test_sae_trained_off_the_residual_stream_is_refused(tiny_llama_dir, tmp_path, capsys):
+def _sae_at(folder, hook_name):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    sae_dir = tmp_path / "mlp_out_sae"
-    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_mlp_out"))
-                ).save_model(sae_dir)
+    torch.manual_seed(0)
+    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name=hook_name))).save_model(folder)
+    return folder
+
+
+def test_an_mlp_out_sae_is_spliced_at_mlp_out_and_refused_at_a_residual_hookpoint(tiny_llama_dir, tmp_path, capsys):
+    sae_dir = _sae_at(tmp_path / "mlp_out_sae", "blocks.1.hook_mlp_out")
     out = tmp_path / "runs"
     code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl",
                          "--hookpoint", "layers.1.resid_pre"], capsys, out)
-    assert_clean_failure(code, err, out, "was trained at 'blocks.1.hook_mlp_out', which saebench cannot splice")
+    assert_clean_failure(code, err, out, "trained at blocks.1.hook_mlp_out (mlp_out) but --hookpoint is "
+                                         "layers.1.resid_pre (resid_pre)")
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl",
+                         "--limit", "512", "--context-len", "32"], capsys, out)
+    assert code == 0, err
+    rec = json.loads(next(out.rglob("*.json")).read_text())
+    assert rec["hookpoint"] == "layers.1.mlp_out" and rec["metrics"]["ce_loss_recovered"] is not None
+
+
+def test_an_sae_at_a_hook_saebench_cannot_splice_is_refused(tiny_llama_dir, tmp_path, capsys):
+    sae_dir = _sae_at(tmp_path / "mlp_in_sae", "blocks.1.hook_mlp_in")
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"sae:{sae_dir}", "--task", "ce_kl"],
+                        capsys, out)
+    assert_clean_failure(code, err, out, "was trained at 'blocks.1.hook_mlp_in', which saebench cannot splice")
 
 
 def test_data_file_goes_only_to_the_tasks_that_take_it(tiny_llama_dir, tmp_path, capsys):

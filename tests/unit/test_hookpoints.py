@@ -14,7 +14,7 @@ ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2"]
 @pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
 def test_hookpoints_read_the_residual_stream(arch, kind, tiny_tokenizer):
     lm = make_tiny(arch, tiny_tokenizer)
-    assert len(lm.hookpoint_names()) == 4
+    assert len(lm.hookpoint_names()) == 8
     ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
     # hidden_states[i] is the input of layer i (the last entry is after the final norm)
     hidden = lm.model(ids, output_hidden_states=True).hidden_states
@@ -37,7 +37,29 @@ def test_resid_post_of_layer0_equals_resid_pre_of_layer1(arch, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind", ["resid_pre", "resid_post"])
+def test_attn_out_and_mlp_out_are_what_the_layer_adds_to_the_residual_stream(arch, tiny_tokenizer):
+    """resid_post = resid_pre + attn_out + mlp_out, with each read from the model's own hidden states."""
+    lm = make_tiny(arch, tiny_tokenizer)
+    assert len(lm.hookpoint_names()) == 8
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
+    hidden = lm.model(ids, output_hidden_states=True).hidden_states
+    got = {}
+    for kind in ("attn_out", "mlp_out"):
+        with hook_at(lm.hookpoint(f"blocks.0.hook_{kind}"), lambda h, k=kind: got.update({k: h.detach()})):
+            lm.model(ids)
+    assert not torch.allclose(got["attn_out"], torch.zeros_like(got["attn_out"]))
+    torch.testing.assert_close(hidden[0] + got["attn_out"] + got["mlp_out"], hidden[1], atol=1e-5, rtol=1e-5)
+
+
+def test_sub_layer_hookpoints_of_an_unknown_model_type_are_an_error(tiny_llama, monkeypatch):
+    monkeypatch.setattr(tiny_llama.model.config, "model_type", "mystery")
+    with pytest.raises(SaebenchError, match="does not know which of its modules give mlp_out"):
+        tiny_llama.hookpoint("layers.0.mlp_out")
+    assert tiny_llama.hookpoint("layers.0.resid_post").kind == "resid_post"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
 def test_identity_splice_is_exact_and_zero_splice_changes_logits(arch, kind, tiny_tokenizer):
     lm = make_tiny(arch, tiny_tokenizer)
     ids = torch.randint(2, len(tiny_tokenizer), (2, 12))
