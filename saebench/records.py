@@ -1,5 +1,9 @@
 """Result records: one versioned JSON file per (task, encoder), written atomically.
 
+Every record is checked against the JSON Schema shipped with saebench
+(saebench/schema/record-v1.schema.json) when written and when read: a file that does not match
+is never reused or ranked, and `saebench leaderboard` names it with the reason.
+
 The config hash covers everything that changes a result (task name, version and parameters,
 encoder spec, model identity and dtype, hookpoint, data, seed, splice settings) and nothing
 that does not (batch size, output folder). A finished record with the same hash is reused,
@@ -12,7 +16,9 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,31 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@cache
+def _validator():
+    import jsonschema
+
+    text = resources.files("saebench").joinpath(f"schema/record-v{SCHEMA_VERSION}.schema.json").read_text()
+    schema = json.loads(text)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problem(data: Any) -> str | None:
+    """Why `data` is not a valid record of this saebench's schema version, or None when it is."""
+    if not isinstance(data, dict) or "schema_version" not in data:
+        return "not a saebench record (no schema_version)"
+    if data["schema_version"] != SCHEMA_VERSION:
+        return f"record schema version {data['schema_version']}, this saebench reads version {SCHEMA_VERSION}"
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.absolute_path) or "the record"
+    return f"does not match the record schema at {where}: {error.message}"
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of `config` (first 16 hex digits)."""
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
@@ -87,15 +118,19 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_record(path: Path, record: RunRecord) -> None:
-    write_atomic(path, json.dumps(record.to_dict(), indent=2, allow_nan=False) + "\n")
+    data = record.to_dict()
+    if (problem := schema_problem(data)) is not None:
+        raise RuntimeError(f"saebench built an invalid record for {path.name}: {problem}")
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def read_record(path: Path) -> RunRecord | None:
-    """The record at `path`, or None when absent or unreadable."""
+    """The record at `path`, or None when absent, unreadable or not a valid record."""
     try:
-        return RunRecord.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
+    return None if schema_problem(data) is not None else RunRecord.from_dict(data)
 
 
 def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -112,17 +147,8 @@ def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]
         except (OSError, ValueError) as exc:
             rejected.append((path, f"not readable JSON ({exc})"))
             continue
-        if not isinstance(data, dict) or "schema_version" not in data:
-            rejected.append((path, "not a saebench record (no schema_version)"))
-            continue
-        if data["schema_version"] != SCHEMA_VERSION:
-            rejected.append((path, f"record schema version {data['schema_version']}, this saebench reads "
-                                   f"version {SCHEMA_VERSION}"))
-            continue
-        missing = sorted(f.name for f in fields(RunRecord) if f.default is MISSING
-                         and f.default_factory is MISSING and f.name not in data)
-        if missing:
-            rejected.append((path, f"missing fields {', '.join(missing)}"))
+        if (problem := schema_problem(data)) is not None:
+            rejected.append((path, problem))
             continue
         out.append(RunRecord.from_dict(data))
     return out, rejected

@@ -125,6 +125,29 @@ def test_corrupt_record_is_named_by_the_leaderboard(tiny_llama, tmp_path, capsys
     assert "broken.json: not readable JSON" in err and "1 unusable files skipped" in err
 
 
+def test_records_are_checked_against_the_json_schema(tiny_llama, tmp_path, capsys):
+    """A record that parses but breaks the schema is named with the reason, and is never reused."""
+    import json
+
+    from saebench import RunConfig, evaluate
+    from saebench.records import read_record, schema_problem
+
+    runs = tmp_path / "runs"
+    config = RunConfig(limit=64, context_len=16, output_dir=runs, progress=False)
+    rec = evaluate(tiny_llama, ["identity"], ["ce_kl"], config)[0]
+    assert schema_problem(rec.to_dict()) is None
+    path = next((runs / "ce_kl").glob("identity-*.json"))
+    data = json.loads(path.read_text())
+    data["metrics"]["kl"] = "low"
+    path.write_text(json.dumps(data))
+    assert read_record(path) is None
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the record schema at metrics.kl: 'low' is not of type 'number', 'null'" in err
+    again = evaluate(tiny_llama, ["identity"], ["ce_kl"], config)[0]  # recomputed, not reused
+    assert again.metrics["kl"] == rec.metrics["kl"] and read_record(path) is not None
+
+
 def _sae_at(folder, hook_name):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata

@@ -19,6 +19,7 @@ def test_wheel_contains_presets_and_entry_points(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "saebench/_presets/tasks/ce_kl.yaml" in names
     assert "saebench/_presets/registry/models.yaml" in names
+    assert "saebench/schema/record-v1.schema.json" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[saebench.encoders]" in entry_points and "ce_kl = saebench.tasks.ce_kl:CEKLTask" in entry_points
 
