@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saebench-installed
 
-.PHONY: setup demo test leaderboard clean
+.PHONY: setup demo test test-lm-eval-versions leaderboard clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The lm-eval tests again under every other lm-eval version saebench supports (the venv has the
+# newest); each version is installed into its own folder and put first on PYTHONPATH.
+OTHER_LM_EVAL := 0.4.12
+test-lm-eval-versions: setup
+	for v in $(OTHER_LM_EVAL); do \
+		$(BIN)/python -m pip install -q --no-deps --target $(VENV)/lm-eval-$$v lm-eval==$$v && \
+		PYTHONPATH=$(VENV)/lm-eval-$$v $(BIN)/python -m pytest -q tests/unit/test_benchmark_tasks.py \
+			tests/unit/test_lm_eval_versions.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) saebench_runs

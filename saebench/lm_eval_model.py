@@ -89,6 +89,18 @@ class SaebenchLM(HFLM):
             raise SaebenchError("no hookpoint: pass hookpoint=layers.<i>.resid_post in model_args")
         self.hookpoint = loaded.hookpoint(name) if name else None
         self.observer: BatchObserver | None = None
+        self._encoded: list | None = None
+
+    def encoded_requests(self, requests) -> list[tuple[tuple[str, str], list[int], list[int]]]:
+        """lm-eval's own tokenisation of loglikelihood requests, ((context, continuation), ids, ids)
+        in order, without running the model: lm-eval's `loglikelihood` encodes them as usual and
+        the call stops where the forward passes would begin."""
+        self._encoded = []
+        try:
+            self.loglikelihood(requests, disable_tqdm=True)
+            return self._encoded
+        finally:
+            self._encoded = None
 
     def keep_mask(self, token_ids: Tensor) -> Tensor:
         """(batch, seq) positions passed through unspliced."""
@@ -113,6 +125,9 @@ class SaebenchLM(HFLM):
         return logits
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self._encoded is not None:
+            self._encoded.extend(requests)
+            return [(0.0, False)] * len(requests)
         if self.observer is not None:
             self.observer.tokenized(requests)
         return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)

@@ -1,6 +1,6 @@
 """Make `lm_eval --model saebench` work from lm-eval's own CLI, without importing anything early.
 
-lm-eval 0.4.13 reads no entry points for models: its registry holds `lm_eval.models.MODEL_MAPPING`
+lm-eval 0.4.12 and 0.4.13 (the versions saebench is tested with) read no entry points for models: its registry holds `lm_eval.models.MODEL_MAPPING`
 and whatever `@register_model` classes were imported. The saebench wheel therefore ships
 `saebench_lm_eval.pth`, which Python's `site` module runs at start-up. That line loads this
 file as a standalone module (never the `saebench` package, which imports torch) and calls
@@ -68,12 +68,28 @@ def safe_register() -> None:
         FAILURE = f"{type(exc).__name__}: {exc}"
         if _asks_for_saebench(sys.argv):
             print(f"saebench: warning: could not register `--model saebench` with lm-eval {_lm_eval_version()} "
-                  f"({FAILURE}); saebench is tested with lm-eval {TESTED_LM_EVAL}", file=sys.stderr)
+                  f"({FAILURE}); {SUPPORTED_TEXT}", file=sys.stderr)
 
 
 FAILURE: str | None = None
 """Why registration failed, if it did."""
-TESTED_LM_EVAL = "0.4.13"
+TESTED_LM_EVAL = ("0.4.12", "0.4.13")
+"""lm-eval versions the test suite runs against (`make test-lm-eval-versions`)."""
+SUPPORTED_LM_EVAL = ">=0.4.12,<0.5"
+"""What saebench accepts: 0.4.12 introduced the TaskManager.load / _yaml_loader API it uses."""
+SUPPORTED_TEXT = (f"saebench supports lm-eval {SUPPORTED_LM_EVAL} (tested with {' and '.join(TESTED_LM_EVAL)}): "
+                  f"pip install 'lm-eval{SUPPORTED_LM_EVAL}'")
+
+
+def lm_eval_version_problem() -> str | None:
+    """One line saying why the installed lm-eval cannot be used by saebench, or None when it can."""
+    version = _lm_eval_version()
+    if version == "(unknown version)":
+        return f"lm-eval is not installed; {SUPPORTED_TEXT}"
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:3])
+    if not (0, 4, 12) <= parts < (0, 5):
+        return f"lm-eval {version} is installed; {SUPPORTED_TEXT}"
+    return None
 
 
 def _asks_for_saebench(argv: list[str]) -> bool:

@@ -64,6 +64,17 @@ class ItemScores:
     per_item: dict[str, list] = field(default_factory=dict)
     """Per-item values the aggregates are computed from (e.g. lm-eval's process_results)."""
 
+    def take(self, index: list[int]) -> "ItemScores":
+        """The scores with items reordered: new item j is old item index[j]."""
+        idx = torch.tensor(index, dtype=torch.long)
+        feats = None
+        if self.features is not None:
+            new_of_old = torch.empty_like(idx)
+            new_of_old[idx] = torch.arange(len(idx))
+            feats = torch.stack([new_of_old[self.features[:, 0]], self.features[:, 1]], 1)
+        return ItemScores(self.correct[idx], self.logp[idx], self.ce_sum[idx], self.ce_count[idx], feats,
+                          dict(self.aggregates), {k: [v[i] for i in index] for k, v in self.per_item.items()})
+
 
 CHECKPOINT_ITEMS = 256
 """Items per checkpoint of a benchmark pass: each chunk of a pass is saved once finished, and an
@@ -88,8 +99,9 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
 
 
 def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Callable[[range], ItemScores],
-                   desc: str) -> ItemScores:
-    """One pass over n items in chunks of CHECKPOINT_ITEMS, each saved to ctx.partial once done.
+                   desc: str, chunk_items: int | None = None) -> ItemScores:
+    """One pass over n items in chunks of `chunk_items` (default CHECKPOINT_ITEMS), each saved to
+    ctx.partial once done.
 
     Args:
         name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
@@ -97,10 +109,11 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Calla
             from the chunk's start.
     """
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
+    chunk_items = chunk_items or CHECKPOINT_ITEMS
     parts = []
     with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.progress) as bar:
-        for start in range(0, n_items, CHECKPOINT_ITEMS):
-            items = range(start, min(start + CHECKPOINT_ITEMS, n_items))
+        for start in range(0, n_items, chunk_items):
+            items = range(start, min(start + chunk_items, n_items))
             piece_name = f"{key}-{items.start}-{items.stop}"
             part = ctx.partial.load_piece(piece_name)
             if part is None:

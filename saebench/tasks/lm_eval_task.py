@@ -17,7 +17,9 @@ from torch import Tensor
 
 from saebench.encoders.base import Encoder
 from saebench.errors import SaebenchError, did_you_mean
+from saebench.lm_eval_plugin import lm_eval_version_problem
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks import benchmark
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
                                       PromptRecorder, benchmark_passes, compare, resumable_pass)
 
@@ -170,6 +172,22 @@ class _RequestObserver(PromptRecorder):
         self.record_logits(token_ids, logits)
 
 
+def _batching_order(lm, instances, doc_ids: list[int], rows_of: dict[int, list[int]]) -> list[int]:
+    """Items (indices into doc_ids) in the order lm-eval's HFLM runs their requests.
+
+    HFLM sorts a call's requests longest first (key: -len(tokens), tokens) and batches them in
+    that order. Taking documents in the same order, chunks of whole batches run in the batches
+    one call over all requests would make; a document with several requests sorts by its longest.
+    """
+    encoded = lm.encoded_requests(instances)
+    key_of: dict[int, tuple] = {}
+    for inst, (_, ctx_ids, cont_ids) in zip(instances, encoded):
+        toks = ctx_ids + cont_ids
+        key = (-len(toks), tuple(toks))
+        key_of[inst.doc_id] = min(key_of.get(inst.doc_id, key), key)
+    return sorted(range(len(doc_ids)), key=lambda k: key_of[doc_ids[k]])
+
+
 class LMEvalTask(Task):
     """Any lm-eval loglikelihood or multiple-choice task, scored clean, zero-ablated and spliced."""
 
@@ -184,6 +202,8 @@ class LMEvalTask(Task):
             include_path: folder of extra lm-eval task YAMLs.
             data_file: local JSON/JSONL replacing the task's evaluation split.
         """
+        if (problem := lm_eval_version_problem()) is not None:
+            raise SaebenchError(problem)
         name = arg or lm_eval_task
         if not name:
             raise SaebenchError("lm_eval needs a task name: --task lm_eval:<lm-eval task>")
@@ -215,15 +235,16 @@ class LMEvalTask(Task):
         lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
         lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
+        order = _batching_order(lm, instances, doc_ids, rows_of)
 
         def score_chunk(chunk: range, enc: Encoder | None) -> ItemScores:
             """One pass over the documents in `chunk`: lm-eval answers their requests in one call."""
-            docs = doc_ids[chunk.start:chunk.stop]
+            items = order[chunk.start:chunk.stop]
+            docs = [doc_ids[k] for k in items]
             local = {d: k for k, d in enumerate(docs)}
             insts = [instances[r] for d in docs for r in rows_of[d]]
             obs = _RequestObserver([local[i.doc_id] for i in insts], len(docs), ctx.model.bos_id, lm.max_length,
-                                   enc is not None and enc.has_latents,
-                                   None if first is None else first[chunk.start:chunk.stop])
+                                   enc is not None and enc.has_latents, None if first is None else first[items])
             lm.encoder, lm.observer = enc, obs
             try:
                 resps = lm.loglikelihood(insts, disable_tqdm=True)
@@ -231,9 +252,13 @@ class LMEvalTask(Task):
                 lm.encoder, lm.observer = None, None
             return self._scores(task, insts, resps, docs, obs)
 
+        # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
+        # batches lm-eval's own `hf` model makes (bf16 logits depend on a batch's padded shape)
+        chunk_items = -(-benchmark.CHECKPOINT_ITEMS // ctx.batch_size) * ctx.batch_size
+        back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
                                                               lambda chunk, enc=enc: score_chunk(chunk, enc),
-                                                              f"{self.spec.name} {label}"))
+                                                              f"{self.spec.name} {label}", chunk_items).take(back))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}
