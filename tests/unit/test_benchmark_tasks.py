@@ -146,6 +146,31 @@ def test_lambada_clean_matches_lm_eval_hf_model(tiny, tmp_path):
     assert theirs["perplexity,none"] == pytest.approx(ours.metrics["perplexity_clean"], rel=1e-6)
 
 
+def test_checkpointed_lambada_runs_lm_eval_s_own_batches(tiny, tmp_path, monkeypatch):
+    """Chunked for checkpoints and run in lm-eval's length order, lambada still gives each item the
+    log-likelihood lm-eval's `hf` model gives it, bit for bit. (On this tiny model the batch shape does
+    not change a logit, so this checks the requests and the reordering; that the batches are lm-eval's
+    own matters in bf16 on real models, where it does.)"""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from saebench.tasks import benchmark
+
+    monkeypatch.setattr(benchmark, "CHECKPOINT_ITEMS", 4)
+    model = tiny["model"]
+    data = write_lambada(tmp_path / "lambada.jsonl", 22)
+    ours = LambadaTask(data_file=str(data)).run(_ctx(model), _encoders(model)[:1])["identity"]
+    _local_lambada_yaml(tmp_path / "tasks", data)
+    hf = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=4, device="cpu")
+    out = lm_eval.simple_evaluate(model=hf, tasks=["lambada_local"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    theirs = {s["doc_id"]: s["resps"][0][0][0] for s in out["samples"]["lambada_local"]}
+    rows = [r for r in ours.details if r["kind"] == "item"]
+    assert len(rows) == len(theirs) == 22
+    assert all(r["logp_clean"] == theirs[r["doc_id"]] for r in rows)
+
+
 def _local_lambada_yaml(folder: Path, data: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "lambada_local.yaml").write_text(

@@ -11,6 +11,7 @@ import torch
 from saebench import RunConfig
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import EncodeContext, Encoder, EncoderSpec
+from saebench.encoders.baselines import IdentityEncoder, ZeroEncoder
 from saebench.runner import _run_task, resolve_task
 from tests.unit.tiny_lm import ReluLatentEncoder
 
@@ -65,8 +66,9 @@ def test_ce_kl_matches_an_independent_computation(tiny_llama, tmp_path):
     tokens = token_contexts(tiny_llama.tokenizer, CorpusSpec(), 32, 24 * 32, 0, tiny_llama.bos_id)
     relu, linear = ReluLatentEncoder(32), FixedLinearMap(32)
     config = RunConfig(limit=24 * 32, context_len=32, batch_size=8, output_dir=tmp_path, progress=False)
+    user = [IdentityEncoder(32), ZeroEncoder(32)]
     recs = {r.encoder["label"]: r.metrics
-            for r in _run_task(resolve_task("ce_kl"), tiny_llama, HOOKPOINT, [relu, linear], config)}
+            for r in _run_task(resolve_task("ce_kl"), tiny_llama, HOOKPOINT, [relu, linear, *user], config)}
 
     clean, x, sink = _reference(tiny_llama, tokens, None)
     zero, _, _ = _reference(tiny_llama, tokens, lambda h: torch.zeros_like(h))
@@ -97,3 +99,11 @@ def test_ce_kl_matches_an_independent_computation(tiny_llama, tmp_path):
         for name, value in expected.items():
             assert got[name] == pytest.approx(value, abs=tolerance.get(name, 1e-6)), (label, name, got[name], value)
         assert got["kl"] > 1e-4  # non-trivial encoders (100x the tolerance), so a wrong splice would show
+    # the user's identity and zero encoders against the clean and zero passes computed here, not
+    # against saebench's own reference passes (which a user's `zero` would otherwise be compared with)
+    ce_c, ce_z = ce(clean), ce(zero)
+    for label, ce_expected in (("identity", ce_c), ("zero", ce_z)):
+        assert recs[label]["ce_spliced"] == pytest.approx(ce_expected, abs=1e-6), label
+        assert recs[label]["ce_clean"] == pytest.approx(ce_c, abs=1e-6)
+    assert recs["identity"]["kl"] == pytest.approx(0, abs=1e-9) and recs["identity"]["fve"] == pytest.approx(1)
+    assert recs["zero"]["ce_loss_recovered"] == pytest.approx(0, abs=3e-6 / abs(ce_z - ce_c))
