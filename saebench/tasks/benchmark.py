@@ -26,6 +26,9 @@ FEATURE_WINDOW = 32
 """A latent is active for a prompt if it fires anywhere in its last 32 positions (Anders & Bloom)."""
 TOP_FEATURES = 20
 """How many most helpful / most harmful latents a record lists."""
+MIN_PROMPTS_RANKED = 20
+"""Latents active on fewer prompts are not ranked: their difference of means is mostly noise (on
+full LAMBADA, a latent active on one prompt ranked 2nd most harmful). The details keep them all."""
 BOOTSTRAP_SAMPLES = 1000
 """Resamples of the paired bootstrap for the standard error of delta_acc."""
 
@@ -273,19 +276,21 @@ def _active_minus_inactive(n_a: int, s_a: float, q_a: float, n_i: int, s_i: floa
     return diff, math.sqrt(var_a / n_a + var_i / n_i)
 
 
-def top_features(rows: list[dict[str, Any]], k: int = TOP_FEATURES) -> dict[str, list[dict[str, Any]]]:
+def top_features(rows: list[dict[str, Any]], k: int = TOP_FEATURES,
+                 min_prompts: int = MIN_PROMPTS_RANKED) -> dict[str, list[dict[str, Any]]]:
     """The k most helpful and k most harmful latents by the frequency-controlled score.
 
-    Latents active on every prompt (no controlled score) are not ranked.
+    Ranked: latents active on at least `min_prompts` prompts and inactive on at least 2 (so the
+    score and its standard error exist). The rest stay in the details rows, unranked.
     """
     def brief(r):
         return {key: r[key] for key in ("feature", "controlled_delta_logp", "controlled_se", "score", "n_prompts",
                                         "mean_delta_logp")}
 
-    ranked = sorted((r for r in rows if r["controlled_delta_logp"] is not None),
+    ranked = sorted((r for r in rows if r["controlled_se"] is not None and r["n_prompts"] >= min_prompts),
                     key=lambda r: (r["controlled_delta_logp"], r["score"]))
     return {"most_helpful": [brief(r) for r in ranked[::-1][:k]], "most_harmful": [brief(r) for r in ranked[:k]],
-            "ranked_by": "controlled_delta_logp"}
+            "ranked_by": "controlled_delta_logp", "min_prompts": min_prompts}
 
 
 def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: Encoder, seed: int,
@@ -351,7 +356,8 @@ def feature_tables(recs) -> str:
             rows = [(r["feature"], fmt(r["controlled_delta_logp"], r["controlled_se"]), r["score"], r["n_prompts"],
                      f"{r['mean_delta_logp']:.3f}") for r in top[kind]]
             out.append(f"{rec.task['name']} / {rec.encoder['label']}: {len(rows)} {kind.replace('_', ' ')} latents, "
-                       "ranked by Δlog p where active minus where not (frequency-controlled)\n"
+                       "ranked by Δlog p where active minus where not (frequency-controlled), among latents "
+                       f"active on at least {top.get('min_prompts', 1)} prompts\n"
                        + tabulate(rows, headers=("latent", "controlled Δlog p", "count score", "prompts",
                                                  "mean Δlog p where active"), tablefmt="github"))
     return "\n\n".join(out)

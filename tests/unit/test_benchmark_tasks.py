@@ -55,8 +55,20 @@ def test_feature_scores_known_answer():
     assert rows[3]["controlled_delta_logp"] is None
     # latent 5 active on item 1 (-2) vs inactive items 0, 2 (mean 0.5): -2.5, no SE with one active prompt
     assert rows[5]["controlled_delta_logp"] == pytest.approx(-2.5) and rows[5]["controlled_se"] is None
-    top = top_features(list(rows.values()), k=1)
-    assert top["most_harmful"][0]["feature"] == 5 and top["ranked_by"] == "controlled_delta_logp"
+    top = top_features(list(rows.values()), k=1, min_prompts=1)
+    assert top["most_harmful"] == [] and top["ranked_by"] == "controlled_delta_logp"  # no score or no SE: unranked
+
+
+def test_ranking_is_by_controlled_score_among_latents_with_enough_prompts():
+    def row(f, controlled, n):
+        return {"feature": f, "controlled_delta_logp": controlled, "controlled_se": 0.1, "score": -n,
+                "n_prompts": n, "mean_delta_logp": controlled}
+
+    rows = [row(1, -3.0, 1), row(2, -1.0, 30), row(3, -0.5, 500), row(4, 0.7, 25), row(5, 2.0, 19)]
+    top = top_features(rows, k=2, min_prompts=20)
+    assert [r["feature"] for r in top["most_harmful"]] == [2, 3]  # latent 1 (one prompt) is not ranked
+    assert [r["feature"] for r in top["most_helpful"]] == [4, 3]  # latent 5 (19 prompts) is not ranked
+    assert top["min_prompts"] == 20
 
 
 def test_controlled_score_is_welch_difference_of_means():
