@@ -235,7 +235,10 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
         else:
             todo.append((enc, cfg, chash, path))
     if todo:
-        run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo)})
+        # checkpoints count batches and chunks of whole batches, so they are kept per batch size: a
+        # rerun with another --batch-size starts afresh instead of misreading them
+        run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo),
+                                              "batch_size": config.batch_size})
         partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
         with _exclusive(partial.with_suffix(".lock"), task.spec.name):
             finished = {enc.spec.label: rec for enc, _, _, path in todo

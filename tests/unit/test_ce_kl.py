@@ -153,6 +153,27 @@ def test_interrupted_run_resumes_without_recomputing(tiny_llama, tmp_path, monke
     assert resumed.metrics == fresh.metrics
 
 
+def test_a_rerun_with_another_batch_size_does_not_misread_the_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    from saebench.runner import _run_task, resolve_task
+    from saebench.tasks import ce_kl
+
+    monkeypatch.setattr(ce_kl, "CHECKPOINT_SECONDS", 0.0)
+    task = resolve_task("ce_kl")
+
+    def config(out, batch):
+        return RunConfig(limit=32 * 8 * 4, context_len=32, batch_size=batch, output_dir=tmp_path / out, progress=False,
+                         cache_references=False)
+
+    CountingIdentity.calls, CountingIdentity.fail_at = 0, 3  # two of four 8-context batches checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("a", 8))
+    CountingIdentity.calls, CountingIdentity.fail_at = 0, None
+    resumed = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("a", 4))[0]
+    assert CountingIdentity.calls == 8  # all eight 4-context batches: the 8-context checkpoint was not used
+    fresh = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("b", 4))[0]
+    assert resumed.metrics == fresh.metrics
+
+
 def test_a_corpus_shorter_than_asked_is_a_warning_kept_in_the_record(tiny_llama, tmp_path, monkeypatch, capsys):
     from saebench.tasks import base
 
