@@ -102,21 +102,22 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
 
 
 def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Callable[[range], ItemScores],
-                   desc: str, chunk_items: int | None = None) -> ItemScores:
-    """One pass over n items in chunks of `chunk_items` (default CHECKPOINT_ITEMS), each saved to
+                   desc: str, chunks: list[range] | None = None) -> ItemScores:
+    """One pass over n items in chunks (default: CHECKPOINT_ITEMS items each), each saved to
     ctx.partial once done.
 
     Args:
         name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
         score_chunk: scores items `range` (a chunk), with item numbers in its result counted
             from the chunk's start.
+        chunks: consecutive ranges covering 0..n_items, when the task needs its own boundaries.
     """
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
-    chunk_items = chunk_items or CHECKPOINT_ITEMS
+    if chunks is None:
+        chunks = [range(s, min(s + CHECKPOINT_ITEMS, n_items)) for s in range(0, n_items, CHECKPOINT_ITEMS)]
     parts = []
     with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.progress) as bar:
-        for start in range(0, n_items, chunk_items):
-            items = range(start, min(start + chunk_items, n_items))
+        for items in chunks:
             piece_name = f"{key}-{items.start}-{items.stop}"
             part = ctx.partial.load_piece(piece_name)
             if part is None:

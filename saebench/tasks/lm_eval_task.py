@@ -172,20 +172,36 @@ class _RequestObserver(PromptRecorder):
         self.record_logits(token_ids, logits)
 
 
-def _batching_order(lm, instances, doc_ids: list[int], rows_of: dict[int, list[int]]) -> list[int]:
-    """Items (indices into doc_ids) in the order lm-eval's HFLM runs their requests.
+def _batching_plan(lm, instances, doc_ids: list[int], rows_of: dict[int, list[int]], batch_size: int,
+                   chunk_rows: int) -> tuple[list[int], list[range]]:
+    """Items (indices into doc_ids) in the order lm-eval's HFLM runs their requests, and chunks of them.
 
-    HFLM sorts a call's requests longest first (key: -len(tokens), tokens) and batches them in
-    that order. Taking documents in the same order, chunks of whole batches run in the batches
-    one call over all requests would make; a document with several requests sorts by its longest.
+    HFLM sorts a call's requests longest first (key: -len(tokens), tokens), runs requests whose
+    model input is the same (context + continuation[:-1]) as one row, and batches the rows in that
+    order. Taking documents in the same order, and cutting chunks only where the rows so far fill
+    whole batches and before a document with a row of its own, each chunk runs in exactly the
+    batches one call over all requests would make (for tasks with one request per document, such
+    as lambada; a document with several requests sorts by its longest and may not).
     """
     encoded = lm.encoded_requests(instances)
     key_of: dict[int, tuple] = {}
+    rows_by_doc: dict[int, set[tuple]] = {}
     for inst, (_, ctx_ids, cont_ids) in zip(instances, encoded):
         toks = ctx_ids + cont_ids
         key = (-len(toks), tuple(toks))
         key_of[inst.doc_id] = min(key_of.get(inst.doc_id, key), key)
-    return sorted(range(len(doc_ids)), key=lambda k: key_of[doc_ids[k]])
+        rows_by_doc.setdefault(inst.doc_id, set()).add(tuple(toks[:-1]))
+    order = sorted(range(len(doc_ids)), key=lambda k: key_of[doc_ids[k]])
+    chunks, start, rows, seen = [], 0, 0, set()
+    for pos, k in enumerate(order):
+        new = rows_by_doc[doc_ids[k]] - seen
+        if new and rows >= chunk_rows and rows % batch_size == 0:
+            chunks.append(range(start, pos))
+            start, rows = pos, 0
+        seen |= new
+        rows += len(new)
+    chunks.append(range(start, len(order)))
+    return order, chunks
 
 
 class LMEvalTask(Task):
@@ -235,7 +251,9 @@ class LMEvalTask(Task):
         lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
         lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
-        order = _batching_order(lm, instances, doc_ids, rows_of)
+        # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
+        # batches lm-eval's own `hf` model makes (bf16 logits depend on a batch's padded shape)
+        order, chunks = _batching_plan(lm, instances, doc_ids, rows_of, ctx.batch_size, benchmark.CHECKPOINT_ITEMS)
 
         def score_chunk(chunk: range, enc: Encoder | None) -> ItemScores:
             """One pass over the documents in `chunk`: lm-eval answers their requests in one call."""
@@ -252,13 +270,10 @@ class LMEvalTask(Task):
                 lm.encoder, lm.observer = None, None
             return self._scores(task, insts, resps, docs, obs)
 
-        # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
-        # batches lm-eval's own `hf` model makes (bf16 logits depend on a batch's padded shape)
-        chunk_items = -(-benchmark.CHECKPOINT_ITEMS // ctx.batch_size) * ctx.batch_size
         back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
                                                               lambda chunk, enc=enc: score_chunk(chunk, enc),
-                                                              f"{self.spec.name} {label}", chunk_items).take(back))
+                                                              f"{self.spec.name} {label}", chunks).take(back))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}

@@ -358,3 +358,22 @@ def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path):
     for task, data in (("lambada", lambada), ("cbt_cn", cbt)):
         assert _child(tiny, task, data, tmp_path / task).returncode == 0
     assert _numbers(out) == _numbers(tmp_path / "cbt_cn") + _numbers(tmp_path / "lambada")
+
+
+def test_batching_plan_cuts_chunks_at_whole_lm_eval_batches_of_unique_rows():
+    """lm-eval runs identical inputs once, so chunks count unique rows and never split duplicates."""
+    from types import SimpleNamespace
+
+    from saebench.tasks.lm_eval_task import _batching_plan
+
+    lengths = [9, 9, 8, 8, 7, 7, 6, 5, 4, 3, 2]
+    toks = [list(range(n)) for n in lengths]
+    toks[1] = list(toks[0])  # documents 0 and 1 are the same request: one row
+    instances = [SimpleNamespace(doc_id=d) for d in range(len(toks))]
+    lm = SimpleNamespace(encoded_requests=lambda insts: [(("", ""), t[:-1], t[-1:]) for t in toks])
+    for k in range(2, 6):  # distinct requests of equal length: ties are broken by their tokens
+        toks[k] = [k] * lengths[k]
+    order, chunks = _batching_plan(lm, instances, list(range(len(toks))), {}, batch_size=2, chunk_rows=4)
+    assert [len(toks[d]) for d in order] == sorted(lengths, reverse=True)  # longest first
+    assert order.index(1) == order.index(0) + 1
+    assert [(c.start, c.stop) for c in chunks] == [(0, 5), (5, 9), (9, 11)]  # 4 rows, 4 rows, the rest
