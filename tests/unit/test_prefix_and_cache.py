@@ -157,8 +157,8 @@ def test_a_suffix_that_disagrees_with_the_full_pass_is_switched_off(tiny_llama, 
     fwd = HookpointForward(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), notice=notices.append)
     real = fwd._suffix
 
-    def wrong(hidden):  # as if a layer needed an input the recorded arguments do not carry
-        out = real(hidden)
+    def wrong(hidden, ids):  # as if a layer needed an input the recorded arguments do not carry
+        out = real(hidden, ids)
         return type(out)(out.logits + 1.0, out.normed)
 
     monkeypatch.setattr(fwd, "_suffix", wrong)
