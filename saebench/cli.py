@@ -20,7 +20,8 @@ def _run_parser(sub) -> None:
                         "sae:<release>/<sae_id>, or a plugin's name[:arg]")
     p.add_argument("--task", action="append", default=[], metavar="NAME",
                    help="task or task preset, repeatable (saebench list tasks)")
-    p.add_argument("--hookpoint", help="e.g. layers.15.resid_post; default: the SAE's own, else the model preset's")
+    p.add_argument("--hookpoint", help="layers.{i}.resid_pre|resid_post|attn_out|mlp_out (sae-lens names too), e.g. "
+                        "layers.15.resid_post; default: the SAE's own, else the model preset's")
     p.add_argument("--limit", type=int, help="tokens (ce_kl) or items (benchmarks) to evaluate; default per task")
     p.add_argument("--context-len", type=int, help="tokens per context, BOS included; default per task")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
@@ -33,8 +34,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load")
     p.add_argument("--revision", help="hub revision of --model")
-    p.add_argument("--data-file", help="local data file for benchmark tasks (lambada: a lambada_test.jsonl; "
-                                       "cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL of its eval split)")
+    p.add_argument("--data-file", help="local data file, given to the tasks of the run that take one (lambada: a "
+                                       "lambada_test.jsonl; cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL "
+                                       "of its eval split)")
     p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
     p.add_argument("--no-prefix-reuse", action="store_true",
@@ -121,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list encoders, tasks or models", description="List what can be run.")
     p.add_argument("what", choices=("encoders", "tasks", "models"))
     p = sub.add_parser("leaderboard", help="turn records into markdown and CSV leaderboards",
-                       description="One table per (task, task version, model, hookpoint), ranked by the "
-                                   "task's headline metric; written as <task>.md and <task>.csv.")
+                       description="One table per set of comparable settings (task and version; model, revision "
+                                   "and dtype; hookpoint; the task's parameters; corpus, seed, splice_bos), "
+                                   "ranked by the task's headline metric; written as <task>.md and <task>.csv. "
+                                   "Files under --runs that are not valid records are named with the reason.")
     p.add_argument("--runs", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--task", help="only this task")
     p.add_argument("--out", type=Path, default=Path("leaderboards"), help="output folder (default ./leaderboards)")

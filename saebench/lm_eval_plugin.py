@@ -1,6 +1,7 @@
 """Make `lm_eval --model saebench` work from lm-eval's own CLI, without importing anything early.
 
-lm-eval 0.4.12 and 0.4.13 (the versions saebench is tested with) read no entry points for models: its registry holds `lm_eval.models.MODEL_MAPPING`
+lm-eval 0.4.12 and 0.4.13 (the versions saebench is tested with) read no entry points for models:
+its registry holds `lm_eval.models.MODEL_MAPPING`
 and whatever `@register_model` classes were imported. The saebench wheel therefore ships
 `saebench_lm_eval.pth`, which Python's `site` module runs at start-up. That line loads this
 file as a standalone module (never the `saebench` package, which imports torch) and calls

@@ -144,10 +144,13 @@ class LoadedModel:
         """The model's decoder layers, in order."""
         return decoder_layers(self.model)
 
+    def hookpoint_kinds(self) -> tuple[str, ...]:
+        """resid_pre and resid_post always; attn_out and mlp_out where the model type is known."""
+        return RESIDUAL_KINDS + (SUBLAYER_KINDS if self.model_type in SUBLAYER_OUTPUTS else ())
+
     def hookpoint_names(self) -> list[str]:
         n = len(self.layers())
-        kinds = RESIDUAL_KINDS + (SUBLAYER_KINDS if self.model_type in SUBLAYER_OUTPUTS else ())
-        return [f"layers.{i}.{kind}" for kind in kinds for i in range(n)]
+        return [f"layers.{i}.{kind}" for kind in self.hookpoint_kinds() for i in range(n)]
 
     @property
     def model_type(self) -> str:
@@ -159,9 +162,7 @@ class LoadedModel:
         match = HOOKPOINT_RE.match(name)
         if not match or int(match.group(1)) >= len(layers):
             last = len(layers) - 1
-            valid = " and ".join(f"layers.0.{k} .. layers.{last}.{k}" for k in RESIDUAL_KINDS)
-            if self.model_type in SUBLAYER_OUTPUTS:
-                valid = ", ".join(f"layers.0.{k} .. layers.{last}.{k}" for k in RESIDUAL_KINDS + SUBLAYER_KINDS)
+            valid = ", ".join(f"layers.0.{k} .. layers.{last}.{k}" for k in self.hookpoint_kinds())
             raise SaebenchError(f"model {self.name!r} has no hookpoint {name!r}; valid hookpoints are {valid}")
         layer, kind = int(match.group(1)), match.group(2)
         module = layers[layer]

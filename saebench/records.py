@@ -124,13 +124,20 @@ def write_record(path: Path, record: RunRecord) -> None:
     write_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def read_record(path: Path) -> RunRecord | None:
-    """The record at `path`, or None when absent, unreadable or not a valid record."""
+def _checked(path: Path) -> tuple[RunRecord | None, str | None]:
+    """(the record at `path`, None), or (None, why it is not a usable record)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return None if schema_problem(data) is not None else RunRecord.from_dict(data)
+    except (OSError, ValueError) as exc:
+        return None, f"not readable JSON ({exc})"
+    if (problem := schema_problem(data)) is not None:
+        return None, problem
+    return RunRecord.from_dict(data), None
+
+
+def read_record(path: Path) -> RunRecord | None:
+    """The record at `path`, or None when absent, unreadable or not a valid record."""
+    return _checked(path)[0]
 
 
 def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -142,21 +149,12 @@ def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]
     for path in sorted(Path(runs_dir).rglob("*.json")):
         if path.name.startswith("."):
             continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            rejected.append((path, f"not readable JSON ({exc})"))
-            continue
-        if (problem := schema_problem(data)) is not None:
+        rec, problem = _checked(path)
+        if rec is None:
             rejected.append((path, problem))
-            continue
-        out.append(RunRecord.from_dict(data))
+        else:
+            out.append(rec)
     return out, rejected
-
-
-def load_records(runs_dir: Path) -> list[RunRecord]:
-    """Every valid record under `runs_dir` (scan_records names the rejected files)."""
-    return scan_records(runs_dir)[0]
 
 
 def git_sha() -> str | None:

@@ -38,7 +38,8 @@ class RunConfig:
     context_len: int | None = None
     """Tokens per context; None for each task's default."""
     batch_size: int = 8
-    """Contexts per forward pass (does not change results)."""
+    """Contexts per forward pass. Not part of the config hash: results agree up to float rounding (in bf16 a
+    logit can depend on its batch's padded shape, as with lm-eval's own --batch_size)."""
     seed: int = 0
     """Decides which held-out contexts are drawn."""
     corpus: str = "wiki"

@@ -101,15 +101,17 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
                       feats, {}, per_item)
 
 
-def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Callable[[range], ItemScores],
-                   desc: str, chunks: list[range] | None = None) -> ItemScores:
+def resumable_pass(ctx: TaskContext, name: str, n_items: int,
+                   score_chunk: Callable[[range, Callable[[int], object]], ItemScores], desc: str,
+                   chunks: list[range] | None = None) -> ItemScores:
     """One pass over n items in chunks (default: CHECKPOINT_ITEMS items each), each saved to
     ctx.partial once done.
 
     Args:
         name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
         score_chunk: scores items `range` (a chunk), with item numbers in its result counted
-            from the chunk's start.
+            from the chunk's start; its second argument advances the progress bar by n items
+            (optional to call: the bar is topped up when the chunk is done).
         chunks: consecutive ranges covering 0..n_items, when the task needs its own boundaries.
     """
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
@@ -120,11 +122,12 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int, score_chunk: Calla
         for items in chunks:
             piece_name = f"{key}-{items.start}-{items.stop}"
             part = ctx.partial.load_piece(piece_name)
+            before = bar.n
             if part is None:
-                part = score_chunk(items)
+                part = score_chunk(items, bar.update)
                 ctx.partial.save_piece(piece_name, part)
             parts.append(part)
-            bar.update(len(items))
+            bar.update(len(items) - (bar.n - before))
     return concat_scores(parts)
 
 

@@ -9,6 +9,7 @@ spliced into the candidate pass sees positions counted from the start of the sen
 """
 
 import re
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ class CBTTask(Task):
         questions = load_questions(self.subset, self.data_file)[:ctx.limit]
         tokenized = [self._tokenize(ctx, q) for q in questions]
         scores = {label: resumable_pass(ctx, label, len(questions),
-                                        lambda chunk, enc=enc: self._score_items(ctx, enc, questions, tokenized, chunk),
+                                        partial(self._score_items, ctx, enc, questions, tokenized),
                                         f"cbt_{self.subset} {label}")
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
@@ -130,7 +131,7 @@ class CBTTask(Task):
                 for e in encoders}
 
     def _score_items(self, ctx: TaskContext, enc: Encoder | None, questions: list[CBTQuestion],
-                     tokenized: list[tuple[list[int], list[list[int]]]], chunk: range) -> ItemScores:
+                     tokenized: list[tuple[list[int], list[list[int]]]], chunk: range, tick) -> ItemScores:
         """One pass over the questions in `chunk` (items numbered from the chunk's start)."""
         recorder = PromptRecorder(len(chunk), ctx.model.bos_id, enc is not None and enc.has_latents)
         correct, logp = torch.zeros(len(chunk)), torch.zeros(len(chunk), dtype=torch.float64)
@@ -138,6 +139,7 @@ class CBTTask(Task):
             ll = self._score(ctx, enc, recorder, k, *tokenized[i])
             gold = questions[i].candidates.index(questions[i].answer)
             correct[k], logp[k] = float(int(ll.argmax()) == gold), ll[gold].item()
+            tick(1)
         return ItemScores(correct, logp, recorder.ce_sum, recorder.ce_count, recorder.features())
 
     @staticmethod

@@ -172,7 +172,7 @@ class _RequestObserver(PromptRecorder):
         self.record_logits(token_ids, logits)
 
 
-def _batching_plan(lm, instances, doc_ids: list[int], rows_of: dict[int, list[int]], batch_size: int,
+def _batching_plan(lm, instances, doc_ids: list[int], batch_size: int,
                    chunk_rows: int) -> tuple[list[int], list[range]]:
     """Items (indices into doc_ids) in the order lm-eval's HFLM runs their requests, and chunks of them.
 
@@ -253,10 +253,11 @@ class LMEvalTask(Task):
         first = self._first_tokens(lm, task, instances, doc_ids)
         # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
         # batches lm-eval's own `hf` model makes (bf16 logits depend on a batch's padded shape)
-        order, chunks = _batching_plan(lm, instances, doc_ids, rows_of, ctx.batch_size, benchmark.CHECKPOINT_ITEMS)
+        order, chunks = _batching_plan(lm, instances, doc_ids, ctx.batch_size, benchmark.CHECKPOINT_ITEMS)
 
         def score_chunk(chunk: range, enc: Encoder | None) -> ItemScores:
-            """One pass over the documents in `chunk`: lm-eval answers their requests in one call."""
+            """One pass over the documents in `chunk`: lm-eval answers their requests in one call
+            (which reports no progress of its own: the bar moves a chunk at a time)."""
             items = order[chunk.start:chunk.stop]
             docs = [doc_ids[k] for k in items]
             local = {d: k for k, d in enumerate(docs)}
@@ -272,7 +273,7 @@ class LMEvalTask(Task):
 
         back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
-                                                              lambda chunk, enc=enc: score_chunk(chunk, enc),
+                                                              lambda chunk, _, enc=enc: score_chunk(chunk, enc),
                                                               f"{self.spec.name} {label}", chunks).take(back))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]

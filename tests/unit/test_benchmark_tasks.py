@@ -373,7 +373,7 @@ def test_batching_plan_cuts_chunks_at_whole_lm_eval_batches_of_unique_rows():
     lm = SimpleNamespace(encoded_requests=lambda insts: [(("", ""), t[:-1], t[-1:]) for t in toks])
     for k in range(2, 6):  # distinct requests of equal length: ties are broken by their tokens
         toks[k] = [k] * lengths[k]
-    order, chunks = _batching_plan(lm, instances, list(range(len(toks))), {}, batch_size=2, chunk_rows=4)
+    order, chunks = _batching_plan(lm, instances, list(range(len(toks))), batch_size=2, chunk_rows=4)
     assert [len(toks[d]) for d in order] == sorted(lengths, reverse=True)  # longest first
     assert order.index(1) == order.index(0) + 1
     assert [(c.start, c.stop) for c in chunks] == [(0, 5), (5, 9), (9, 11)]  # 4 rows, 4 rows, the rest
