@@ -11,7 +11,7 @@ import time
 
 from saebench.lm_eval_model import SaebenchLM
 from saebench.models import load_model
-from saebench.runner import RunConfig, build_encoders
+from saebench.runner import RunConfig, build_encoder
 from saebench.tasks.lm_eval_task import load_lm_eval_task
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = load_model(args.model)
-    encoder = build_encoders([args.encoder], model, RunConfig(hookpoint=args.hookpoint, progress=False))[0]
+    encoder, _ = build_encoder(args.encoder, model, RunConfig(hookpoint=args.hookpoint, progress=False))
     task = load_lm_eval_task("lambada_openai", None, args.data_file)
     task.build_all_requests(limit=args.items, rank=0, world_size=1)
     lm = SaebenchLM(model, encoder=encoder, hookpoint=args.hookpoint, batch_size=args.batch_size)

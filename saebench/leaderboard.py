@@ -1,11 +1,13 @@
 """Leaderboards: records -> pandas -> tabulate markdown (+ CSV), one table per comparable group.
 
 Records are comparable only when everything that changes their numbers matches: task name and
-version, model id, revision and dtype, hookpoint, the task's effective parameters (subset, data
-file and its checksum, limit, context length, ...), corpus, seed and splice_bos. Each such group
-is one table whose heading lists those settings and how its standard errors were computed; task
-versions and dtypes are never mixed. Within a table, re-runs of the same encoder keep the newest
-record and the heading says how many were superseded. Rows are ranked by the task's headline
+version, model id, revision and dtype, the task's effective parameters (subset, data file and its
+checksum, limit, context length, ...), corpus, seed and splice_bos. Each such group is one table
+whose heading lists those settings and how its standard errors were computed; task versions and
+dtypes are never mixed. Encoders at different hookpoints of the same model share a table (a
+`hookpoint` column tells them apart), so a sweep over layers reads as one table. Within a table,
+re-runs of the same encoder at the same hookpoint keep the newest record and the heading says
+how many were superseded. Rows are ranked by the task's headline
 metric in its better direction; `n` is the headline metric's n.
 """
 
@@ -35,7 +37,7 @@ def comparable_settings(rec: RunRecord) -> dict:
     cfg = rec.config
     params = cfg.get("task", {}).get("params", {})
     return {"model": rec.model["id"], "revision": rec.model.get("revision"), "dtype": rec.model.get("dtype"),
-            "hookpoint": rec.hookpoint, **params, "corpus": cfg.get("corpus"), "seed": cfg.get("seed"),
+            **params, "corpus": cfg.get("corpus"), "seed": cfg.get("seed"),
             "splice_bos": cfg.get("splice_bos")}
 
 
@@ -44,13 +46,14 @@ def _group_key(rec: RunRecord) -> tuple:
 
 
 def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
-    """One record per encoder label: the newest (records without a time count as oldest); and how many
-    older ones it superseded."""
-    best: dict[str, RunRecord] = {}
+    """One record per (encoder label, hookpoint): the newest (records without a time count as oldest);
+    and how many older ones it superseded."""
+    best: dict[tuple[str, str], RunRecord] = {}
     for rec in recs:
-        old = best.get(rec.encoder["label"])
+        key = (rec.encoder["label"], rec.hookpoint)
+        old = best.get(key)
         if old is None or (rec.created or "") >= (old.created or ""):
-            best[rec.encoder["label"]] = rec
+            best[key] = rec
     return list(best.values()), len(recs) - len(best)
 
 
@@ -61,10 +64,9 @@ def _setting_text(key: str, value) -> str:
 
 
 def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded: int) -> str:
-    shown = {k: v for k, v in settings.items() if k not in ("model", "revision", "dtype", "hookpoint")
-             and v is not None}
+    shown = {k: v for k, v in settings.items() if k not in ("model", "revision", "dtype") and v is not None}
     revision = f", revision {settings['revision']}" if settings.get("revision") else ""
-    lines = [f"## {name} v{version} · {settings['model']} ({settings['dtype']}{revision}) · {settings['hookpoint']}",
+    lines = [f"## {name} v{version} · {settings['model']} ({settings['dtype']}{revision})",
              "", f"Settings: {', '.join(_setting_text(k, v) for k, v in shown.items())}. "
                  f"Standard errors: {spec.stderr_method}."]
     if superseded:
@@ -93,10 +95,10 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
         ascending = spec.metric(spec.headline).direction == "lower"
         frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
         frames.append(frame)
-        rows = [[i + 1, row["encoder"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
+        rows = [[i + 1, row["encoder"], row["hookpoint"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for i, row in frame.iterrows()]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
-                     + tabulate(rows, headers=["rank", "encoder", *names, "n"], tablefmt="github",
+                     + tabulate(rows, headers=["rank", "encoder", "hookpoint", *names, "n"], tablefmt="github",
                                 disable_numparse=True) + "\n")
     import pandas as pd
 

@@ -71,7 +71,7 @@ class SaebenchLM(HFLM):
             splice_bos: also splice attention-sink positions.
             dtype, device: passed to saebench's model loader ('auto' means saebench's auto rule).
         """
-        from saebench.runner import RunConfig, build_encoders
+        from saebench.runner import RunConfig, build_encoder
 
         loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(
             pretrained, None if dtype in (None, "auto") else str(dtype), device)
@@ -79,9 +79,10 @@ class SaebenchLM(HFLM):
         self.loaded = loaded
         self.splice_config = SpliceConfig(str(splice_bos).lower() == "true")
         if isinstance(encoder, str):
-            encoder = None if encoder.lower() == "none" else build_encoders(
-                [encoder], loaded, RunConfig(hookpoint=hookpoint, progress=False))[0]
-            if encoder is not None:
+            if encoder.lower() == "none":
+                encoder = None
+            else:
+                encoder, hookpoint = build_encoder(encoder, loaded, RunConfig(hookpoint=hookpoint, progress=False))
                 encoder.prepare(_NoEvalData(encoder.spec.label))
         self.encoder: Encoder | None = encoder
         name = (encoder.spec.hookpoint if encoder is not None else None) or hookpoint or loaded.default_hookpoint

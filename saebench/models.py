@@ -140,6 +140,13 @@ class LoadedModel:
             raise SaebenchError(f"model {self.name!r}: its tokenizer has neither a BOS nor an EOS token")
         return int(bos)
 
+    @property
+    def max_positions(self) -> int | None:
+        """Longest context the model's position embeddings support, when its config says."""
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(limit) if limit else None
+
     def layers(self) -> nn.ModuleList:
         """The model's decoder layers, in order."""
         return decoder_layers(self.model)

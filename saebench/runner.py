@@ -19,12 +19,13 @@ import saebench
 from saebench import records
 from saebench.corpus import CorpusSpec
 from saebench.encoders.base import BuildContext, Encoder, parse_encoder_arg
+from saebench.encoders.specs import expand_encoder_specs, split_hookpoint
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.models import LoadedModel, cache_dir, load_model
 from saebench.presets import load_presets
 from saebench.registry import ENCODER_GROUP, TASK_GROUP, available, distribution_of, load_plugin
 from saebench.splice import SpliceConfig
-from saebench.tasks.base import PartialStore, Task, TaskContext, TaskResult
+from saebench.tasks.base import PartialStore, Row, Task, TaskContext, TaskResult, row_key
 
 
 @dataclass(frozen=True)
@@ -116,32 +117,54 @@ def _params_for(name: str, params: dict[str, Any], tasks: Sequence[str]) -> dict
 
 
 def _encoder_class(spec: str) -> type[Encoder]:
-    name, _ = parse_encoder_arg(spec)
+    name, _ = parse_encoder_arg(split_hookpoint(spec)[0])
     if name not in available(ENCODER_GROUP):
         raise SaebenchError(f"unknown encoder {name!r}{did_you_mean(name, available(ENCODER_GROUP))}; "
                             "`saebench list encoders` shows them all")
     return load_plugin(ENCODER_GROUP, name)
 
 
-def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> list[Encoder]:
-    """Build every encoder spec string against `model`."""
-    build = BuildContext(model, config.hookpoint, cache_dir(), config.seed, config.progress)
-    encoders = []
-    for spec in specs:
-        cls = _encoder_class(spec)
-        enc = cls.from_arg(parse_encoder_arg(spec)[1], build)
+def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> dict[str, list[Encoder]]:
+    """Build every encoder spec (presets and patterns expanded) against `model`, grouped by hookpoint.
+
+    An '@hookpoint' in a spec places that encoder (it wins over --hookpoint); otherwise the
+    encoder's own hookpoint (an SAE's), else --hookpoint, else the model preset's.
+    """
+    expanded = expand_encoder_specs(specs)
+    placed = [(spec, *split_hookpoint(spec)) for spec in expanded]
+    for spec, _, at in placed:  # every name and hookpoint valid before anything is built or trained
+        _encoder_class(spec)
+        if at is not None:
+            model.hookpoint(at)
+    groups: dict[str, list[Encoder]] = {}
+    for spec, base, at in placed:
+        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress)
+        enc = _encoder_class(spec).from_arg(parse_encoder_arg(base)[1], build)
         if enc.spec.d_in != model.d_model:
             raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
                                 f"has width {model.d_model}")
-        encoders.append(enc)
-    return encoders
+        hp = _hookpoint_of(enc, model, at or config.hookpoint)
+        group = groups.setdefault(hp, [])
+        if any(e.spec.label == enc.spec.label for e in group):
+            raise SaebenchError(f"encoder {enc.spec.label!r} is given twice at {hp}; give each encoder once")
+        group.append(enc)
+    return groups
 
 
-def _hookpoint_of(enc: Encoder, model: LoadedModel, config: RunConfig) -> str:
-    name = enc.spec.hookpoint or config.hookpoint or model.default_hookpoint
+def build_encoder(spec: str, model: LoadedModel, config: RunConfig) -> tuple[Encoder, str]:
+    """One encoder and its hookpoint, for callers that splice a single encoder (lm-eval's `--model saebench`)."""
+    if len(expanded := expand_encoder_specs([spec])) != 1:
+        raise SaebenchError(f"encoder spec {spec!r} stands for {len(expanded)} encoders; give exactly one here")
+    ((hookpoint, (encoder,)),) = build_encoders(expanded, model, config).items()
+    return encoder, hookpoint
+
+
+def _hookpoint_of(enc: Encoder, model: LoadedModel, asked: str | None) -> str:
+    name = enc.spec.hookpoint or asked or model.default_hookpoint
     if name is None:
         raise SaebenchError(f"no hookpoint for encoder {enc.spec.label!r}: pass --hookpoint "
-                            f"(e.g. layers.{len(model.layers()) // 2}.resid_post)")
+                            f"(e.g. layers.{len(model.layers()) // 2}.resid_post) or write it as "
+                            f"{enc.spec.label}@layers.{len(model.layers()) // 2}.resid_post")
     return model.hookpoint(name).name
 
 
@@ -172,8 +195,7 @@ def _check_writable(folder: Path) -> None:
 
 def _check_context_len(config: RunConfig, model: LoadedModel) -> None:
     """--context-len must fit the model's position embeddings (checked before any forward pass)."""
-    cfg = model.model.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    limit = model.max_positions
     if config.context_len is not None and limit and config.context_len > limit:
         raise SaebenchError(f"--context-len {config.context_len} is longer than model {model.name!r} "
                             f"supports ({limit} positions)")
@@ -196,45 +218,47 @@ def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[
     """
     _validate(config, encoders, tasks)
     task_objs = [(name, resolve_task(name, _params_for(name, config.task_params, tasks))) for name in tasks]
-    for spec in encoders:
+    for spec in expand_encoder_specs(encoders):
         _encoder_class(spec)  # fail on unknown names before loading anything
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, config.dtype, config.device, config.gguf_file, config.revision)
     _check_context_len(config, loaded)
     if config.hookpoint:
         loaded.hookpoint(config.hookpoint)
-    encs = build_encoders(encoders, loaded, config)
-    by_hookpoint: dict[str, list[Encoder]] = {}
-    for enc in encs:
-        by_hookpoint.setdefault(_hookpoint_of(enc, loaded, config), []).append(enc)
+    groups = build_encoders(encoders, loaded, config)
     out: list[records.RunRecord] = []
     for _, task in task_objs:
-        for hp_name, group in by_hookpoint.items():
-            out.extend(_run_task(task, loaded, hp_name, group, config))
+        if task.multi_hookpoint:
+            out.extend(_run_task(task, loaded, groups, config))
+        else:
+            for hp_name, group in groups.items():
+                out.extend(_run_task(task, loaded, {hp_name: group}, config))
     return out
 
 
-def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encoder],
+def _run_task(task: Task, model: LoadedModel, groups: dict[str, list[Encoder]],
               config: RunConfig) -> list[records.RunRecord]:
+    """Run `task` on the encoders of `groups` (one hookpoint, or several for a multi-hookpoint task)."""
     corpus = CorpusSpec(config.corpus)
-    ctx = TaskContext(model, model.hookpoint(hp_name), corpus, config.seed, config.batch_size,
+    single = None if task.multi_hookpoint else model.hookpoint(next(iter(groups)))
+    ctx = TaskContext(model, single, corpus, config.seed, config.batch_size,
                       SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress,
-                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references)
+                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references, groups=groups)
     base = {
         "task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)},
         "model": {"id": model.model_id, "revision": model.revision, "dtype": model.dtype},
-        "hookpoint": hp_name, "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos,
+        "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos,
     }
     todo, done = [], {}
-    for enc in encoders:
-        cfg = base | {"encoder": enc.spec.to_dict()}
+    for row in task.rows(ctx):
+        cfg = base | {"hookpoint": row.hookpoint, "encoder": row.encoder.to_dict()}
         chash = records.config_hash(cfg)
-        path = records.record_path(config.output_dir, task.spec.name, enc.spec.label, chash)
+        path = records.record_path(config.output_dir, task.spec.name, row.encoder.label, chash)
         existing = records.read_record(path) if config.reuse else None
         if existing is not None:
-            done[enc.spec.label] = existing
+            done[row.key] = existing
         else:
-            todo.append((enc, cfg, chash, path))
+            todo.append((row, cfg, chash, path))
     if todo:
         # checkpoints count batches and chunks of whole batches, so they are kept per batch size: a
         # rerun with another --batch-size starts afresh instead of misreading them
@@ -242,24 +266,38 @@ def _run_task(task: Task, model: LoadedModel, hp_name: str, encoders: list[Encod
                                               "batch_size": config.batch_size})
         partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
         with _exclusive(partial.with_suffix(".lock"), task.spec.name):
-            finished = {enc.spec.label: rec for enc, _, _, path in todo
+            finished = {row.key: rec for row, _, _, path in todo
                         if config.reuse and (rec := records.read_record(path)) is not None}
             if len(finished) == len(todo):  # another run wrote them while this one waited
                 done |= finished
             else:
-                ctx.partial = PartialStore(partial)
-                start = time.monotonic()
-                results = task.run(ctx, [enc for enc, *_ in todo])
-                seconds = time.monotonic() - start
-                for enc, cfg, chash, path in todo:
-                    rec = _record(task, model, hp_name, enc, cfg, chash, results[enc.spec.label], seconds,
-                                  len(todo), config)
-                    if ctx.warnings:
-                        rec.extra["warnings"] = list(ctx.warnings)
-                    _write(path, rec, results[enc.spec.label])
-                    done[enc.spec.label] = rec
-                ctx.partial.clear()
-    return [done[enc.spec.label] for enc in encoders]
+                done |= _compute(task, ctx, todo, partial, config)
+    return [done[row.key] for row in task.rows(ctx)]
+
+
+def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: RunConfig) -> dict[str, records.RunRecord]:
+    """Run the task for the rows in `todo` and write their records."""
+    ctx.partial = PartialStore(partial)
+    ctx.wanted = frozenset(row.key for row, *_ in todo)
+    if task.multi_hookpoint:
+        encoders = [e for group in ctx.groups.values() for e in group]
+    else:
+        encoders = [e for group in ctx.groups.values() for e in group if row_key(e.spec.label, ctx.hookpoint.name)
+                    in ctx.wanted]
+    start = time.monotonic()
+    results = task.run(ctx, encoders)
+    seconds = time.monotonic() - start
+    if not task.multi_hookpoint:
+        results = {row_key(label, ctx.hookpoint.name): result for label, result in results.items()}
+    done = {}
+    for row, cfg, chash, path in todo:
+        rec = _record(task, ctx.model, row, cfg, chash, results[row.key], seconds, len(todo), config)
+        if ctx.warnings:
+            rec.extra["warnings"] = list(ctx.warnings)
+        _write(path, rec, results[row.key])
+        done[row.key] = rec
+    ctx.partial.clear()
+    return done
 
 
 @contextmanager
@@ -285,14 +323,14 @@ def _exclusive(lock: Path, what: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _record(task: Task, model: LoadedModel, hp_name: str, enc: Encoder, cfg: dict, chash: str,
+def _record(task: Task, model: LoadedModel, row: Row, cfg: dict, chash: str,
             result: TaskResult, seconds: float, n_run: int, config: RunConfig) -> records.RunRecord:
-    plugin = distribution_of(ENCODER_GROUP, enc.spec.name)
+    plugin = distribution_of(ENCODER_GROUP, row.encoder.name)
     return records.RunRecord(
         task=task.spec.to_dict(),
-        encoder=enc.spec.to_dict() | {"plugin": plugin},
+        encoder=row.encoder.to_dict() | {"plugin": plugin},
         model={"id": model.model_id, "revision": model.revision, "name": model.name, "dtype": model.dtype},
-        hookpoint=hp_name, config=cfg, config_hash=chash,
+        hookpoint=row.hookpoint, config=cfg, config_hash=chash,
         metrics=result.metrics, stderr=result.stderr, n=result.n,
         seconds=round(seconds, 3), seed=config.seed,
         saebench_version=saebench.__version__, git_sha=records.git_sha(),

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import BuildContext
+from saebench.encoders.specs import apply_options
+from saebench.errors import SaebenchError
 from saebench.models import publish_dir
 from saebench.presets import load_presets
 from saebench.records import config_hash
@@ -50,14 +52,32 @@ class DefaultSAEConfig:
     """Training seed (which training contexts, initialisation, batch order); `--seed` does not change it."""
 
 
-def default_sae_config() -> DefaultSAEConfig:
-    return DefaultSAEConfig(**load_presets("registry", "encoders").get("sae_default", {}).get("train", {}))
+def default_sae_config(options: dict[str, str] | None = None) -> DefaultSAEConfig:
+    """The preset's training settings (registry/encoders.yaml) with `options` from the spec applied."""
+    cfg = DefaultSAEConfig(**load_presets("registry", "encoders").get("sae_default", {}).get("train", {}))
+    cfg = apply_options(cfg, options or {}, "sae:default")
+    for name in ("expansion", "k", "train_tokens", "epochs", "batch_size", "dead_window"):
+        if getattr(cfg, name) < 1:
+            raise SaebenchError(f"sae:default option {name} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.context_len < 2:
+        raise SaebenchError(f"sae:default option context_len must be at least 2, not {cfg.context_len}")
+    if not (cfg.lr > 0 and cfg.outlier_factor > 0):
+        raise SaebenchError("sae:default options lr and outlier_factor must be positive")
+    return cfg
 
 
-def default_sae_dir(build: BuildContext) -> Path:
-    """Folder of the cached default SAE for `build.model`, training it first when absent."""
+def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) -> Path:
+    """Folder of the cached default SAE for `build.model`, training it first when absent.
+
+    Args:
+        options: training settings that differ from the preset (``sae:default?context_len=1024``).
+    """
     model = build.model
-    cfg = default_sae_config()
+    cfg = default_sae_config(options)
+    limit = model.max_positions
+    if limit and cfg.context_len > limit:
+        raise SaebenchError(f"sae:default option context_len={cfg.context_len} is longer than model "
+                            f"{model.name!r} supports ({limit} positions)")
     hookpoint = model.hookpoint(build.hookpoint or model.default_hookpoint or
                                 f"layers.{len(model.layers()) // 2}.resid_post")
     # The model's dtype is deliberately not in the key: the SAE trains in float32 on activations

@@ -96,6 +96,8 @@ class Encoder(ABC):
 
     spec: EncoderSpec
     capabilities: frozenset[str] = frozenset()
+    training_context: int | None = None
+    """Tokens per context the encoder was trained on, when known (an SAE's metadata.context_size)."""
 
     @classmethod
     @abstractmethod

@@ -2,6 +2,8 @@
 
 Spec forms:
 - ``sae:default``: saebench's embedded default SAE for the model (trained once, then cached);
+  options change how it is trained, e.g. ``sae:default?context_len=1024`` (fields of
+  saebench.training.DefaultSAEConfig); ``@layers.5.resid_post`` places it at another hookpoint;
 - ``sae:<path>``: a directory in sae-lens format (cfg.json + sae_weights.safetensors);
 - ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub).
 """
@@ -23,6 +25,7 @@ from saebench.encoders.base import (
     EncoderSpec,
     dense,
 )
+from saebench.encoders.specs import split_options
 from saebench.errors import SaebenchError
 from saebench.models import HOOKPOINT_RE
 
@@ -42,10 +45,14 @@ def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
     from sae_lens import SAE
 
     device = str(build.model.device)
+    arg, options = split_options(arg)
+    if options and arg != "default":
+        raise SaebenchError(f"options ({'&'.join(options)}) apply to sae:default only (how saebench trains it); "
+                            f"sae:{arg} is loaded as it is")
     if arg == "default":
         from saebench.training import default_sae_dir
 
-        path = default_sae_dir(build)
+        path = default_sae_dir(build, options)
         return SAE.load_from_disk(path, device=device), {"source": "default", "path": str(path),
                                                          "weights_sha256": _file_digest(path / "sae_weights.safetensors")}
     path = Path(arg).expanduser()
@@ -89,6 +96,7 @@ class SAELensEncoder(Encoder):
         params = {"architecture": cfg.architecture(), "k": getattr(cfg, "k", None),
                   "normalize_activations": cfg.normalize_activations, **provenance}
         self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params)
+        self.training_context = getattr(cfg.metadata, "context_size", None)
 
     @classmethod
     def from_arg(cls, arg: str | None, build: BuildContext) -> "SAELensEncoder":

@@ -5,7 +5,7 @@ import shutil
 import sys
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from saebench.corpus import CorpusSpec, token_contexts
-from saebench.encoders.base import Encoder
+from saebench.encoders.base import Encoder, EncoderSpec
 from saebench.errors import SaebenchError
 from saebench.models import Hookpoint, LoadedModel
 from saebench.forward import HookpointForward, hookpoint_forward
@@ -108,6 +108,12 @@ class PartialStore:
         if self.pieces_dir is not None:
             self._write(self.pieces_dir / f"{name}.pt", state)
 
+    def sub(self, name: str) -> "PartialStore":
+        """A store of its own for one part of the run (e.g. one hookpoint), cleared with this one."""
+        if self.pieces_dir is None:
+            return PartialStore(None)
+        return PartialStore(self.pieces_dir / f"{name}.state.pt")
+
     def clear(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
@@ -139,12 +145,29 @@ class PartialStore:
             raise
 
 
+def row_key(label: str, hookpoint: str) -> str:
+    """Key of a result row: the encoder's label at its hookpoint ('sae:default@layers.5.resid_post')."""
+    return f"{label}@{hookpoint}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record a task run writes: an encoder, or a combination of encoders, at its hookpoint(s)."""
+
+    key: str
+    """What run() keys this row's result by."""
+    encoder: EncoderSpec
+    hookpoint: str
+    """A hookpoint name, or for a combination its hookpoints ('layers.{5,15,25}.resid_post')."""
+
+
 @dataclass
 class TaskContext:
     """The model, hookpoint, data and settings a task runs with."""
 
     model: LoadedModel
-    hookpoint: Hookpoint
+    hookpoint: Hookpoint | None
+    """The hookpoint of a single-hookpoint task; None for a multi-hookpoint task (see `at`)."""
     corpus: CorpusSpec
     seed: int
     batch_size: int
@@ -161,6 +184,10 @@ class TaskContext:
     """Store the reference passes (clean, zero, mean) in saebench's cache and reuse them."""
     warnings: list[str] = field(default_factory=list)
     """Warnings raised while the task ran; stored in each record's extra.warnings."""
+    groups: dict[str, list[Encoder]] = field(default_factory=dict)
+    """The run's encoders by hookpoint name (a single-hookpoint task sees its own hookpoint only)."""
+    wanted: frozenset[str] | None = None
+    """Keys of the rows the runner needs (the others have finished records); None: every row."""
     _forward: HookpointForward | None = None
     _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     _mean: Tensor | None = None
@@ -178,6 +205,16 @@ class TaskContext:
             self._contexts[key] = tokens
         return self._contexts[key]
 
+    def at(self, hookpoint: str) -> "TaskContext":
+        """This context at one hookpoint: its own forward passes and checkpoint store; the same data,
+        settings and warnings."""
+        return replace(self, hookpoint=self.model.hookpoint(hookpoint), partial=self.partial.sub(hookpoint),
+                       groups={hookpoint: self.groups.get(hookpoint, [])}, _forward=None, _mean=None)
+
+    def hookpoint_of(self, encoder: Encoder) -> str:
+        """The hookpoint `encoder` runs at in this run."""
+        return next(hp for hp, group in self.groups.items() if any(e is encoder for e in group))
+
     def warn(self, message: str) -> None:
         """Print a warning now and keep it for the records of this run (extra.warnings)."""
         print(f"saebench: warning: {message}", file=sys.stderr)
@@ -192,6 +229,8 @@ class TaskContext:
     @property
     def forward(self) -> HookpointForward:
         """Clean captures at the hookpoint and passes resumed from it (built on first use)."""
+        if self.hookpoint is None:
+            raise RuntimeError("a multi-hookpoint task has no single forward; use ctx.at(hookpoint).forward")
         if self._forward is None:
             self._forward = hookpoint_forward(self.model, self.hookpoint, self.reuse_prefix)
         return self._forward
@@ -213,9 +252,20 @@ class TaskContext:
 
 
 class Task(ABC):
-    """A benchmark that scores encoders spliced into a model."""
+    """A benchmark that scores encoders spliced into a model.
+
+    A single-hookpoint task (the default) is run once per hookpoint of the run, with that
+    hookpoint's encoders, and keys its results by encoder label. A task that needs encoders at
+    several hookpoints at once (a sweep over layers, errors propagating from layer i to layer j,
+    layers spliced together) sets `multi_hookpoint`: it is run once with every encoder,
+    ctx.groups maps each hookpoint to its encoders, ctx.at(name) gives the context of one
+    hookpoint, and results are keyed by `Row.key`. Either kind may add rows of its own (e.g.
+    a combination of encoders) by overriding `rows`.
+    """
 
     spec: ClassVar[TaskSpec]
+    multi_hookpoint: ClassVar[bool] = False
+    """True: run() gets every encoder of the run at once, grouped by hookpoint (ctx.groups)."""
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "Task":
@@ -226,6 +276,15 @@ class Task(ABC):
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         """The task's effective parameters for this run (hashed into records)."""
 
+    def rows(self, ctx: TaskContext) -> list[Row]:
+        """The records this run writes: one per encoder at its hookpoint (tasks may add combinations)."""
+        return [Row(row_key(e.spec.label, hp), e.spec, hp) for hp, group in ctx.groups.items() for e in group]
+
     @abstractmethod
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        """Score every encoder on the same data; results keyed by encoder label."""
+        """Score every encoder on the same data.
+
+        Returns:
+            Results keyed by encoder label (single-hookpoint tasks) or by Row.key (multi-hookpoint
+            tasks, which compute at least the rows in ctx.wanted).
+        """

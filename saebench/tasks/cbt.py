@@ -150,7 +150,7 @@ class CBTTask(Task):
         conts = [tok.encode(" " + detokenize(q.query.replace(BLANK, c)), add_special_tokens=False)
                  for c in q.candidates]
         ctx_ids = tok.encode(context)
-        limit = getattr(ctx.model.model.config, "max_position_embeddings", None)
+        limit = ctx.model.max_positions
         if limit is not None:
             ctx_ids = ctx_ids[-(limit - max(map(len, conts))):]
         return ctx_ids, conts

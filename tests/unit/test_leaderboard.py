@@ -11,9 +11,10 @@ def test_leaderboard_ranks_by_headline_and_writes_csv(tiny_llama, tmp_path, caps
              RunConfig(limit=128, context_len=16, output_dir=tmp_path / "runs", progress=False))
     assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
-    assert "## ce_kl v1 · tiny-llama (float32) · layers.1.resid_pre" in md
+    assert "## ce_kl v1 · tiny-llama (float32)\n" in md
     cells = [line.split("|") for line in md.splitlines() if line.startswith("|")]
     order = [c[2].strip() for c in cells if c[1].strip().isdigit()]
+    assert {c[3].strip() for c in cells if c[1].strip().isdigit()} == {"layers.1.resid_pre"}
     by_value = sorted(recs, key=lambda r: -r.metrics["ce_loss_recovered"])
     assert order == [r.encoder["label"] for r in by_value] and order[0] == "identity"
     rows = list(csv.DictReader((tmp_path / "lb" / "ce_kl.csv").open()))
@@ -50,7 +51,7 @@ def test_leaderboards_never_mix_dtypes(tiny_llama, tmp_path):
     (path.parent / "bf16.json").write_text(json.dumps(data))
     main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
-    assert "tiny-llama (float32) ·" in md and "tiny-llama (bfloat16) ·" in md
+    assert "tiny-llama (float32)\n" in md and "tiny-llama (bfloat16)\n" in md
 
 
 def _one_record(tiny_llama, runs, **kw):
