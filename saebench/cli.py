@@ -17,13 +17,16 @@ def _run_parser(sub) -> None:
     p.add_argument("--model", required=True, help="preset (saebench list models), HF hub id, or local path")
     p.add_argument("--encoder", action="append", default=[], metavar="SPEC",
                    help="encoder spec, repeatable: identity, zero, mean, sae:default, sae:<path>, "
-                        "sae:<release>/<sae_id>, or a plugin's name[:arg]")
+                        "sae:<release>/<sae_id>, or a plugin's name[:arg]; '@layers.5.resid_post' places it, "
+                        "braces expand ('sae:default@layers.{5,15,25}.resid_post'), presets from "
+                        "`saebench list encoders` stand for their lists")
     p.add_argument("--task", action="append", default=[], metavar="NAME",
                    help="task or task preset, repeatable (saebench list tasks)")
     p.add_argument("--hookpoint", help="layers.{i}.resid_pre|resid_post|attn_out|mlp_out (sae-lens names too), e.g. "
                         "layers.15.resid_post; default: the SAE's own, else the model preset's")
     p.add_argument("--limit", type=int, help="tokens (ce_kl) or items (benchmarks) to evaluate; default per task")
-    p.add_argument("--context-len", type=int, help="tokens per context, BOS included; default per task")
+    p.add_argument("--context-len", type=int, help="tokens per context of ce_kl, BOS included; default per task "
+                                                   "(context_sweep takes --max-len)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="which held-out contexts are drawn (default 0)")
     p.add_argument("--corpus", default="wiki", help="'wiki' (embedded, default) or hf:<dataset>[:<config>]")
@@ -37,6 +40,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--data-file", help="local data file, given to the tasks of the run that take one (lambada: a "
                                        "lambada_test.jsonl; cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL "
                                        "of its eval split)")
+    p.add_argument("--max-len", type=int, help="tokens per sequence of context_sweep, BOS included (default "
+                                               "min(1024, the model's context))")
     p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
     p.add_argument("--no-prefix-reuse", action="store_true",
@@ -61,7 +66,7 @@ def _cmd_run(args) -> int:
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
         gguf_file=args.gguf_file, revision=args.revision, output_dir=args.output, reuse=not args.no_reuse,
         progress=not args.quiet, reuse_prefix=not args.no_prefix_reuse, cache_references=not args.no_reference_cache,
-        task_params={"data_file": args.data_file} if args.data_file else {},
+        task_params={k: v for k, v in (("data_file", args.data_file), ("max_len", args.max_len)) if v is not None},
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))

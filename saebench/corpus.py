@@ -135,3 +135,65 @@ def token_contexts(
     order = torch.randperm(n_pieces, generator=torch.Generator().manual_seed(seed))[:n_wanted]
     bos = torch.full((len(order), 1), bos_id, dtype=torch.long)
     return torch.cat([bos, pieces[order]], dim=1)
+
+
+@dataclass(frozen=True)
+class LongSequences:
+    """Sequences for position-resolved tasks, and where they came from."""
+
+    tokens: torch.Tensor
+    """(n, length) int64 token ids, BOS first."""
+    documents: list[int]
+    """How many documents each sequence holds (1: a single document from its start)."""
+
+    def provenance(self) -> str:
+        """One line saying how many sequences come from one document."""
+        single = sum(1 for d in self.documents if d == 1)
+        text = f"{single} of {len(self.documents)} sequences are the start of a single document"
+        if single < len(self.documents):
+            text += (f"; {len(self.documents) - single} are packed from up to {max(self.documents)} documents "
+                     "(later documents start after a BOS, whose positions are sinks)")
+        return text
+
+
+def long_sequences(tokenizer, spec: CorpusSpec, length: int, n: int, seed: int, bos_id: int) -> LongSequences:
+    """`n` sequences of `length` tokens for measuring how encoders behave along a long context.
+
+    Documents of at least ``length - 1`` tokens come first, each giving one sequence: BOS, then the
+    document's first tokens, so position p is position p of a real document. Only when there are
+    too few do later windows of long documents follow (BOS, then a window cut at a token
+    boundary), and then packs of shorter documents joined by BOS tokens. Each tier is shuffled
+    with `seed`; the first `n` sequences are taken (fewer when the split is smaller).
+    """
+    if length < 2:
+        raise SaebenchError(f"--max-len must be at least 2, not {length}")
+    piece = length - 1
+    starts, later, rest = [], [], []  # (ids, documents)
+    is_hf = spec.name.startswith("hf:")
+    for text in documents(spec):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= piece:
+            starts.append((ids[:piece], 1))
+            later.extend((ids[i:i + piece], 1) for i in range(piece, len(ids) - piece + 1, piece))
+        else:
+            rest.append(ids)
+        if is_hf and len(starts) >= 4 * n:  # a streamed dataset is unbounded
+            break
+    packed, stream, count = [], [], 0
+    for ids in rest:
+        stream.extend(([bos_id] if stream else []) + ids)
+        count += 1
+        while len(stream) >= piece:
+            packed.append((stream[:piece], count))
+            stream, count = stream[piece:], 1 if len(stream) > piece else 0
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[tuple[list[int], int]] = []
+    for tier in (starts, later, packed):
+        order = torch.randperm(len(tier), generator=gen).tolist()
+        chosen.extend(tier[i] for i in order)
+    chosen = chosen[:n]
+    if not chosen:
+        raise SaebenchError(f"corpus {spec.name!r} ({spec.split} split) has too little text for one "
+                            f"{length}-token sequence; lower --max-len")
+    tokens = torch.tensor([[bos_id] + ids for ids, _ in chosen], dtype=torch.long)
+    return LongSequences(tokens, [d for _, d in chosen])

@@ -22,8 +22,8 @@ input comes from the last capture of the same tokens, else from one prefix pass 
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +235,40 @@ class HookpointForward:
         if self.head is None:
             raise RuntimeError("logits_from_normed needs prefix reuse (a known LM head)")
         return self.head.logits(normed.to(self.model.device))
+
+
+@torch.no_grad()
+def capture_all(forwards: Sequence[HookpointForward], token_ids: Tensor) -> tuple[ForwardOutput, list[Tensor]]:
+    """One full clean pass for several hookpoints of one model: its output and each hookpoint's activation.
+
+    Inside-layer hookpoints keep their layer's clean input, so resuming from them needs no prefix
+    pass. The output carries the final norm's output where the LM head is known, so callers can
+    take logits a chunk of positions at a time instead of holding (batch, seq, vocab) per pass.
+
+    Returns:
+        The clean pass's output, and a (batch, seq, d_model) activation per forward, in order.
+    """
+    model = forwards[0].model
+    ids = token_ids.to(model.device)
+    seen: dict[int, Tensor] = {}
+
+    def keeper(i: int) -> Callable[[Tensor], None]:
+        def keep(hidden: Tensor) -> None:
+            seen.setdefault(i, hidden.detach())
+        return keep
+
+    head = LMHead.of(model.model, model.layers())
+    with ExitStack() as stack:
+        for i, fwd in enumerate(forwards):
+            stack.enter_context(fwd._keeping_layer_input(ids))
+            stack.enter_context(hook_at(fwd.hookpoint, keeper(i)))
+        if head is not None:
+            handle = head.norm.register_forward_hook(lambda module, args, out: keeper(-1)(out))
+            stack.callback(handle.remove)
+        logits = model.model(ids, use_cache=False).logits
+    for i, fwd in enumerate(forwards):
+        check_finite(seen[i], f"the model's activations at {fwd.hookpoint.name}")
+    return ForwardOutput(logits, seen.get(-1)), [seen[i] for i in range(len(forwards))]
 
 
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HookpointForward]]" = weakref.WeakKeyDictionary()

@@ -111,8 +111,9 @@ def _params_for(name: str, params: dict[str, Any], tasks: Sequence[str]) -> dict
     for key in params:
         if not any(key in _accepted_params(t) for t in tasks):
             option = "--" + key.replace("_", "-")
+            takers = sorted(n for n in available(TASK_GROUP) if key in _accepted_params(n))
             raise SaebenchError(f"{option} applies to none of the tasks given ({', '.join(tasks)}); "
-                                "it is for benchmark tasks such as lambada, cbt_cn or lm_eval:<task>")
+                                f"tasks that take it: {', '.join(takers)}")
     return {k: v for k, v in params.items() if k in _accepted_params(name)}
 
 

@@ -246,8 +246,8 @@ class TaskContext:
     def activation_mean(self) -> Tensor:
         """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""
         if self._mean is None:
-            raise SaebenchError("this task has no evaluation corpus to take a mean activation over, so the "
-                                "'mean' encoder cannot run here; use it with ce_kl")
+            raise SaebenchError("the 'mean' encoder needs a mean activation over the task's evaluation tokens, "
+                                "which this task does not measure; use it with ce_kl")
         return self._mean
 
 

@@ -53,7 +53,7 @@ class CEKLConfig:
     """Tokens per context, BOS included; --context-len overrides."""
 
 
-def _latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
+def latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token L0, per-token L1, and per-latent firing counts of a chunk of codes."""
     if isinstance(codes, SparseCodes):
         active = codes.values != 0
@@ -88,7 +88,7 @@ class _EncoderSums:
             if self.d_latent:
                 sub = (SparseCodes(codes.indices[use], codes.values[use], codes.d_latent)
                        if isinstance(codes, SparseCodes) else codes[use.to(codes.device)])
-                l0, l1, fired = _latent_stats(sub, self.d_latent)
+                l0, l1, fired = latent_stats(sub, self.d_latent)
                 self._batch["l0"].index_add_(0, ctx_idx, l0.cpu())
                 self._batch["l1"].index_add_(0, ctx_idx, l1.cpu())
                 self.fired += fired.cpu()

@@ -43,7 +43,7 @@ def main() -> None:
     task = resolve_task(task_name, params)
     config = RunConfig(limit=2048 if task_name == "ce_kl" else None, context_len=32 if task_name == "ce_kl" else None,
                        batch_size=4, output_dir=Path(output), progress=False, cache_references=False)
-    _run_task(task, model, HOOKPOINT, [ReluLatentEncoder(model.d_model, hookpoint=HOOKPOINT)], config)
+    _run_task(task, model, {HOOKPOINT: [ReluLatentEncoder(model.d_model, hookpoint=HOOKPOINT)]}, config)
     print(f"checkpoints written: {writes[0]}")
 
 

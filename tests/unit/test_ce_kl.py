@@ -76,7 +76,7 @@ def test_metrics_match_hand_computation(tiny_llama, tmp_path):
 
     enc = HalfEncoder(32)
     config = RunConfig(limit=256, context_len=32, output_dir=tmp_path, progress=False)
-    rec = _run_task(resolve_task("ce_kl"), tiny_llama, "layers.1.resid_pre", [enc], config)[0]
+    rec = _run_task(resolve_task("ce_kl"), tiny_llama, {"layers.1.resid_pre": [enc]}, config)[0]
     # hand computation on the same tokens
     ctx = TaskContext(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), CorpusSpec(), 0, 8, SpliceConfig(),
                       None, None)
@@ -142,13 +142,13 @@ def test_interrupted_run_resumes_without_recomputing(tiny_llama, tmp_path, monke
     task = resolve_task("ce_kl")
     CountingIdentity.calls, CountingIdentity.fail_at = 0, 3  # dies in the third of four batches
     with pytest.raises(KeyboardInterrupt):
-        _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config)
+        _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]}, config)
     assert not list((tmp_path / "a").rglob("*.json"))  # no half-written record
     CountingIdentity.calls, CountingIdentity.fail_at = 0, None
-    resumed = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config)[0]
+    resumed = _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]}, config)[0]
     assert CountingIdentity.calls == 2  # batches 1-2 were not recomputed
     assert not list((tmp_path / "a").rglob("*.pt"))  # partial state cleared once the record exists
-    fresh = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)],
+    fresh = _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]},
                       RunConfig(limit=32 * 8 * 4, context_len=32, output_dir=tmp_path / "b", progress=False))[0]
     assert resumed.metrics == fresh.metrics
 
@@ -166,11 +166,11 @@ def test_a_rerun_with_another_batch_size_does_not_misread_the_checkpoint(tiny_ll
 
     CountingIdentity.calls, CountingIdentity.fail_at = 0, 3  # two of four 8-context batches checkpointed
     with pytest.raises(KeyboardInterrupt):
-        _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("a", 8))
+        _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]}, config("a", 8))
     CountingIdentity.calls, CountingIdentity.fail_at = 0, None
-    resumed = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("a", 4))[0]
+    resumed = _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]}, config("a", 4))[0]
     assert CountingIdentity.calls == 8  # all eight 4-context batches: the 8-context checkpoint was not used
-    fresh = _run_task(task, tiny_llama, "layers.1.resid_pre", [CountingIdentity(32)], config("b", 4))[0]
+    fresh = _run_task(task, tiny_llama, {"layers.1.resid_pre": [CountingIdentity(32)]}, config("b", 4))[0]
     assert resumed.metrics == fresh.metrics
 
 

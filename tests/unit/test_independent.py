@@ -68,7 +68,7 @@ def test_ce_kl_matches_an_independent_computation(tiny_llama, tmp_path):
     config = RunConfig(limit=24 * 32, context_len=32, batch_size=8, output_dir=tmp_path, progress=False)
     user = [IdentityEncoder(32), ZeroEncoder(32)]
     recs = {r.encoder["label"]: r.metrics
-            for r in _run_task(resolve_task("ce_kl"), tiny_llama, HOOKPOINT, [relu, linear, *user], config)}
+            for r in _run_task(resolve_task("ce_kl"), tiny_llama, {HOOKPOINT: [relu, linear, *user]}, config)}
 
     clean, x, sink = _reference(tiny_llama, tokens, None)
     zero, _, _ = _reference(tiny_llama, tokens, lambda h: torch.zeros_like(h))

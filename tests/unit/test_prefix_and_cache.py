@@ -58,7 +58,7 @@ def _ce_kl(model, labels, tmp_path, name, hookpoint="layers.1.resid_pre", **kw):
     config = RunConfig(limit=24 * 32, context_len=32, batch_size=8, output_dir=tmp_path / name, progress=False, **kw)
     make = {"identity": IdentityEncoder, "zero": ZeroEncoder, "mean": MeanEncoder, "noisy": NoisyEncoder}
     encoders = [make[label](model.d_model) for label in labels]
-    return {r.encoder["label"]: r.metrics for r in _run_task(resolve_task("ce_kl"), model, hookpoint, encoders, config)}
+    return {r.encoder["label"]: r.metrics for r in _run_task(resolve_task("ce_kl"), model, {hookpoint: encoders}, config)}
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
