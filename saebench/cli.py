@@ -100,6 +100,12 @@ def _cmd_list(args) -> int:
             dist = distribution_of(ENCODER_GROUP, name)
             rows.append((name, ep.value, f"{dist['distribution']} {dist['version']}"))
         print(tabulate(rows, headers=("encoder", "object", "from")))
+        from saebench.encoders.specs import encoder_presets
+
+        if presets := encoder_presets():
+            print("\nPresets (each stands for the encoders it lists; '{a,b}' and '{0..11}' expand):")
+            print(tabulate([(name, " ".join(p["encoders"]), p.get("description", "")) for name, p in presets.items()],
+                           headers=("preset", "encoders", "description"), maxcolwidths=[None, 40, 60]))
     else:
         from saebench.runner import task_names
 
