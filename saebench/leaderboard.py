@@ -12,13 +12,14 @@ metric in its better direction; `n` is the headline metric's n.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
 from saebench.errors import SaebenchError
-from saebench.records import RunRecord, scan_records, write_atomic
+from saebench.records import RunRecord, scan_record_files, write_atomic
 from saebench.report import fmt, records_frame
 from saebench.tasks.base import TaskSpec
 
@@ -74,8 +75,14 @@ def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded
     return "\n".join(lines)
 
 
-def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
-    """Markdown and CSV text for one task's records (all comparable groups)."""
+def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path] | None = None,
+                         out_dir: Path | None = None) -> tuple[str, str]:
+    """Markdown and CSV text for one task's records (all comparable groups).
+
+    Args:
+        paths: each record's file by id(record), so curves in its details file can be drawn.
+        out_dir: where curve plots are written (no plots when None).
+    """
     groups: dict[tuple, list[RunRecord]] = {}
     for rec in recs:
         groups.setdefault(_group_key(rec), []).append(rec)
@@ -85,7 +92,7 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
              f"Values are mean ± standard error; n is the number of tokens or items behind `{newest_spec.headline}`. "
              "One table per set of comparable settings.\n"]
     frames = []
-    for (name, version, _), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for index, ((name, version, _), group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])), 1):
         spec = task_spec_of(group[0])
         group, superseded = _newest(group)
         names = list(spec.summary_metrics())
@@ -100,6 +107,13 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=["rank", "encoder", "hookpoint", *names, "n"], tablefmt="github",
                                 disable_numparse=True) + "\n")
+        if out_dir is not None and paths:
+            from saebench.plots import curve_sections
+
+            ranked = sorted(group, key=lambda r: list(frame["encoder"] + "\0" + frame["hookpoint"]).index(
+                r.encoder["label"] + "\0" + r.hookpoint))
+            if section := curve_sections(name, index, [(r, paths[id(r)]) for r in ranked if id(r) in paths], out_dir):
+                parts.append(section)
     import pandas as pd
 
     return "\n".join(parts), pd.concat(frames).to_csv(index=False)
@@ -107,7 +121,8 @@ def leaderboard_markdown(task: str, recs: list[RunRecord]) -> tuple[str, str]:
 
 def write_leaderboards(runs_dir: Path, out_dir: Path, task: str | None = None) -> list[Path]:
     """Write <task>.md and <task>.csv into `out_dir` for every task with records; returns the paths."""
-    recs, rejected = scan_records(runs_dir)
+    found, rejected = scan_record_files(runs_dir)
+    recs, paths = [rec for _, rec in found], {id(rec): path for path, rec in found}
     for path, reason in rejected:
         print(f"saebench: warning: skipped {path}: {reason}", file=sys.stderr)
     if task is not None:
@@ -118,9 +133,10 @@ def write_leaderboards(runs_dir: Path, out_dir: Path, task: str | None = None) -
         raise SaebenchError(f"no {what} under {runs_dir}{skipped}; run `saebench run ...` first or pass --runs")
     written = []
     for name in sorted({r.task["name"] for r in recs}):
-        md, csv = leaderboard_markdown(name, [r for r in recs if r.task["name"] == name])
+        md, csv = leaderboard_markdown(name, [r for r in recs if r.task["name"] == name], paths, Path(out_dir))
         for suffix, text in ((".md", md), (".csv", csv)):
             path = Path(out_dir) / f"{name}{suffix}"
             write_atomic(path, text)
             written.append(path)
+        written.extend(Path(out_dir) / link for link in re.findall(rf"\]\(({re.escape(name)}-[^)]+\.png)\)", md))
     return written

@@ -140,8 +140,8 @@ def read_record(path: Path) -> RunRecord | None:
     return _checked(path)[0]
 
 
-def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
-    """Every record under `runs_dir`, and each rejected file with the reason.
+def scan_record_files(runs_dir: Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:
+    """Every record under `runs_dir` with its path (details files lie next to it), and each rejected file.
 
     Temporary files of writes in progress (names starting with '.') are not records.
     """
@@ -153,7 +153,7 @@ def scan_records(runs_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]
         if rec is None:
             rejected.append((path, problem))
         else:
-            out.append(rec)
+            out.append((path, rec))
     return out, rejected
 
 

@@ -356,9 +356,9 @@ class ContextSweepTask(Task):
             metrics[f"fve_{where}"] = _num(fve_r[idx[where]]) if n_of("sse", idx[where]) else None
             stderr[f"fve_{where}"], n[f"fve_{where}"] = None, n_of("sse", idx[where])
         details = self._curve_rows(sums, clean, spans, ranged, fve_r)
-        curves = {"position": {"x": "position", "scale": "log2", "plot": "line",
+        curves = {"position": {"x": "position", "scale": "log2", "plot": "line", "overlay": "bucket",
                                "metrics": [*ACT_METRICS[:1], "mse", "fve", "l0", "l1", "cos", *PRED_METRICS]},
-                  "bucket": {"x": "bucket", "plot": "table", "metrics": ["dce", "kl", "l0", "fve", "mse", "norm"]}}
+                  "bucket": {"x": "bucket", "plot": "table", "metrics": ["dce", "l0", "kl", "fve"]}}
         return TaskResult(metrics, stderr, n, details, extra | {"curves": curves, "training_context": t})
 
     @staticmethod

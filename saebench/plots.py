@@ -1,0 +1,191 @@
+"""Curves of records, rendered next to the leaderboard tables.
+
+A task declares its curves in each result's ``extra["curves"]``: name -> {"x": field,
+"plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" (optional)}. The
+points are rows of the record's details file with ``"curve": name``, holding x, each metric
+and optionally ``<metric>_se``. Line curves become one PNG per comparable group (a panel per
+metric, a line per encoder and hookpoint, each encoder's training context marked; an "overlay"
+curve whose rows span x = first..last is drawn over it as range means); table
+curves become markdown tables (a row per encoder and hookpoint, a column per x); heatmap
+curves become one PNG per metric (rows: the records, columns: x).
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from saebench.records import RunRecord
+
+LABELS = {"norm": "‖x‖", "mse": "MSE (mean over dims)", "fve": "FVE", "l0": "L0", "l1": "L1",
+          "cos": "cos(x, x̂)", "dce": "ΔCE (nats)", "kl": "KL (nats)"}
+
+
+def row_label(rec: RunRecord) -> str:
+    return f"{rec.encoder['label']} @ {rec.hookpoint}"
+
+
+def load_curves(rec: RunRecord, path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The details rows of each curve the record declares (empty when it has none or the file is gone)."""
+    declared = rec.extra.get("curves") or {}
+    if not declared or not rec.details_file:
+        return {}
+    details = path.parent / rec.details_file
+    if not details.exists():
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in declared}
+    for line in details.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("curve") in out:
+            out[row["curve"]].append(row)
+    return out
+
+
+def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], out_dir: Path) -> str:
+    """Markdown (and PNG files in `out_dir`) for the curves of one comparable group's records."""
+    declared: dict[str, dict[str, Any]] = {}
+    for rec, _ in group:
+        declared.update(rec.extra.get("curves") or {})
+    if not declared:
+        return ""
+    curves = [(rec, load_curves(rec, path)) for rec, path in group]
+    parts = []
+    for name, spec in declared.items():
+        have = [(rec, c[name]) for rec, c in curves if c.get(name)]
+        if not have:
+            continue
+        if spec["plot"] == "line":
+            file = f"{task}-{index}-{name}.png"
+            overlay = spec.get("overlay")
+            overlays = {k: c[overlay] for k, (rec, c) in enumerate((r, c) for r, c in curves if c.get(name))
+                        if overlay and c.get(overlay)}
+            _line_plot(have, spec, out_dir / file, f"{task}: metrics by {spec['x']}", overlays)
+            parts.append(f"![{task} by {spec['x']}]({file})")
+        elif spec["plot"] == "table":
+            for metric in spec["metrics"]:
+                parts.append(_table(have, spec, metric))
+        elif spec["plot"] == "heatmap":
+            for metric in spec["metrics"]:
+                file = f"{task}-{index}-{name}-{metric}.png"
+                _heatmap(have, spec, metric, out_dir / file, f"{task}: {metric}")
+                parts.append(f"![{task} {metric}]({file})")
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
+def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
+               overlays: dict[int, list[dict[str, Any]]] | None = None) -> None:
+    """A panel per metric; colour = hookpoint, line style = encoder; `overlays` (by record index) are
+    range means drawn as markers over each range's geometric middle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = spec["metrics"]
+    cols = 4
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    hookpoints = sorted({rec.hookpoint for rec, _ in have}, key=_layer_order)
+    encoders = list(dict.fromkeys(rec.encoder["label"] for rec, _ in have))
+    styles = ["-", "--", ":", "-."]
+    for k, (rec, points) in enumerate(have):
+        color = colors[hookpoints.index(rec.hookpoint) % len(colors)]
+        style = styles[encoders.index(rec.encoder["label"]) % len(styles)]
+        pts = [p for p in points if not p.get("sink") and (spec.get("scale") != "log2" or p["x"] > 0)]
+        xs = [p["x"] for p in pts]
+        for ax, metric in zip(axes.flat, metrics):
+            ys = [p.get(metric) for p in pts]
+            if all(y is None for y in ys):
+                continue
+            smooth = overlays.get(k) if overlays else None
+            ax.plot(xs, [math.nan if y is None else y for y in ys], color=color, ls=style, lw=0.7,
+                    alpha=0.35 if smooth else 0.9, label=None if smooth else row_label(rec))
+            if smooth:
+                mids = [math.sqrt(b["first"] * b["last"]) for b in smooth]
+                ax.plot(mids, [math.nan if b.get(metric) is None else b[metric] for b in smooth], color=color,
+                        ls=style, lw=1.6, marker="o", ms=3, label=row_label(rec))
+            trained = rec.extra.get("training_context")
+            if trained:
+                ax.axvline(trained, color=color, ls=":", lw=1.0, alpha=0.8)
+    for ax, metric in zip(axes.flat, metrics):
+        ax.set_title(LABELS.get(metric, metric), fontsize=10)
+        if spec.get("scale") == "log2":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(spec["x"], fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no values\n(encoders without latents)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="gray")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = [], []
+    for ax in axes.flat:  # the panel with the most lines has every encoder
+        if len(ax.get_legend_handles_labels()[1]) > len(labels):
+            handles, labels = ax.get_legend_handles_labels()
+    note = "dotted vertical: the encoder's training context"
+    if overlays:
+        note += "; markers: bucket means, thin lines: single positions"
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
+               title=note, title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / 3), 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_order(hookpoint: str) -> tuple:
+    parts = hookpoint.split(".")
+    return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1, hookpoint)
+
+
+def _table(have, spec: dict[str, Any], metric: str) -> str:
+    columns = list(dict.fromkeys(p["x"] for _, points in have for p in points))
+    rows = []
+    for rec, points in have:
+        by_x = {p["x"]: p.get(metric) for p in points}
+        rows.append([row_label(rec)] + [_short(by_x.get(x)) for x in columns])
+    title = f"**{LABELS.get(metric, metric)} by {spec['x']}** (mean over the {spec['x']}'s positions; standard " \
+            "errors in the details files)"
+    return title + "\n\n" + tabulate(rows, headers=["encoder @ hookpoint", *map(str, columns)], tablefmt="github",
+                                     disable_numparse=True)
+
+
+def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = list(dict.fromkeys(p["x"] for _, points in have for p in points))
+    grid = np.full((len(have), len(columns)), np.nan)
+    for i, (_, points) in enumerate(have):
+        for p in points:
+            if p.get(metric) is not None:
+                grid[i, columns.index(p["x"])] = p[metric]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(columns), 1.0 + 0.55 * len(have)))
+    limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(have)), [row_label(rec) for rec, _ in have], fontsize=8)
+    ax.set_xlabel(spec["x"], fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3g}"
