@@ -79,7 +79,7 @@ class LMHead:
 class ForwardOutput:
     """Logits of a pass, and the final norm's output they came from (None on the full-pass path)."""
 
-    logits: Tensor  # (batch, seq, vocab)
+    logits: Tensor | None  # (batch, seq, vocab); None when the caller asked for the norm's output only
     normed: Tensor | None  # (batch, seq, d_model)
 
 
@@ -194,8 +194,10 @@ class HookpointForward:
             return acts
         self._layer_args[tuple(ids.shape)] = recorded
         suffix = self._suffix(acts, ids).logits
+        assert suffix is not None
         scale = max(1.0, logits.abs().max().item())
-        diff = (suffix.float() - logits.float()).abs().max().item()
+        # row by row: a float32 copy of (batch, 1024, 49k) logits would take gigabytes at once
+        diff = max((suffix[b].float() - logits[b].float()).abs().max().item() for b in range(len(logits)))
         if diff > 8 * torch.finfo(logits.dtype).eps * scale:
             self._disable(f"prefix reuse is off for {type(self.model.model).__name__}: running only the layers above "
                           f"{self.hookpoint.name} changed the logits by {diff:.3g}; every spliced pass runs the full "
@@ -204,19 +206,32 @@ class HookpointForward:
 
     # -- passes from a replaced activation -----------------------------------------------------
 
+    def ensure_shape(self, token_ids: Tensor) -> None:
+        """Record this batch shape's layer arguments now (a full clean pass, once per shape), so that a
+        following `resume` runs only the suffix: hooks installed around it then fire once, on the
+        resumed pass alone."""
+        ids = token_ids.to(self.model.device)
+        if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
+            self._record_shape(ids)
+
     @torch.no_grad()
-    def resume(self, hidden: Tensor, token_ids: Tensor) -> ForwardOutput:
-        """Logits when the hookpoint's activation is `hidden` (batch, seq, d_model) for `token_ids`."""
+    def resume(self, hidden: Tensor, token_ids: Tensor, logits: bool = True) -> ForwardOutput:
+        """Logits when the hookpoint's activation is `hidden` (batch, seq, d_model) for `token_ids`.
+
+        Args:
+            logits: False skips the LM head where the final norm's output is returned (callers that
+                take logits a chunk of positions at a time); the full-pass path always has logits.
+        """
         ids = token_ids.to(self.model.device)
         hidden = hidden.to(self.model.device)
         if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
             self._record_shape(ids)
         if self.reuse_prefix:
-            return self._suffix(hidden, ids)
+            return self._suffix(hidden, ids, logits)
         with hook_at(self.hookpoint, lambda _: hidden):
             return ForwardOutput(self.model.model(ids, use_cache=False).logits, None)
 
-    def _suffix(self, hidden: Tensor, ids: Tensor) -> ForwardOutput:
+    def _suffix(self, hidden: Tensor, ids: Tensor, logits: bool = True) -> ForwardOutput:
         assert self.head is not None
         args = self._layer_args[tuple(hidden.shape[:2])]
         if self.hookpoint.inside_layer:  # layer `start` runs from its clean input, its sub-layer output replaced
@@ -228,7 +243,7 @@ class HookpointForward:
                 out = layer(h, *extra, **kwargs)
                 h = out if isinstance(out, Tensor) else out[0]
         normed = self.head.norm(h)
-        return ForwardOutput(self.head.logits(normed), normed)
+        return ForwardOutput(self.head.logits(normed) if logits else None, normed)
 
     def logits_from_normed(self, normed: Tensor) -> Tensor:
         """Logits from a stored final-norm output (the LM head alone)."""
@@ -246,7 +261,8 @@ def capture_all(forwards: Sequence[HookpointForward], token_ids: Tensor) -> tupl
     take logits a chunk of positions at a time instead of holding (batch, seq, vocab) per pass.
 
     Returns:
-        The clean pass's output, and a (batch, seq, d_model) activation per forward, in order.
+        The clean pass's output (with logits of the last position only where `normed` is kept),
+        and a (batch, seq, d_model) activation per forward, in order.
     """
     model = forwards[0].model
     ids = token_ids.to(model.device)
@@ -265,7 +281,15 @@ def capture_all(forwards: Sequence[HookpointForward], token_ids: Tensor) -> tupl
         if head is not None:
             handle = head.norm.register_forward_hook(lambda module, args, out: keeper(-1)(out))
             stack.callback(handle.remove)
-        logits = model.model(ids, use_cache=False).logits
+        if head is not None:
+            # the norm's output is kept, so the LM head runs for the last position only
+            # (transformers' logits_to_keep); older models without the argument run it everywhere
+            try:
+                logits = model.model(ids, use_cache=False, logits_to_keep=1).logits
+            except TypeError:
+                logits = model.model(ids, use_cache=False).logits
+        else:
+            logits = model.model(ids, use_cache=False).logits
     for i, fwd in enumerate(forwards):
         check_finite(seen[i], f"the model's activations at {fwd.hookpoint.name}")
     return ForwardOutput(logits, seen.get(-1)), [seen[i] for i in range(len(forwards))]

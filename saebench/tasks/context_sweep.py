@@ -271,7 +271,7 @@ class ContextSweepTask(Task):
             if torch.equal(spliced, x):  # exact: the spliced pass is the clean pass
                 outputs[key] = None
                 continue
-            outputs[key] = _head_input(subs[hp].forward.resume(spliced, batch), head)
+            outputs[key] = _head_input(subs[hp].forward.resume(spliced, batch, logits=head is None), head)
         dce, kl = self._next_token(head, clean_src, outputs, batch)
         for key, _, _ in rows:
             sums = state["sums"][key]
