@@ -42,6 +42,9 @@ def _run_parser(sub) -> None:
                                        "of its eval split)")
     p.add_argument("--max-len", type=int, help="tokens per sequence of context_sweep, BOS included (default "
                                                "min(1024, the model's context))")
+    p.add_argument("--all-at-once", action="store_true",
+                   help="ce_kl: also splice each encoder given at several hookpoints at all of them in one pass "
+                        "(its own row, e.g. joint:sae:default at layers.{5,15,25}.resid_post)")
     p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--no-reuse", action="store_true", help="recompute even when a finished record exists")
     p.add_argument("--no-prefix-reuse", action="store_true",
@@ -66,7 +69,8 @@ def _cmd_run(args) -> int:
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
         gguf_file=args.gguf_file, revision=args.revision, output_dir=args.output, reuse=not args.no_reuse,
         progress=not args.quiet, reuse_prefix=not args.no_prefix_reuse, cache_references=not args.no_reference_cache,
-        task_params={k: v for k, v in (("data_file", args.data_file), ("max_len", args.max_len)) if v is not None},
+        task_params={k: v for k, v in (("data_file", args.data_file), ("max_len", args.max_len),
+                                        ("all_at_once", args.all_at_once or None)) if v is not None},
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))

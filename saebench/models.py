@@ -26,6 +26,14 @@ from saebench.presets import load_presets
 HOOKPOINT_RE = re.compile(r"^(?:layers|blocks)\.(\d+)\.(?:hook_)?(resid_pre|resid_post|attn_out|mlp_out)$")
 RESIDUAL_KINDS = ("resid_pre", "resid_post")
 SUBLAYER_KINDS = ("attn_out", "mlp_out")
+FORWARD_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+"""Order of a layer's hookpoints in the forward pass."""
+
+
+def forward_order(name: str) -> tuple[int, int]:
+    """Sort key of a canonical hookpoint name by where the forward pass reaches it."""
+    _, layer, kind = name.split(".")
+    return int(layer), FORWARD_ORDER.index(kind)
 
 # Per model type, the submodules of a decoder layer whose outputs are what its attention and
 # its MLP add to the residual stream: TransformerLens's hook_attn_out / hook_mlp_out, so

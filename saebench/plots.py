@@ -168,7 +168,7 @@ def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) ->
         for p in points:
             if p.get(metric) is not None:
                 grid[i, columns.index(p["x"])] = p[metric]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(columns), 1.0 + 0.55 * len(have)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 1.1 * len(columns)), max(2.5, 1.4 + 0.55 * len(have))))
     limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
@@ -177,6 +177,7 @@ def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) ->
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(have)), [row_label(rec) for rec, _ in have], fontsize=8)
     ax.set_xlabel(spec["x"], fontsize=9)
+    ax.set_ylabel("spliced", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -36,7 +36,9 @@ from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
 from saebench.models import cache_dir
 from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
-from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.errors import SaebenchError
+from saebench.tasks.base import MetricSpec, Row, Task, TaskContext, TaskResult, TaskSpec, row_key
+from saebench.tasks.ce_kl_joint import joint_parts, joint_row, run_joint
 from saebench.tasks.reference import ReferenceCache
 
 CHECKPOINT_SECONDS = 60.0
@@ -133,8 +135,14 @@ class CEKLTask(Task):
                  "dead_frac", "dense_1e-2"),
     )
 
-    def __init__(self, tokens: int = CEKLConfig.tokens, context_len: int = CEKLConfig.context_len):
+    multi_hookpoint = True  # for --all-at-once; without it each hookpoint is scored on its own
+
+    def __init__(self, tokens: int = CEKLConfig.tokens, context_len: int = CEKLConfig.context_len,
+                 all_at_once: bool = False):
         self.defaults = CEKLConfig(tokens, context_len)
+        self.all_at_once = all_at_once
+        """Also splice each encoder given at several hookpoints at all of them at once (ce_kl_joint).
+        Not in the config: it adds rows and changes none."""
 
     def settings(self, ctx: TaskContext) -> CEKLConfig:
         """Preset defaults overridden by the user's --limit / --context-len."""
@@ -143,7 +151,56 @@ class CEKLTask(Task):
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
 
+    def rows(self, ctx: TaskContext) -> list[Row]:
+        """One row per encoder at its hookpoint; with all_at_once, one more per encoder given at several."""
+        rows = super().rows(ctx)
+        if self.all_at_once:
+            if not (joint := joint_parts(ctx)):
+                raise SaebenchError("--all-at-once splices one encoder at several hookpoints together; give one at "
+                                    "two or more, e.g. --encoder 'sae:default@layers.{5,15,25}.resid_post'")
+            rows += [joint_row(label, parts) for label, parts in joint.items()]
+        return rows
+
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
+        """Every hookpoint's encoders scored on their own, then the joint rows asked for."""
+        results, means = {}, {}
+        for hp, group in ctx.groups.items():
+            todo = [e for e in group if ctx.wanted is None or row_key(e.spec.label, hp) in ctx.wanted]
+            if todo:
+                sub = ctx.at(hp)
+                found = self._run_hookpoint(sub, todo)
+                results |= {row_key(label, hp): result for label, result in found.items()}
+                means[hp] = sub.activation_mean()
+        if self.all_at_once:
+            cfg = self.settings(ctx)
+            tokens = ctx.contexts(cfg.tokens, cfg.context_len)
+            for label, parts in joint_parts(ctx).items():
+                row = joint_row(label, parts)
+                if ctx.wanted is None or row.key in ctx.wanted:
+                    for hp, _ in parts:
+                        if hp not in means:
+                            means[hp] = self._mean_of(ctx.at(hp), cfg, tokens)
+                    result = run_joint(ctx, tokens, parts, means, ctx.partial.sub(f"joint-{len(results)}"))
+                    for metric in self.spec.metrics:  # activation metrics stay on the single rows
+                        for field in (result.metrics, result.stderr, result.n):
+                            field.setdefault(metric.name, None)
+                    results[row.key] = result
+        return results
+
+    def _mean_of(self, ctx: TaskContext, cfg: CEKLConfig, tokens: Tensor) -> Tensor:
+        """(d_in,) mean activation at ctx.hookpoint over the evaluation tokens: from the reference cache when
+        an earlier run stored it, else captured now."""
+        cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.cache_references else None
+        stored = cache.load(tokens) if cache is not None else None
+        if stored is not None and _same_model_state(ctx, tokens, stored["acts"]):
+            return stored["mean"]
+        acts = torch.cat([ctx.capture(tokens[s:s + ctx.batch_size]).cpu()
+                          for s in tqdm(range(0, len(tokens), ctx.batch_size), desc=f"mean {ctx.hookpoint.name}",
+                                        unit="batch", disable=not ctx.progress)])
+        return _mean_activation(acts, tokens, ctx.model.bos_id)
+
+    def _run_hookpoint(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
+        """The encoders of one hookpoint (ctx.hookpoint), keyed by label."""
         cfg = self.settings(ctx)
         tokens = ctx.contexts(cfg.tokens, cfg.context_len)
         hp = ctx.hookpoint.name

@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 from saebench.corpus import long_sequences
 from saebench.encoders.base import Codes, Encoder
 from saebench.errors import SaebenchError
-from saebench.forward import ForwardOutput, LMHead, capture_all
+from saebench.forward import LMHead, capture_all
 from saebench.splice import sink_mask, splice_activations
 from saebench.stats import RangeMeans
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec, row_key
 from saebench.tasks.ce_kl import latent_stats
+from saebench.tasks.losses import head_input, next_token_losses
 
 CHECKPOINT_SECONDS = 60.0
 BASELINE_END = 64
@@ -60,8 +61,6 @@ BROKEN_FLOOR = 0.05
 """Nats; the baseline is at least this when testing a bucket against BROKEN_FACTOR x baseline."""
 BROKEN_ABSOLUTE = 1.0
 """Nats; a bucket at or above this mean ΔCE is broken whatever the baseline."""
-CHUNK_POSITIONS = 256
-"""Positions whose (positions, vocab) log-probabilities are held at once."""
 ACT_METRICS = ("norm", "mse", "l0", "l1", "cos")
 PRED_METRICS = ("dce", "kl")
 
@@ -249,7 +248,7 @@ class ContextSweepTask(Task):
         """One batch: a clean pass capturing every hookpoint, then each encoder spliced from its hookpoint."""
         hps = list(subs)
         clean, acts = capture_all([subs[hp].forward for hp in hps], batch)
-        clean_src = _head_input(clean, head)
+        clean_src = head_input(clean, head)
         del clean  # the (batch, seq, vocab) logits are not kept when the final norm's output is
         sinks = sink_mask(batch, ctx.model.bos_id)
         act_mask = (~sinks).double()
@@ -271,8 +270,8 @@ class ContextSweepTask(Task):
             if torch.equal(spliced, x):  # exact: the spliced pass is the clean pass
                 outputs[key] = None
                 continue
-            outputs[key] = _head_input(subs[hp].forward.resume(spliced, batch, logits=head is None), head)
-        dce, kl = self._next_token(head, clean_src, outputs, batch)
+            outputs[key] = head_input(subs[hp].forward.resume(spliced, batch, logits=head is None), head)
+        _, dce, kl = next_token_losses(head, clean_src, outputs, batch)
         for key, _, _ in rows:
             sums = state["sums"][key]
             sums.add("dce", _pad(dce[key]), _pad(pred_mask))
@@ -293,38 +292,6 @@ class ContextSweepTask(Task):
                 per_token["l1"][r] = torch.nan
 
         return callback
-
-    @staticmethod
-    def _next_token(head: LMHead | None, clean_src: tuple[Tensor, bool],
-                    outputs: dict[str, tuple[Tensor, bool] | None],
-                    batch: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per-prediction ΔCE and KL (B, L-1) of every output, the clean log-probs computed once per chunk.
-
-        An exact reconstruction (output None) has ΔCE and KL 0 at every position."""
-        n_pred = batch.shape[1] - 1
-        targets = batch[:, 1:].to(clean_src[0].device)
-        dce = {k: torch.zeros(batch.shape[0], n_pred, dtype=torch.float64) for k in outputs}
-        kl = {k: torch.zeros(batch.shape[0], n_pred, dtype=torch.float64) for k in outputs}
-
-        def logp(src: tuple[Tensor, bool], b: int, sl: slice) -> Tensor:
-            tensor, normed = src
-            logits = head.logits(tensor[b, sl]) if normed and head is not None else tensor[b, sl]
-            return torch.log_softmax(logits.float(), -1)
-
-        for b in range(batch.shape[0]):
-            for start in range(0, n_pred, CHUNK_POSITIONS):
-                sl = slice(start, min(start + CHUNK_POSITIONS, n_pred))
-                lp_clean = logp(clean_src, b, sl)
-                tgt = targets[b, sl, None]
-                ce_clean = -lp_clean.gather(-1, tgt).squeeze(-1)
-                p_clean = lp_clean.exp()
-                for key, src in outputs.items():
-                    if src is None:
-                        continue
-                    lp = logp(src, b, sl)
-                    dce[key][b, sl] = (-lp.gather(-1, tgt).squeeze(-1) - ce_clean).double().cpu()
-                    kl[key][b, sl] = (p_clean * (lp_clean - lp)).sum(-1).double().cpu()
-        return dce, kl
 
     def _result(self, sums: _Sums, clean: _Clean, enc: Encoder, spans: list[tuple[int, int]], length: int,
                 member: dict[int | None, Tensor], n_seq: int, extra: dict[str, Any]) -> TaskResult:
@@ -383,13 +350,6 @@ class ContextSweepTask(Task):
             row["fve"] = _num(fve_r[j]) if row["n"] > 1 else None
             rows.append(row)
         return rows
-
-
-def _head_input(out: ForwardOutput, head: LMHead | None) -> tuple[Tensor, bool]:
-    """(the final norm's output, True) where the LM head is known, else (the logits, False)."""
-    if head is not None and out.normed is not None:
-        return out.normed, True
-    return out.logits, False
 
 
 def _pad(x: Tensor) -> Tensor:
