@@ -4,6 +4,8 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder, EncoderSpec
@@ -249,6 +252,37 @@ class TaskContext:
             raise SaebenchError("the 'mean' encoder needs a mean activation over the task's evaluation tokens, "
                                 "which this task does not measure; use it with ce_kl")
         return self._mean
+
+
+def checked_length(ctx: TaskContext, length: int) -> int:
+    """`length` (--max-len) if the model can take sequences that long; else one clear error."""
+    limit = ctx.model.max_positions
+    if length < 2:
+        raise SaebenchError(f"--max-len must be at least 2, not {length}")
+    if limit and length > limit:
+        raise SaebenchError(f"--max-len {length} is longer than model {ctx.model.name!r} supports ({limit} positions)")
+    return length
+
+
+def checkpointed_batches(ctx: TaskContext, n_items: int, state: dict, desc: str, seconds: float,
+                         store: PartialStore | None = None) -> Iterator[slice]:
+    """Batches of ctx.batch_size over `n_items`, with a progress bar, resuming after the state["done"]
+    batches an interrupted run finished, and saving `state` to `store` (default ctx.partial) at most
+    every `seconds` once the caller has added a batch to it."""
+    store = store or ctx.partial
+    starts = range(0, n_items, ctx.batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", disable=not ctx.progress, initial=state["done"])
+    last_save = time.monotonic()
+    for i, start in enumerate(starts):
+        if i < state["done"]:
+            continue
+        yield slice(start, start + ctx.batch_size)
+        state["done"] = i + 1
+        bar.update()
+        if time.monotonic() - last_save > seconds:
+            store.save(state)
+            last_save = time.monotonic()
+    bar.close()
 
 
 class Task(ABC):

@@ -37,7 +37,16 @@ from saebench.models import cache_dir
 from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
 from saebench.errors import SaebenchError
-from saebench.tasks.base import MetricSpec, Row, Task, TaskContext, TaskResult, TaskSpec, row_key
+from saebench.tasks.base import (
+    MetricSpec,
+    Row,
+    Task,
+    TaskContext,
+    TaskResult,
+    TaskSpec,
+    checkpointed_batches,
+    row_key,
+)
 from saebench.tasks.ce_kl_joint import joint_parts, joint_row, run_joint
 from saebench.tasks.reference import ReferenceCache
 
@@ -226,22 +235,11 @@ class CEKLTask(Task):
         for enc in passes.values():
             enc.prepare(ctx)
         todo = {k: e for k, e in passes.items() if stored is None or k not in refs}
-        last_save = time.monotonic()
-        batches = range(0, len(tokens), ctx.batch_size)
-        bar = tqdm(batches, desc=f"ce_kl {hp}", unit="batch", disable=not ctx.progress, initial=state["done"])
-        for i, start in enumerate(batches):
-            if i < state["done"]:
-                continue
-            sl = slice(start, start + ctx.batch_size)
+        batches = checkpointed_batches(ctx, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS)
+        for sl in batches:
             cached = None if stored is None else {k: stored[k][sl] for k in ("clean.ce", "neg_entropy", "normed")
                                                   if k in stored}
             self._batch(ctx, tokens[sl], acts[sl], cached, todo, state)
-            state["done"] = i + 1
-            bar.update()
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                ctx.partial.save(state)
-                last_save = time.monotonic()
-        bar.close()
         if stored is None and cache is not None:
             cache.save(_reference_tensors(state, refs, tokens, acts, mean_vec))
         results = {}

@@ -12,12 +12,10 @@ The pass starts at the lowest hookpoint from the clean prefix (one clean pass ca
 hookpoint); the splices above it are forward hooks on the resumed layers.
 """
 
-import time
 from contextlib import ExitStack
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saebench.encoders.base import Encoder, EncoderSpec
 from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
@@ -25,7 +23,7 @@ from saebench.forward import LMHead, capture_all
 from saebench.models import forward_order
 from saebench.splice import Splice, sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
-from saebench.tasks.base import PartialStore, Row, TaskContext, TaskResult
+from saebench.tasks.base import PartialStore, Row, TaskContext, TaskResult, checkpointed_batches
 from saebench.tasks.losses import head_input, next_token_losses
 
 CHECKPOINT_SECONDS = 60.0
@@ -75,21 +73,10 @@ def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]]
     head = LMHead.of(ctx.model.model, ctx.model.layers())
     state = store.load() or {"done": 0, "sums": {k: [] for k in ("ce_clean", "n_pred", *[f"ce_{p}" for p in PASSES],
                                                                  *[f"kl_{p}" for p in PASSES])}}
-    starts = range(0, len(tokens), ctx.batch_size)
     label = parts[0][1].spec.label
-    bar = tqdm(starts, desc=f"ce_kl {label} at {hookpoint_pattern(list(subs))} at once", unit="batch",
-               disable=not ctx.progress, initial=state["done"])
-    last_save = time.monotonic()
-    for i, start in enumerate(starts):
-        if i < state["done"]:
-            continue
-        _batch(ctx, subs, head, tokens[start:start + ctx.batch_size], passes, state["sums"])
-        state["done"] = i + 1
-        bar.update()
-        if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-            store.save(state)
-            last_save = time.monotonic()
-    bar.close()
+    desc = f"ce_kl {label} at {hookpoint_pattern(list(subs))} at once"
+    for sl in checkpointed_batches(ctx, len(tokens), state, desc, CHECKPOINT_SECONDS, store):
+        _batch(ctx, subs, head, tokens[sl], passes, state["sums"])
     sums = {k: torch.cat(v) for k, v in state["sums"].items()}
     c, s, z, m, n = sums["ce_clean"], sums["ce_spliced"], sums["ce_zero"], sums["ce_mean"], sums["n_pred"]
     out = {"ce_clean": ratio_and_se(c, n), "ce_spliced": ratio_and_se(s, n), "ce_zero": ratio_and_se(z, n),

@@ -35,13 +35,11 @@ Memory: only per-position sums are kept (saebench.stats.RangeMeans), never per-s
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saebench.corpus import long_sequences
 from saebench.encoders.base import Codes, Encoder
@@ -49,7 +47,16 @@ from saebench.errors import SaebenchError
 from saebench.forward import LMHead, capture_all
 from saebench.splice import sink_mask, splice_activations
 from saebench.stats import RangeMeans
-from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec, row_key
+from saebench.tasks.base import (
+    MetricSpec,
+    Task,
+    TaskContext,
+    TaskResult,
+    TaskSpec,
+    checked_length,
+    checkpointed_batches,
+    row_key,
+)
 from saebench.tasks.ce_kl import latent_stats
 from saebench.tasks.losses import head_input, next_token_losses
 
@@ -168,13 +175,7 @@ class ContextSweepTask(Task):
 
     def settings(self, ctx: TaskContext) -> ContextSweepConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
-        limit = ctx.model.max_positions
-        max_len = self.defaults.max_len or min(1024, limit or 1024)
-        if max_len < 2:
-            raise SaebenchError(f"--max-len must be at least 2, not {max_len}")
-        if limit and max_len > limit:
-            raise SaebenchError(f"--max-len {max_len} is longer than model {ctx.model.name!r} supports "
-                                f"({limit} positions)")
+        max_len = checked_length(ctx, self.defaults.max_len or min(1024, ctx.model.max_positions or 1024))
         return ContextSweepConfig(max_len, ctx.limit or self.defaults.sequences)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
@@ -208,20 +209,9 @@ class ContextSweepTask(Task):
             "clean": {hp: _Clean(length, ctx.model.d_model) for hp in hps}}
         head = LMHead.of(ctx.model.model, ctx.model.layers())
         tokens = seqs.tokens
-        starts = range(0, len(tokens), ctx.batch_size)
-        bar = tqdm(starts, desc=f"context_sweep ({len(rows)} encoder(s), {length} tokens)", unit="batch",
-                   disable=not ctx.progress, initial=state["done"])
-        last_save = time.monotonic()
-        for i, start in enumerate(starts):
-            if i < state["done"]:
-                continue
-            self._batch(ctx, subs, head, tokens[start:start + ctx.batch_size], rows, state)
-            state["done"] = i + 1
-            bar.update()
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                ctx.partial.save(state)
-                last_save = time.monotonic()
-        bar.close()
+        for sl in checkpointed_batches(ctx, len(tokens), state, f"context_sweep ({len(rows)} encoder(s), {length} "
+                                       "tokens)", CHECKPOINT_SECONDS):
+            self._batch(ctx, subs, head, tokens[sl], rows, state)
         extra = {"sequences": seqs.provenance(), "documents_per_sequence": seqs.documents,
                  "sink_positions_inside": int((sink_mask(tokens, ctx.model.bos_id)[:, 1:]).sum())}
         return {key: self._result(state["sums"][key], state["clean"][hp], enc, spans, length, member, len(tokens),

@@ -34,14 +34,12 @@ heatmap (sources x downstream encoders) by `saebench leaderboard`.
 Memory: per-context sums only (a few floats per context and pair), never activations.
 """
 
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saebench.encoders.base import Codes, Encoder
 from saebench.errors import SaebenchError
@@ -49,7 +47,17 @@ from saebench.forward import capture_all
 from saebench.models import forward_order
 from saebench.splice import hook_at, reconstruct, sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
-from saebench.tasks.base import MetricSpec, Row, Task, TaskContext, TaskResult, TaskSpec, row_key
+from saebench.tasks.base import (
+    MetricSpec,
+    Row,
+    Task,
+    TaskContext,
+    TaskResult,
+    TaskSpec,
+    checked_length,
+    checkpointed_batches,
+    row_key,
+)
 from saebench.tasks.ce_kl import latent_stats
 
 CHECKPOINT_SECONDS = 60.0
@@ -96,13 +104,7 @@ class ErrorPropagationTask(Task):
 
     def settings(self, ctx: TaskContext) -> ErrorPropagationConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
-        max_len, limit = self.defaults.max_len, ctx.model.max_positions
-        if max_len < 2:
-            raise SaebenchError(f"--max-len must be at least 2, not {max_len}")
-        if limit and max_len > limit:
-            raise SaebenchError(f"--max-len {max_len} is longer than model {ctx.model.name!r} supports "
-                                f"({limit} positions)")
-        return ErrorPropagationConfig(max_len, ctx.limit or self.defaults.sequences)
+        return ErrorPropagationConfig(checked_length(ctx, self.defaults.max_len), ctx.limit or self.defaults.sequences)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
@@ -149,21 +151,9 @@ class ErrorPropagationTask(Task):
             "done": 0, "tokens": torch.zeros(n_seq, dtype=torch.float64),
             "clean": {key: sums() for key, _, _ in targets},
             "spliced": {src: {key: sums() for key, _, _ in downstream[hp]} for src, _, hp in sources}}
-        starts = range(0, n_seq, ctx.batch_size)
-        bar = tqdm(starts, desc=f"error_propagation ({len(sources)} source(s), {len(targets)} downstream)",
-                   unit="batch", disable=not ctx.progress, initial=state["done"])
-        last_save = time.monotonic()
-        for i, start in enumerate(starts):
-            if i < state["done"]:
-                continue
-            seqs = slice(start, start + ctx.batch_size)
+        desc = f"error_propagation ({len(sources)} source(s), {len(targets)} downstream)"
+        for seqs in checkpointed_batches(ctx, n_seq, state, desc, CHECKPOINT_SECONDS):
             self._batch(ctx, subs, tokens[seqs], seqs, sources, targets, downstream, state)
-            state["done"] = i + 1
-            bar.update()
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                ctx.partial.save(state)
-                last_save = time.monotonic()
-        bar.close()
         return {src: self._result(state, state["spliced"][src], downstream[hp]) for src, _, hp in sources}
 
     @torch.no_grad()
