@@ -156,24 +156,31 @@ def _table(have, spec: dict[str, Any], metric: str) -> str:
 
 
 def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) -> None:
+    """Rows: the records, columns: x; both in forward order where points name their hookpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    columns = list(dict.fromkeys(p["x"] for _, points in have for p in points))
+    have = sorted(have, key=lambda item: _layer_order(item[0].hookpoint))
+    where = {p["x"]: p.get("hookpoint", "") for _, points in have for p in points}
+    columns = sorted(where, key=lambda x: _layer_order(where[x]))
     grid = np.full((len(have), len(columns)), np.nan)
+    errors = np.full_like(grid, np.nan)
     for i, (_, points) in enumerate(have):
         for p in points:
             if p.get(metric) is not None:
                 grid[i, columns.index(p["x"])] = p[metric]
-    fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 1.1 * len(columns)), max(2.5, 1.4 + 0.55 * len(have))))
-    limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+                errors[i, columns.index(p["x"])] = p.get(f"{metric}_se") or np.nan
+    fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 1.3 * len(columns)), max(2.5, 1.4 + 0.6 * len(have))))
+    limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() and np.nanmax(np.abs(grid)) > 0 else 1.0
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+            text = f"{value:+.3f}" + (f"\n± {errors[i, j]:.3f}" if np.isfinite(errors[i, j]) else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if abs(value) > 0.6 * limit else "black")
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(have)), [row_label(rec) for rec, _ in have], fontsize=8)
     ax.set_xlabel(spec["x"], fontsize=9)

@@ -50,6 +50,17 @@ class DefaultSAEConfig:
     """Activations with norm above this multiple of the median are left out of training (sink-like)."""
     seed: int = 0
     """Training seed (which training contexts, initialisation, batch order); `--seed` does not change it."""
+    architecture: str = "topk"
+    """'topk' (k active latents per token) or 'standard' (ReLU with an L1 penalty: its L0 is free to
+    grow, as the L1 SAEs of Anders & Bloom's context-length study did)."""
+    l1_coefficient: float = 5.0
+    """L1 penalty of a 'standard' SAE (sae-lens's l1_coefficient, on activations normalised to norm sqrt(d_in))."""
+
+
+ADDED_FIELDS = {"architecture": "topk", "l1_coefficient": 5.0}
+"""Settings added after SAEs were first cached: they name a cached SAE only when they differ from
+these values, so the SAEs cached before them stay valid."""
+ARCHITECTURES = ("topk", "standard")
 
 
 def default_sae_config(options: dict[str, str] | None = None) -> DefaultSAEConfig:
@@ -61,9 +72,16 @@ def default_sae_config(options: dict[str, str] | None = None) -> DefaultSAEConfi
             raise SaebenchError(f"sae:default option {name} must be at least 1, not {getattr(cfg, name)}")
     if cfg.context_len < 2:
         raise SaebenchError(f"sae:default option context_len must be at least 2, not {cfg.context_len}")
-    if not (cfg.lr > 0 and cfg.outlier_factor > 0):
-        raise SaebenchError("sae:default options lr and outlier_factor must be positive")
+    if not (cfg.lr > 0 and cfg.outlier_factor > 0 and cfg.l1_coefficient > 0):
+        raise SaebenchError("sae:default options lr, outlier_factor and l1_coefficient must be positive")
+    if cfg.architecture not in ARCHITECTURES:
+        raise SaebenchError(f"sae:default option architecture={cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
     return cfg
+
+
+def _key_settings(cfg: DefaultSAEConfig) -> dict:
+    """The training settings that name a cached SAE (ADDED_FIELDS only where they differ from their defaults)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
 
 
 def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) -> Path:
@@ -85,7 +103,7 @@ def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) 
     # kind), and bf16 rounding of the activations (~0.4% relative) is far below the SAE's own
     # reconstruction error, so one cached SAE serves both. Records identify it by weights_sha256.
     key = config_hash({"model": model.model_id, "revision": model.revision, "hookpoint": hookpoint.name,
-                       "train": asdict(cfg)})
+                       "train": _key_settings(cfg)})
     path = build.cache_dir / "saes" / f"default-{hookpoint.name}-{key}"
     if not (path / "cfg.json").exists():
         _train(build, hookpoint, cfg, path)
@@ -113,7 +131,7 @@ def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.T
 
 
 def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) -> None:
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
@@ -132,8 +150,13 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     norms = acts.norm(dim=1)
     acts = acts[norms <= cfg.outlier_factor * norms.median()]
     total = cfg.epochs * len(acts)
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=model.d_model, d_sae=cfg.expansion * model.d_model, k=cfg.k, dtype="float32", device="cpu",
+    if cfg.architecture == "topk":
+        config_cls, sae_cls, specific = TopKTrainingSAEConfig, TopKTrainingSAE, {"k": cfg.k}
+    else:
+        config_cls, sae_cls, specific = StandardTrainingSAEConfig, StandardTrainingSAE, {
+            "l1_coefficient": cfg.l1_coefficient, "l1_warm_up_steps": total // cfg.batch_size // 20}
+    sae_cfg = config_cls(
+        d_in=model.d_model, d_sae=cfg.expansion * model.d_model, **specific, dtype="float32", device="cpu",
         normalize_activations="expected_average_only_in",
         metadata=SAEMetadata(
             model_name=model.model_id, hook_name=hookpoint.transformer_lens_name, context_size=cfg.context_len,
@@ -147,7 +170,7 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
         lr_decay_steps=total // cfg.batch_size // 5, device="cpu", logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=20, dead_feature_window=cfg.dead_window, feature_sampling_window=2000,
     )
-    sae = TopKTrainingSAE(sae_cfg)
+    sae = sae_cls(sae_cfg)
     SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed)).fit()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
