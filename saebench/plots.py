@@ -12,6 +12,7 @@ curves become one PNG per metric (rows: the records, columns: x).
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,16 @@ def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], o
         have = [(rec, c[name]) for rec, c in curves if c.get(name)]
         if not have:
             continue
-        if spec["plot"] == "line":
-            file = f"{task}-{index}-{name}.png"
+        if spec["plot"] == "line":  # one figure per encoder, a line per hookpoint
             overlay = spec.get("overlay")
-            overlays = {k: c[overlay] for k, (rec, c) in enumerate((r, c) for r, c in curves if c.get(name))
-                        if overlay and c.get(overlay)}
-            _line_plot(have, spec, out_dir / file, f"{task}: metrics by {spec['x']}", overlays)
-            parts.append(f"![{task} by {spec['x']}]({file})")
+            for label in dict.fromkeys(rec.encoder["label"] for rec, _ in have):
+                mine = sorted([(rec, c) for rec, c in curves if c.get(name) and rec.encoder["label"] == label],
+                              key=lambda item: _layer_order(item[0].hookpoint))
+                file = f"{task}-{index}-{name}-{_slug(label)}.png"
+                overlays = {k: c[overlay] for k, (_, c) in enumerate(mine) if overlay and c.get(overlay)}
+                _line_plot([(rec, c[name]) for rec, c in mine], spec, out_dir / file,
+                           f"{task}: {label}, metrics by {spec['x']}", overlays)
+                parts.append(f"![{task} {label} by {spec['x']}]({file})")
         elif spec["plot"] == "table":
             for metric in spec["metrics"]:
                 parts.append(_table(have, spec, metric))
@@ -136,6 +140,10 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
 
 
 def _layer_order(hookpoint: str) -> tuple:

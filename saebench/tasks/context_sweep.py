@@ -165,6 +165,8 @@ class ContextSweepTask(Task):
             MetricSpec("training_context", "none", "tokens per context the encoder was trained on (its metadata)"),
             MetricSpec("max_len", "none", "tokens per evaluated sequence"),
         ),
+        summary=("safe_context", "dce_within", "dce_beyond", "dce", "kl", "l0_within", "l0_beyond", "fve_within",
+                 "fve_beyond", "training_context"),
         stderr_method="clustered by sequence (linearised ratio); safe_context and FVE have none",
         limit_unit="items",
     )

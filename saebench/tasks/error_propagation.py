@@ -94,6 +94,7 @@ class ErrorPropagationTask(Task):
                        f"{DESCRIPTIONS[q]} of the first encoder at {text} with this encoder spliced in, "
                        "over it without: mean_spliced / mean_clean - 1")
             for where, text in WHERE.items() for q in QUANTITIES),
+        summary=tuple(f"{q}_change_{where}" for where in WHERE for q in QUANTITIES),
         stderr_method="clustered by sequence (linearised ratio)",
         limit_unit="items",
     )

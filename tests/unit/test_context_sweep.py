@@ -140,3 +140,28 @@ def test_several_layers_in_one_run_share_one_table(tiny_llama, tmp_path):
     assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "context_sweep.md").read_text()
     assert md.count("## context_sweep v1") == 1 and "layers.1.resid_post" in md
+
+
+def test_interrupted_sweep_resumes_to_the_same_numbers(tiny_llama, tmp_path, monkeypatch):
+    from saebench.tasks import context_sweep as cs
+
+    def encoders():
+        return [_Encoder(tiny_llama.d_model, hookpoint=HOOKPOINT)]
+
+    (whole,) = _sweep(tiny_llama, encoders(), tmp_path / "whole")
+    monkeypatch.setattr(cs, "CHECKPOINT_SECONDS", -1.0)  # save after every batch
+    real, calls = cs.ContextSweepTask._batch, []
+
+    def flaky(self, ctx, subs, head, batch, rows, state):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, ctx, subs, head, batch, rows, state)
+
+    monkeypatch.setattr(cs.ContextSweepTask, "_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tiny_llama, encoders(), tmp_path / "cut")
+    (resumed,) = _sweep(tiny_llama, encoders(), tmp_path / "cut")
+    assert len(calls) == 1 + 1 + 2  # 3 batches of 2, 2, 1 sequences: the rerun starts at the second
+    assert resumed.metrics == whole.metrics and resumed.stderr == whole.stderr
+    assert _details(resumed, tmp_path / "cut", "bucket") == _details(whole, tmp_path / "whole", "bucket")
