@@ -132,3 +132,14 @@ def dense(codes: Codes) -> Tensor:
         out = torch.zeros(codes.values.shape[0], codes.d_latent, dtype=codes.values.dtype, device=codes.values.device)
         return out.scatter_(1, codes.indices, codes.values)
     return codes
+
+
+def latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token L0, per-token L1, and per-latent firing counts of a chunk of codes."""
+    if isinstance(codes, SparseCodes):
+        active = codes.values != 0
+        fired = torch.zeros(d_latent, dtype=torch.float64, device=codes.values.device)
+        fired.scatter_add_(0, codes.indices[active], torch.ones_like(codes.values[active], dtype=torch.float64))
+        return active.sum(1).double(), codes.values.abs().double().sum(1), fired
+    active = codes != 0
+    return active.sum(1).double(), codes.abs().double().sum(1), active.sum(0).double()

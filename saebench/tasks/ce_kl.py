@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saebench.encoders.base import Codes, Encoder, SparseCodes
+from saebench.encoders.base import Codes, Encoder, SparseCodes, latent_stats
 from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
 from saebench.models import cache_dir
 from saebench.splice import sink_mask, splice_activations
@@ -62,17 +62,6 @@ class CEKLConfig:
     """Evaluation tokens drawn (rounded up to whole contexts); --limit overrides."""
     context_len: int = 128
     """Tokens per context, BOS included; --context-len overrides."""
-
-
-def latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token L0, per-token L1, and per-latent firing counts of a chunk of codes."""
-    if isinstance(codes, SparseCodes):
-        active = codes.values != 0
-        fired = torch.zeros(d_latent, dtype=torch.float64, device=codes.values.device)
-        fired.scatter_add_(0, codes.indices[active], torch.ones_like(codes.values[active], dtype=torch.float64))
-        return active.sum(1).double(), codes.values.abs().double().sum(1), fired
-    active = codes != 0
-    return active.sum(1).double(), codes.abs().double().sum(1), active.sum(0).double()
 
 
 class _EncoderSums:

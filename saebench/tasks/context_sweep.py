@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from saebench.corpus import long_sequences
-from saebench.encoders.base import Codes, Encoder
+from saebench.encoders.base import Codes, Encoder, latent_stats
 from saebench.errors import SaebenchError
 from saebench.forward import LMHead, capture_all
 from saebench.splice import sink_mask, splice_activations
@@ -57,7 +57,6 @@ from saebench.tasks.base import (
     checkpointed_batches,
     row_key,
 )
-from saebench.tasks.ce_kl import latent_stats
 from saebench.tasks.losses import head_input, next_token_losses
 
 CHECKPOINT_SECONDS = 60.0

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saebench.encoders.base import Codes, Encoder
+from saebench.encoders.base import Codes, Encoder, latent_stats
 from saebench.errors import SaebenchError
 from saebench.forward import capture_all
 from saebench.models import forward_order
@@ -58,7 +58,6 @@ from saebench.tasks.base import (
     checkpointed_batches,
     row_key,
 )
-from saebench.tasks.ce_kl import latent_stats
 
 CHECKPOINT_SECONDS = 60.0
 QUANTITIES = ("mse", "l0", "norm")
