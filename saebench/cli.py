@@ -24,7 +24,8 @@ def _run_parser(sub) -> None:
                    help="task or task preset, repeatable (saebench list tasks)")
     p.add_argument("--hookpoint", help="layers.{i}.resid_pre|resid_post|attn_out|mlp_out (sae-lens names too), e.g. "
                         "layers.15.resid_post; default: the SAE's own, else the model preset's")
-    p.add_argument("--limit", type=int, help="tokens (ce_kl) or items (benchmarks) to evaluate; default per task")
+    p.add_argument("--limit", type=int, help="tokens (ce_kl), items (benchmarks) or sequences (context_sweep, "
+                                             "error_propagation) to evaluate; default per task")
     p.add_argument("--context-len", type=int, help="tokens per context of ce_kl, BOS included; default per task "
                                                    "(context_sweep takes --max-len)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
@@ -40,8 +41,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--data-file", help="local data file, given to the tasks of the run that take one (lambada: a "
                                        "lambada_test.jsonl; cbt: a CBTest question file; lm_eval:<task>: JSON/JSONL "
                                        "of its eval split)")
-    p.add_argument("--max-len", type=int, help="tokens per sequence of context_sweep, BOS included (default "
-                                               "min(1024, the model's context))")
+    p.add_argument("--max-len", type=int, help="tokens per sequence, BOS included, of context_sweep (default "
+                                               "min(1024, the model's context)) and error_propagation (default 100)")
     p.add_argument("--all-at-once", action="store_true",
                    help="ce_kl: also splice each encoder given at several hookpoints at all of them in one pass "
                         "(its own row, e.g. joint:sae:default at layers.{5,15,25}.resid_post)")
