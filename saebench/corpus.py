@@ -170,14 +170,17 @@ def long_sequences(tokenizer, spec: CorpusSpec, length: int, n: int, seed: int, 
     piece = length - 1
     starts, later, rest = [], [], []  # (ids, documents)
     is_hf = spec.name.startswith("hf:")
+    seen = 0
     for text in documents(spec):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        seen += len(ids)
         if len(ids) >= piece:
             starts.append((ids[:piece], 1))
             later.extend((ids[i:i + piece], 1) for i in range(piece, len(ids) - piece + 1, piece))
         else:
             rest.append(ids)
-        if is_hf and len(starts) >= 4 * n:  # a streamed dataset is unbounded
+        # a streamed dataset is unbounded: stop at plenty of long documents, or of text to pack
+        if is_hf and (len(starts) >= 4 * n or seen >= 16 * n * piece):
             break
     packed, stream, count = [], [], 0
     for ids in rest:

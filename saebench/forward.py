@@ -224,8 +224,7 @@ class HookpointForward:
         """
         ids = token_ids.to(self.model.device)
         hidden = hidden.to(self.model.device)
-        if self.reuse_prefix and tuple(ids.shape) not in self._layer_args:
-            self._record_shape(ids)
+        self.ensure_shape(ids)
         if self.reuse_prefix:
             return self._suffix(hidden, ids, logits)
         with hook_at(self.hookpoint, lambda _: hidden):
@@ -281,7 +280,6 @@ def capture_all(forwards: Sequence[HookpointForward], token_ids: Tensor) -> tupl
         if head is not None:
             handle = head.norm.register_forward_hook(lambda module, args, out: keeper(-1)(out))
             stack.callback(handle.remove)
-        if head is not None:
             # the norm's output is kept, so the LM head runs for the last position only
             # (transformers' logits_to_keep); older models without the argument run it everywhere
             try:

@@ -251,7 +251,8 @@ def _run_task(task: Task, model: LoadedModel, groups: dict[str, list[Encoder]],
         "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos,
     }
     todo, done = [], {}
-    for row in task.rows(ctx):
+    rows = task.rows(ctx)
+    for row in rows:
         cfg = base | {"hookpoint": row.hookpoint, "encoder": row.encoder.to_dict()}
         chash = records.config_hash(cfg)
         path = records.record_path(config.output_dir, task.spec.name, row.encoder.label, chash)
@@ -273,7 +274,7 @@ def _run_task(task: Task, model: LoadedModel, groups: dict[str, list[Encoder]],
                 done |= finished
             else:
                 done |= _compute(task, ctx, todo, partial, config)
-    return [done[row.key] for row in task.rows(ctx)]
+    return [done[row.key] for row in rows]
 
 
 def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: RunConfig) -> dict[str, records.RunRecord]:

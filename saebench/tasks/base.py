@@ -214,10 +214,6 @@ class TaskContext:
         return replace(self, hookpoint=self.model.hookpoint(hookpoint), partial=self.partial.sub(hookpoint),
                        groups={hookpoint: self.groups.get(hookpoint, [])}, _forward=None, _mean=None)
 
-    def hookpoint_of(self, encoder: Encoder) -> str:
-        """The hookpoint `encoder` runs at in this run."""
-        return next(hp for hp, group in self.groups.items() if any(e is encoder for e in group))
-
     def warn(self, message: str) -> None:
         """Print a warning now and keep it for the records of this run (extra.warnings)."""
         print(f"saebench: warning: {message}", file=sys.stderr)

@@ -178,7 +178,10 @@ class CEKLTask(Task):
                     for hp, _ in parts:
                         if hp not in means:
                             means[hp] = self._mean_of(ctx.at(hp), cfg, tokens)
-                    result = run_joint(ctx, tokens, parts, means, ctx.partial.sub(f"joint-{len(results)}"))
+                    # the single-hookpoint run of the lowest hookpoint stored the clean pass: reuse it
+                    low = _stored_references(ctx.at(parts[0][0]), cfg, tokens)
+                    clean = (low["acts"], low["normed"]) if low is not None and "normed" in low else None
+                    result = run_joint(ctx, tokens, parts, means, ctx.partial.sub(f"joint-{len(results)}"), clean)
                     for metric in self.spec.metrics:  # activation metrics stay on the single rows
                         for field in (result.metrics, result.stderr, result.n):
                             field.setdefault(metric.name, None)
@@ -188,9 +191,7 @@ class CEKLTask(Task):
     def _mean_of(self, ctx: TaskContext, cfg: CEKLConfig, tokens: Tensor) -> Tensor:
         """(d_in,) mean activation at ctx.hookpoint over the evaluation tokens: from the reference cache when
         an earlier run stored it, else captured now."""
-        cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.cache_references else None
-        stored = cache.load(tokens) if cache is not None else None
-        if stored is not None and _same_model_state(ctx, tokens, stored["acts"]):
+        if (stored := _stored_references(ctx, cfg, tokens)) is not None:
             return stored["mean"]
         acts = torch.cat([ctx.capture(tokens[s:s + ctx.batch_size]).cpu()
                           for s in tqdm(range(0, len(tokens), ctx.batch_size), desc=f"mean {ctx.hookpoint.name}",
@@ -372,6 +373,14 @@ def _reference_key(ctx: TaskContext, cfg: CEKLConfig) -> dict[str, Any]:
             "device": torch.device(model.device).type, "hookpoint": ctx.hookpoint.name, "corpus": ctx.corpus.name,
             "seed": ctx.seed, "context_len": cfg.context_len, "tokens": cfg.tokens,
             "splice_bos": ctx.splice.splice_bos, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _stored_references(ctx: TaskContext, cfg: CEKLConfig, tokens: Tensor) -> dict[str, Tensor] | None:
+    """The reference cache's entry for ctx.hookpoint and these tokens, if there is a valid one."""
+    if not ctx.cache_references:
+        return None
+    stored = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)).load(tokens)
+    return stored if stored is not None and _same_model_state(ctx, tokens, stored["acts"]) else None
 
 
 def _same_model_state(ctx: TaskContext, tokens: Tensor, stored_acts: Tensor) -> bool:

@@ -8,8 +8,10 @@ zero-ablated at once (ce_zero), and every hookpoint replaced by its own mean act
 evaluation tokens (ce_mean), so ce_loss_recovered keeps its meaning for the replaced layers as a
 whole. Activation metrics (FVE, MSE, L0, ...) are per hookpoint and stay on the single rows.
 
-The pass starts at the lowest hookpoint from the clean prefix (one clean pass captures every
-hookpoint); the splices above it are forward hooks on the resumed layers.
+The pass starts at the lowest hookpoint from its clean activations; the splices above it are
+forward hooks on the resumed layers. The clean activations and the clean final-norm output come
+from ce_kl's reference cache, which that hookpoint's single run has filled; without the cache
+(--no-reference-cache) one clean pass per batch computes them.
 """
 
 from contextlib import ExitStack
@@ -60,8 +62,13 @@ def joint_row(label: str, parts: list[tuple[str, Encoder]]) -> Row:
 
 @torch.no_grad()
 def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]], means: dict[str, Tensor],
-              store: PartialStore) -> TaskResult:
-    """CE and KL of `parts` spliced together, with the joint zero and mean ablations as references."""
+              store: PartialStore, clean: tuple[Tensor, Tensor] | None = None) -> TaskResult:
+    """CE and KL of `parts` spliced together, with the joint zero and mean ablations as references.
+
+    Args:
+        clean: (contexts, seq, d_model) clean activations at the lowest hookpoint and the clean final
+            norm's output for `tokens` (ce_kl's reference cache); None runs a clean pass per batch.
+    """
     subs = {hp: ctx.at(hp) for hp, _ in parts}
     d = ctx.model.d_model
     ablations = {"zero": [ZeroEncoder(d, hp) for hp, _ in parts], "mean": []}
@@ -76,7 +83,8 @@ def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]]
     label = parts[0][1].spec.label
     desc = f"ce_kl {label} at {hookpoint_pattern(list(subs))} at once"
     for sl in checkpointed_batches(ctx, len(tokens), state, desc, CHECKPOINT_SECONDS, store):
-        _batch(ctx, subs, head, tokens[sl], passes, state["sums"])
+        cached = None if clean is None or head is None else (clean[0][sl], clean[1][sl])
+        _batch(ctx, subs, head, tokens[sl], passes, state["sums"], cached)
     sums = {k: torch.cat(v) for k, v in state["sums"].items()}
     c, s, z, m, n = sums["ce_clean"], sums["ce_spliced"], sums["ce_zero"], sums["ce_mean"], sums["n_pred"]
     out = {"ce_clean": ratio_and_se(c, n), "ce_spliced": ratio_and_se(s, n), "ce_zero": ratio_and_se(z, n),
@@ -88,21 +96,27 @@ def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]]
 
 
 def _batch(ctx: TaskContext, subs: dict[str, TaskContext], head: LMHead | None, batch: Tensor,
-           passes: dict[str, list[Encoder]], sums: dict[str, list[Tensor]]) -> None:
+           passes: dict[str, list[Encoder]], sums: dict[str, list[Tensor]],
+           cached: tuple[Tensor, Tensor] | None) -> None:
+    """One batch: the clean pass (from `cached` (activations at the lowest hookpoint, final norm's output)
+    where given), then each pass from the lowest hookpoint with the splices above it as hooks."""
     hps = list(subs)
     low = subs[hps[0]].forward
-    clean, acts = capture_all([subs[hp].forward for hp in hps], batch)
-    clean_src = head_input(clean, head)
-    del clean
+    if cached is not None:
+        act0, clean_src = cached[0].to(ctx.model.device), (cached[1].to(ctx.model.device), True)
+    else:
+        clean, (act0,) = capture_all([low], batch)
+        clean_src = head_input(clean, head)
+        del clean
     keep = ctx.keep_mask(batch)
     low.ensure_shape(batch)  # before the splice hooks go in: the shape's recording pass must stay clean
     outputs = {}
     for name, encoders in passes.items():
-        first = splice_activations(acts[0], batch, keep, encoders[0], ctx.splice, None, hps[0])
+        first = splice_activations(act0, batch, keep, encoders[0], ctx.splice, None, hps[0])
         with ExitStack() as stack:
             for hp, enc in zip(hps[1:], encoders[1:]):
                 splice = Splice(subs[hp].hookpoint, enc, ctx.splice)
-                splice.set_batch(batch.to(acts[0].device), keep)
+                splice.set_batch(batch.to(act0.device), keep)
                 stack.enter_context(splice.installed())
             outputs[name] = head_input(low.resume(first, batch, logits=head is None), head)
     ce_clean, dce, kl = next_token_losses(head, clean_src, outputs, batch)

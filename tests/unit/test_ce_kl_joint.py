@@ -66,3 +66,21 @@ def test_joint_ce_matches_splicing_with_plain_hooks(tiny_llama, tmp_path):
 def test_all_at_once_without_a_repeated_encoder_is_one_clear_error(tiny_llama, tmp_path):
     with pytest.raises(SaebenchError, match="give one at two or more"):
         evaluate(tiny_llama, ["identity"], ["ce_kl"], _config(tmp_path))
+
+
+def test_joint_row_from_the_reference_cache_equals_a_fresh_clean_pass(tiny_llama, tmp_path, monkeypatch):
+    from saebench.tasks import ce_kl_joint
+
+    encoders = [ReluLatentEncoder(tiny_llama.d_model, hookpoint=hp) for hp in ("layers.0.resid_post",
+                                                                                "layers.1.resid_post")]
+    from saebench.runner import _run_task, resolve_task
+
+    task = resolve_task("ce_kl", {"all_at_once": True})
+    groups = {e.spec.hookpoint: [e] for e in encoders}
+    with monkeypatch.context() as patch:  # layer 0's own run fills the cache: the joint pass needs no clean pass
+        patch.setattr(ce_kl_joint, "capture_all", lambda *a: pytest.fail("the clean pass ran again"))
+        cached = _run_task(task, tiny_llama, groups, _config(tmp_path / "a"))
+    fresh = _run_task(task, tiny_llama, groups, _config(tmp_path / "b", cache_references=False))
+    joint_cached, joint_fresh = (next(r for r in recs if r.encoder["name"] == "joint") for recs in (cached, fresh))
+    for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "ce_loss_recovered"):
+        assert joint_cached.metrics[name] == pytest.approx(joint_fresh.metrics[name], rel=1e-6, abs=1e-7)
