@@ -112,5 +112,6 @@ def apply_options(config: T, options: dict[str, str], what: str) -> T:
         try:
             values[key] = {bool: lambda t: {"true": True, "false": False}[t.lower()]}.get(kind, kind)(text)
         except (ValueError, KeyError) as exc:
-            raise SaebenchError(f"option {key}={text!r} of {what} is not a {kind.__name__}") from exc
+            wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+            raise SaebenchError(f"option {key}={text!r} of {what} must be {wanted}") from exc
     return replace(config, **values)  # type: ignore[type-var]

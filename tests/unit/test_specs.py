@@ -26,7 +26,7 @@ def test_hookpoint_and_options_split_off():
     assert cfg.context_len == 1024 and isinstance(cfg.context_len, int)
     with pytest.raises(SaebenchError, match="sae:default has no option 'ctx'"):
         apply_options(DefaultSAEConfig(), {"ctx": "1"}, "sae:default")
-    with pytest.raises(SaebenchError, match="not a int"):
+    with pytest.raises(SaebenchError, match="option k='many' of sae:default must be an integer"):
         apply_options(DefaultSAEConfig(), {"k": "many"}, "sae:default")
 
 
