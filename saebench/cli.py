@@ -14,18 +14,21 @@ def _run_parser(sub) -> None:
                        description="Splice decode(encode(x)) into MODEL at a hookpoint and score each encoder "
                                    "on each task. One JSON record per (task, encoder) goes to --output; "
                                    "finished records with the same configuration are reused.")
-    p.add_argument("--model", required=True, help="preset (saebench list models), HF hub id, or local path")
+    p.add_argument("--model", help="preset (saebench list models), HF hub id, or local path; not needed by tasks "
+                                   "without a language model (synthetic)")
     p.add_argument("--encoder", action="append", default=[], metavar="SPEC",
                    help="encoder spec, repeatable: identity, zero, mean, sae:default, sae:<path>, "
-                        "sae:<release>/<sae_id>, or a plugin's name[:arg]; '@layers.5.resid_post' places it, "
+                        "sae:<release>/<sae_id>, ito:<spec>, sparse_coding[:<spec>], mlp[:<spec>], or a plugin's "
+                        "name[:arg]; '?key=value&...' sets options; '@layers.5.resid_post' places it, "
                         "braces expand ('sae:default@layers.{5,15,25}.resid_post'), presets from "
                         "`saebench list encoders` stand for their lists")
     p.add_argument("--task", action="append", default=[], metavar="NAME",
-                   help="task or task preset, repeatable (saebench list tasks)")
+                   help="task or task preset, repeatable (saebench list tasks); '?key=value&...' sets its "
+                        "parameters, e.g. 'synthetic?k_active=5'")
     p.add_argument("--hookpoint", help="layers.{i}.resid_pre|resid_post|attn_out|mlp_out (sae-lens names too), e.g. "
                         "layers.15.resid_post; default: the SAE's own, else the model preset's")
     p.add_argument("--limit", type=int, help="tokens (ce_kl), items (benchmarks) or sequences (context_sweep, "
-                                             "error_propagation) to evaluate; default per task")
+                                             "error_propagation) to evaluate, or test samples (synthetic); default per task")
     p.add_argument("--context-len", type=int, help="tokens per context of ce_kl, BOS included; default per task "
                                                    "(context_sweep takes --max-len)")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")

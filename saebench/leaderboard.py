@@ -37,6 +37,8 @@ def comparable_settings(rec: RunRecord) -> dict:
     """Everything besides the encoder that must match for two records to share a table."""
     cfg = rec.config
     params = cfg.get("task", {}).get("params", {})
+    if rec.model is None:
+        return {"model": None, **params, "seed": cfg.get("seed")}
     return {"model": rec.model["id"], "revision": rec.model.get("revision"), "dtype": rec.model.get("dtype"),
             **params, "corpus": cfg.get("corpus"), "seed": cfg.get("seed"),
             "splice_bos": cfg.get("splice_bos")}
@@ -58,6 +60,15 @@ def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
     return list(best.values()), len(recs) - len(best)
 
 
+COLUMN_TITLES = {"encode_flops": "encode FLOPs/token"}
+
+
+def _cell(column: str, value) -> str:
+    if value is None or value != value:  # None or NaN
+        return "—"
+    return f"{value:.3g}" if column == "encode_flops" else str(value)
+
+
 def _setting_text(key: str, value) -> str:
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         value = value[:12]  # a sha256
@@ -67,7 +78,9 @@ def _setting_text(key: str, value) -> str:
 def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded: int) -> str:
     shown = {k: v for k, v in settings.items() if k not in ("model", "revision", "dtype") and v is not None}
     revision = f", revision {settings['revision']}" if settings.get("revision") else ""
-    lines = [f"## {name} v{version} · {settings['model']} ({settings['dtype']}{revision})",
+    model = (f"{settings['model']} ({settings['dtype']}{revision})" if settings["model"] is not None
+             else "no language model")
+    lines = [f"## {name} v{version} · {model}",
              "", f"Settings: {', '.join(_setting_text(k, v) for k, v in shown.items())}. "
                  f"Standard errors: {spec.stderr_method}."]
     if superseded:
@@ -102,16 +115,18 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         ascending = spec.metric(spec.headline).direction == "lower"
         frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
         frames.append(frame)
-        rows = [[i + 1, row["encoder"], row["hookpoint"], *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
-                for i, row in frame.iterrows()]
+        # hookpoints only where there is a model; FLOPs per token where an encoder reports them
+        columns = [c for c in ("hookpoint", "encode_flops") if frame[c].notna().any()]
+        rows = [[i + 1, row["encoder"], *[_cell(c, row[c]) for c in columns],
+                 *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]] for i, row in frame.iterrows()]
+        headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
-                     + tabulate(rows, headers=["rank", "encoder", "hookpoint", *names, "n"], tablefmt="github",
-                                disable_numparse=True) + "\n")
+                     + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
         if out_dir is not None and paths:
             from saebench.plots import curve_sections
 
-            ranked = sorted(group, key=lambda r: list(frame["encoder"] + "\0" + frame["hookpoint"]).index(
-                r.encoder["label"] + "\0" + r.hookpoint))
+            ranked = sorted(group, key=lambda r: list(frame["encoder"] + "\0" + frame["hookpoint"].fillna("")).index(
+                r.encoder["label"] + "\0" + (r.hookpoint or "")))
             if section := curve_sections(name, index, [(r, paths[id(r)]) for r in ranked if id(r) in paths], out_dir):
                 parts.append(section)
     import pandas as pd

@@ -1,7 +1,8 @@
 """Curves of records, rendered next to the leaderboard tables.
 
 A task declares its curves in each result's ``extra["curves"]``: name -> {"x": field,
-"plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" (optional)}. The
+"plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" (optional), "rows": what a heatmap's
+rows are (optional, default "spliced")}. The
 points are rows of the record's details file with ``"curve": name``, holding x, each metric
 and optionally ``<metric>_se``. Line curves become one PNG per comparable group (a panel per
 metric, a line per encoder and hookpoint, each encoder's training context marked; an "overlay"
@@ -25,7 +26,7 @@ LABELS = {"norm": "‖x‖", "mse": "MSE (mean over dims)", "fve": "FVE", "l0": 
 
 
 def row_label(rec: RunRecord) -> str:
-    return f"{rec.encoder['label']} @ {rec.hookpoint}"
+    return rec.encoder["label"] if rec.hookpoint is None else f"{rec.encoder['label']} @ {rec.hookpoint}"
 
 
 def load_curves(rec: RunRecord, path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -146,7 +147,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
 
 
-def _layer_order(hookpoint: str) -> tuple:
+def _layer_order(hookpoint: str | None) -> tuple:
+    hookpoint = hookpoint or ""
     parts = hookpoint.split(".")
     return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1, hookpoint)
 
@@ -192,7 +194,7 @@ def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) ->
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(have)), [row_label(rec) for rec, _ in have], fontsize=8)
     ax.set_xlabel(spec["x"], fontsize=9)
-    ax.set_ylabel("spliced", fontsize=9)
+    ax.set_ylabel(spec.get("rows", "spliced"), fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

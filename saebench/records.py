@@ -34,9 +34,10 @@ class RunRecord:
     'metrics' ({name: {direction, description}}): leaderboards need no task plugin to read a record."""
     encoder: dict[str, Any]
     """The EncoderSpec as a dict, plus the plugin's distribution and version."""
-    model: dict[str, Any]
-    """{'id', 'revision', 'name', 'dtype'}."""
-    hookpoint: str
+    model: dict[str, Any] | None
+    """{'id', 'revision', 'name', 'dtype'}; None for a task without a language model (synthetic data)."""
+    hookpoint: str | None
+    """None for a task without a language model."""
     config: dict[str, Any]
     """Everything hashed into config_hash."""
     config_hash: str

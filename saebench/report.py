@@ -29,8 +29,10 @@ def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = Non
     rows = []
     for rec in recs:
         names = metrics or list(rec.metrics)
-        row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": rec.model["id"],
-               "dtype": rec.model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"]}
+        model = rec.model or {}
+        row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": model.get("id"),
+               "dtype": model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"],
+               "encode_flops": (rec.extra.get("flops") or {}).get("encode_per_token")}
         for name in names:
             row[name] = rec.metrics.get(name)
             row[f"{name}_stderr"] = rec.stderr.get(name)
@@ -48,10 +50,12 @@ def results_table(recs: Sequence[RunRecord]) -> str:
         group = [r for r in recs if r.task["name"] == task_name]
         spec = resolve_task(task_name).spec
         names = [m for m in spec.summary_metrics() if any(r.metrics.get(m) is not None for r in group)]
-        rows = [[r.encoder["label"], r.hookpoint] + [fmt(r.metrics.get(n), r.stderr.get(n)) for n in names]
-                for r in group]
+        placed = any(r.hookpoint for r in group)
+        rows = [[r.encoder["label"], *([r.hookpoint] if placed else [])]
+                + [fmt(r.metrics.get(n), r.stderr.get(n)) for n in names] for r in group]
         n = max((v for r in group for v in r.n.values() if v is not None), default=0)
-        out.append(f"{task_name} (v{spec.version}) on {group[0].model['id']}, n = {n}\n"
-                   + tabulate(rows, headers=["encoder", "hookpoint", *names], tablefmt="github",
-                            disable_numparse=True))
+        where = f"on {group[0].model['id']}" if group[0].model else "without a language model"
+        out.append(f"{task_name} (v{spec.version}) {where}, n = {n}\n"
+                   + tabulate(rows, headers=["encoder", *(["hookpoint"] if placed else []), *names],
+                              tablefmt="github", disable_numparse=True))
     return "\n\n".join(out)

@@ -18,8 +18,9 @@ import torch
 import saebench
 from saebench import records
 from saebench.corpus import CorpusSpec
-from saebench.encoders.base import BuildContext, Encoder, parse_encoder_arg
-from saebench.encoders.specs import expand_encoder_specs, split_hookpoint
+from saebench.encoders.base import BuildContext, Encoder
+from saebench.encoders.build import build_from_spec, encoder_class
+from saebench.encoders.specs import expand_encoder_specs, split_hookpoint, split_options
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.models import LoadedModel, cache_dir, load_model
 from saebench.presets import load_presets
@@ -77,8 +78,10 @@ def task_names() -> dict[str, str]:
 def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
     """A task by entry-point name or preset name, with preset parameters applied.
 
-    'plugin:arg' (e.g. 'lm_eval:hellaswag') passes `arg` to the plugin as the parameter 'arg'.
+    'plugin:arg' (e.g. 'lm_eval:hellaswag') passes `arg` to the plugin as the parameter 'arg';
+    'name?key=value&...' passes parameters (e.g. 'synthetic?n_sources=32&k_active=5').
     """
+    name, options = split_options(name)
     presets = load_presets("tasks", "*")
     preset = presets.get(name, {})
     plugin = preset.get("task", name)
@@ -89,7 +92,7 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
         raise SaebenchError(f"unknown task {name!r}{did_you_mean(name, task_names())}; "
                             "`saebench list tasks` shows them all")
     cls = load_plugin(TASK_GROUP, plugin)
-    params = {**preset.get("params", {}), **(overrides or {})}
+    params = {**preset.get("params", {}), **(overrides or {}), **options}
     try:
         return cls.from_params(params)
     except TypeError as exc:
@@ -99,7 +102,7 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
 def _accepted_params(name: str) -> set[str]:
     """Parameter names the task behind `name` (entry point or preset) takes."""
     presets = load_presets("tasks", "*")
-    plugin = presets.get(name, {}).get("task", name)
+    plugin = presets.get(split_options(name)[0], {}).get("task", split_options(name)[0])
     base = plugin if plugin in available(TASK_GROUP) else plugin.partition(":")[0]
     if base not in available(TASK_GROUP):
         return set()  # resolve_task reports the unknown name
@@ -117,14 +120,6 @@ def _params_for(name: str, params: dict[str, Any], tasks: Sequence[str]) -> dict
     return {k: v for k, v in params.items() if k in _accepted_params(name)}
 
 
-def _encoder_class(spec: str) -> type[Encoder]:
-    name, _ = parse_encoder_arg(split_hookpoint(spec)[0])
-    if name not in available(ENCODER_GROUP):
-        raise SaebenchError(f"unknown encoder {name!r}{did_you_mean(name, available(ENCODER_GROUP))}; "
-                            "`saebench list encoders` shows them all")
-    return load_plugin(ENCODER_GROUP, name)
-
-
 def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> dict[str, list[Encoder]]:
     """Build every encoder spec (presets and patterns expanded) against `model`, grouped by hookpoint.
 
@@ -134,13 +129,14 @@ def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) 
     expanded = expand_encoder_specs(specs)
     placed = [(spec, *split_hookpoint(spec)) for spec in expanded]
     for spec, _, at in placed:  # every name and hookpoint valid before anything is built or trained
-        _encoder_class(spec)
+        encoder_class(spec)
         if at is not None:
             model.hookpoint(at)
     groups: dict[str, list[Encoder]] = {}
+    memo: dict = {}  # inner encoders named by several specs are built once
     for spec, base, at in placed:
-        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress)
-        enc = _encoder_class(spec).from_arg(parse_encoder_arg(base)[1], build)
+        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo)
+        enc = build_from_spec(base, build)
         if enc.spec.d_in != model.d_model:
             raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
                                 f"has width {model.d_model}")
@@ -202,16 +198,17 @@ def _check_context_len(config: RunConfig, model: LoadedModel) -> None:
                             f"supports ({limit} positions)")
 
 
-def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[str],
+def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Sequence[str],
              config: RunConfig = RunConfig()) -> list[records.RunRecord]:
     """Splice every encoder into `model` and score it on every task.
 
     Each task runs all encoders on the same data with the clean pass computed once. One
     record per (task, encoder) is written to `config.output_dir`; a finished record with the
-    same config hash is reused instead of recomputed.
+    same config hash is reused instead of recomputed. A task without a language model
+    (`Task.needs_model` False, e.g. synthetic) gets the encoder specs and builds them on its own data.
 
     Args:
-        model: preset name, hub id, local path, or an already loaded model.
+        model: preset name, hub id, local path, or an already loaded model; None when no task needs one.
         encoders: spec strings such as 'sae:default', 'identity', 'sae:<path>'.
         tasks: task or preset names such as 'ce_kl'.
     Returns:
@@ -219,17 +216,27 @@ def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[
     """
     _validate(config, encoders, tasks)
     task_objs = [(name, resolve_task(name, _params_for(name, config.task_params, tasks))) for name in tasks]
-    for spec in expand_encoder_specs(encoders):
-        _encoder_class(spec)  # fail on unknown names before loading anything
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, config.dtype, config.device, config.gguf_file, config.revision)
-    _check_context_len(config, loaded)
-    if config.hookpoint:
-        loaded.hookpoint(config.hookpoint)
-    groups = build_encoders(encoders, loaded, config)
+    specs = expand_encoder_specs(encoders)
+    for spec in specs:
+        encoder_class(spec)  # fail on unknown names before loading anything
+    needing = [name for name, task in task_objs if task.needs_model]
+    if needing and model is None:
+        raise SaebenchError(f"task {needing[0]!r} runs on a language model: pass --model (e.g. --model smollm2-135m)")
+    for task in (task for _, task in task_objs if not task.needs_model):
+        task.check_specs(specs)  # before the model loads or the first task runs
+    loaded, groups = None, {}
+    if needing:
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, config.dtype, config.device, config.gguf_file, config.revision)
+        _check_context_len(config, loaded)
+        if config.hookpoint:
+            loaded.hookpoint(config.hookpoint)
+        groups = build_encoders(encoders, loaded, config)
     out: list[records.RunRecord] = []
     for _, task in task_objs:
-        if task.multi_hookpoint:
+        if not task.needs_model:
+            out.extend(_run_task(task, None, {}, config, tuple(specs)))
+        elif task.multi_hookpoint:
             out.extend(_run_task(task, loaded, groups, config))
         else:
             for hp_name, group in groups.items():
@@ -237,19 +244,22 @@ def evaluate(model: str | LoadedModel, encoders: Sequence[str], tasks: Sequence[
     return out
 
 
-def _run_task(task: Task, model: LoadedModel, groups: dict[str, list[Encoder]],
-              config: RunConfig) -> list[records.RunRecord]:
-    """Run `task` on the encoders of `groups` (one hookpoint, or several for a multi-hookpoint task)."""
+def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Encoder]],
+              config: RunConfig, specs: tuple[str, ...] = ()) -> list[records.RunRecord]:
+    """Run `task` on the encoders of `groups` (one hookpoint, or several for a multi-hookpoint task),
+    or, for a task without a model, on the encoder `specs`."""
     corpus = CorpusSpec(config.corpus)
-    single = None if task.multi_hookpoint else model.hookpoint(next(iter(groups)))
+    single = None if task.multi_hookpoint or model is None else model.hookpoint(next(iter(groups)))
     ctx = TaskContext(model, single, corpus, config.seed, config.batch_size,
                       SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress,
-                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references, groups=groups)
-    base = {
-        "task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)},
-        "model": {"id": model.model_id, "revision": model.revision, "dtype": model.dtype},
-        "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos,
-    }
+                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references, groups=groups,
+                      specs=specs)
+    base: dict[str, Any] = {"task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)}}
+    if model is None:
+        base |= {"model": None, "seed": config.seed}
+    else:
+        base |= {"model": {"id": model.model_id, "revision": model.revision, "dtype": model.dtype},
+                 "corpus": corpus.name, "seed": config.seed, "splice_bos": config.splice_bos}
     todo, done = [], {}
     rows = task.rows(ctx)
     for row in rows:
@@ -281,21 +291,24 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
     """Run the task for the rows in `todo` and write their records."""
     ctx.partial = PartialStore(partial)
     ctx.wanted = frozenset(row.key for row, *_ in todo)
-    if task.multi_hookpoint:
-        encoders = [e for group in ctx.groups.values() for e in group]
+    by_key = {row_key(e.spec.label, hp): e for hp, group in ctx.groups.items() for e in group}
+    per_hookpoint = task.needs_model and not task.multi_hookpoint  # results keyed by label, not Row.key
+    if per_hookpoint:
+        encoders = [e for key, e in by_key.items() if key in ctx.wanted]
     else:
-        encoders = [e for group in ctx.groups.values() for e in group if row_key(e.spec.label, ctx.hookpoint.name)
-                    in ctx.wanted]
+        encoders = list(by_key.values())
     start = time.monotonic()
     results = task.run(ctx, encoders)
     seconds = time.monotonic() - start
-    if not task.multi_hookpoint:
+    if per_hookpoint:
         results = {row_key(label, ctx.hookpoint.name): result for label, result in results.items()}
     done = {}
     for row, cfg, chash, path in todo:
         rec = _record(task, ctx.model, row, cfg, chash, results[row.key], seconds, len(todo), config)
         if ctx.warnings:
             rec.extra["warnings"] = list(ctx.warnings)
+        if (enc := by_key.get(row.key)) is not None and enc.encode_flops is not None:
+            rec.extra["flops"] = {"encode_per_token": enc.encode_flops, "training": enc.training_flops}
         _write(path, rec, results[row.key])
         done[row.key] = rec
     ctx.partial.clear()
@@ -325,20 +338,22 @@ def _exclusive(lock: Path, what: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _record(task: Task, model: LoadedModel, row: Row, cfg: dict, chash: str,
+def _record(task: Task, model: LoadedModel | None, row: Row, cfg: dict, chash: str,
             result: TaskResult, seconds: float, n_run: int, config: RunConfig) -> records.RunRecord:
     plugin = distribution_of(ENCODER_GROUP, row.encoder.name)
+    device = str(model.device) if model is not None else "cuda" if torch.cuda.is_available() else "cpu"
     return records.RunRecord(
         task=task.spec.to_dict(),
         encoder=row.encoder.to_dict() | {"plugin": plugin},
-        model={"id": model.model_id, "revision": model.revision, "name": model.name, "dtype": model.dtype},
+        model=None if model is None else {"id": model.model_id, "revision": model.revision, "name": model.name,
+                                          "dtype": model.dtype},
         hookpoint=row.hookpoint, config=cfg, config_hash=chash,
         metrics=result.metrics, stderr=result.stderr, n=result.n,
         seconds=round(seconds, 3), seed=config.seed,
         saebench_version=saebench.__version__, git_sha=records.git_sha(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # `seconds` is the wall time of the whole task run, shared by the encoders run together
-        extra=result.extra | {"device": str(model.device), "torch": torch.__version__, "encoders_in_run": n_run},
+        extra=result.extra | {"device": device, "torch": torch.__version__, "encoders_in_run": n_run},
     )
 
 

@@ -11,12 +11,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from saebench.corpus import CorpusSpec, token_contexts
-from saebench.encoders.base import BuildContext
+from saebench.encoders.base import BuildContext, TrainingSet
 from saebench.encoders.specs import apply_options
 from saebench.errors import SaebenchError
 from saebench.models import publish_dir
@@ -24,6 +25,9 @@ from saebench.presets import load_presets
 from saebench.records import config_hash
 from saebench.splice import SpliceConfig, sink_mask
 from saebench.tasks.base import TaskContext
+
+if TYPE_CHECKING:
+    from saebench.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,50 @@ def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) 
     return path
 
 
+class CorpusTrainingSet(TrainingSet):
+    """Activations at a hookpoint over the training split of the embedded text (never the evaluation
+    split), sinks and sink-sized outliers left out; collected once per process."""
+
+    def __init__(self, model: "LoadedModel", hookpoint: str, tokens: int, context_len: int, seed: int,
+                 outlier_factor: float, progress: bool):
+        self.model, self.hookpoint = model, model.hookpoint(hookpoint)
+        self.tokens, self.context_len, self.seed, self.outlier_factor = tokens, context_len, seed, outlier_factor
+        self.progress = progress
+        self.key = {"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
+                    "hookpoint": self.hookpoint.name, "corpus": "wiki:train", "tokens": tokens,
+                    "context_len": context_len, "seed": seed, "outlier_factor": outlier_factor}
+        self._acts: torch.Tensor | None = None
+
+    def activations(self) -> torch.Tensor:
+        if self._acts is None:
+            ctx = TaskContext(self.model, self.hookpoint, CorpusSpec("wiki", "train"), self.seed, 16, SpliceConfig(),
+                              None, None)
+            tokens = token_contexts(self.model.tokenizer, ctx.corpus, self.context_len,
+                                    self.tokens * self.context_len // (self.context_len - 1), self.seed,
+                                    self.model.bos_id)
+            acts = _collect(ctx, tokens, self.progress)
+            # Besides position 0 and BOS, a few dozen tokens per 200k carry sink-sized norms (up to
+            # ~27,000 vs a median ~170 at layer 15); left in, they dominate the MSE and an encoder learns
+            # them instead of the ordinary tokens. They are still spliced and scored at evaluation.
+            norms = acts.norm(dim=1)
+            self._acts = acts[norms <= self.outlier_factor * norms.median()]
+        return self._acts
+
+
+_TRAINING_SETS: dict[tuple, CorpusTrainingSet] = {}
+
+
+def corpus_training_set(model: "LoadedModel", hookpoint: str | None, progress: bool = True, tokens: int = 200_000,
+                        context_len: int = 128, seed: int = 0, outlier_factor: float = 10.0) -> CorpusTrainingSet:
+    """The training activations at `hookpoint` (default: the model preset's), shared by every encoder of the
+    process that trains there (the defaults are the default SAE's)."""
+    name = model.hookpoint(hookpoint or model.default_hookpoint or f"layers.{len(model.layers()) // 2}.resid_post").name
+    key = (id(model), name, tokens, context_len, seed, outlier_factor)
+    if key not in _TRAINING_SETS:
+        _TRAINING_SETS[key] = CorpusTrainingSet(model, name, tokens, context_len, seed, outlier_factor, progress)
+    return _TRAINING_SETS[key]
+
+
 def _collect(ctx: TaskContext, tokens: torch.Tensor, progress: bool) -> torch.Tensor:
     """(n, d_model) float32 activations at ctx.hookpoint of every non-sink token."""
     chunks = []
@@ -140,15 +188,8 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, dest: Path) ->
     print(f"saebench: training the default SAE for {model.name} at {hookpoint.name} "
           f"(once; cached in {dest})", flush=True)
     torch.manual_seed(cfg.seed)
-    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), cfg.seed, 16, SpliceConfig(), None, None)
-    tokens = token_contexts(model.tokenizer, ctx.corpus, cfg.context_len,
-                            cfg.train_tokens * cfg.context_len // (cfg.context_len - 1), cfg.seed, model.bos_id)
-    acts = _collect(ctx, tokens, build.progress)
-    # Besides position 0 and BOS, a few dozen tokens per 200k carry sink-sized norms (up to
-    # ~27,000 vs a median ~170 at layer 15); left in, they dominate the MSE and the SAE learns
-    # them instead of the ordinary tokens. They are still spliced and scored at evaluation.
-    norms = acts.norm(dim=1)
-    acts = acts[norms <= cfg.outlier_factor * norms.median()]
+    acts = corpus_training_set(model, hookpoint.name, build.progress, cfg.train_tokens, cfg.context_len, cfg.seed,
+                               cfg.outlier_factor).activations()
     total = cfg.epochs * len(acts)
     if cfg.architecture == "topk":
         config_cls, sae_cls, specific = TopKTrainingSAEConfig, TopKTrainingSAE, {"k": cfg.k}

@@ -5,7 +5,9 @@ Spec forms:
   options change how it is trained, e.g. ``sae:default?context_len=1024`` (fields of
   saebench.training.DefaultSAEConfig); ``@layers.5.resid_post`` places it at another hookpoint;
 - ``sae:<path>``: a directory in sae-lens format (cfg.json + sae_weights.safetensors);
-- ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub).
+- ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub);
+- ``sae`` (options allowed, e.g. ``sae?l1=0.05``) on a task without a model: an SAE trained on the
+  task's own data (see saebench.encoders.mlp).
 """
 
 import hashlib
@@ -99,8 +101,12 @@ class SAELensEncoder(Encoder):
         self.training_context = getattr(cfg.metadata, "context_size", None)
 
     @classmethod
-    def from_arg(cls, arg: str | None, build: BuildContext) -> "SAELensEncoder":
-        if not arg:
+    def from_arg(cls, arg: str | None, build: BuildContext) -> "Encoder":
+        if build.model is None and (not arg or arg.startswith("?")):
+            from saebench.encoders.mlp import MLPEncoder
+
+            return MLPEncoder.amortised_sae(arg, build)  # trained on the task's own data (synthetic)
+        if not arg or arg.startswith("?"):
             raise SaebenchError(f"encoder 'sae' needs an argument: {USAGE}")
         sae, provenance = _load_sae(arg, build)
         hook_name = sae.cfg.metadata.hook_name

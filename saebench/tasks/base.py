@@ -47,7 +47,7 @@ class TaskSpec:
     stderr_method: str = "clustered by context"
     """How the standard errors are computed (printed in leaderboard headings)."""
     limit_unit: str = "tokens"
-    """What --limit counts for this task ('tokens' or 'items'); stated in every record."""
+    """What --limit counts for this task ('tokens', 'items' or 'samples'); stated in every record."""
 
     def summary_metrics(self) -> tuple[str, ...]:
         return self.summary or tuple(m.name for m in self.metrics)
@@ -160,17 +160,19 @@ class Row:
     key: str
     """What run() keys this row's result by."""
     encoder: EncoderSpec
-    hookpoint: str
-    """A hookpoint name, or for a combination its hookpoints ('layers.{5,15,25}.resid_post')."""
+    hookpoint: str | None
+    """A hookpoint name, or for a combination its hookpoints ('layers.{5,15,25}.resid_post'); None for a task
+    without a model."""
 
 
 @dataclass
 class TaskContext:
     """The model, hookpoint, data and settings a task runs with."""
 
-    model: LoadedModel
+    model: LoadedModel | None
+    """The language model; None for a task that needs none (Task.needs_model False)."""
     hookpoint: Hookpoint | None
-    """The hookpoint of a single-hookpoint task; None for a multi-hookpoint task (see `at`)."""
+    """The hookpoint of a single-hookpoint task; None for a multi-hookpoint task (see `at`) or without a model."""
     corpus: CorpusSpec
     seed: int
     batch_size: int
@@ -191,6 +193,8 @@ class TaskContext:
     """The run's encoders by hookpoint name (a single-hookpoint task sees its own hookpoint only)."""
     wanted: frozenset[str] | None = None
     """Keys of the rows the runner needs (the others have finished records); None: every row."""
+    specs: tuple[str, ...] = ()
+    """The encoder spec strings of a task without a model, which builds (and fits) them on its own data."""
     _forward: HookpointForward | None = None
     _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     _mean: Tensor | None = None
@@ -291,11 +295,18 @@ class Task(ABC):
     ctx.groups maps each hookpoint to its encoders, ctx.at(name) gives the context of one
     hookpoint, and results are keyed by `Row.key`. Either kind may add rows of its own (e.g.
     a combination of encoders) by overriding `rows`.
+
+    A task that needs no language model (synthetic data) sets `needs_model` False: the runner loads
+    no model and builds no encoder for it; ctx.specs holds the encoder spec strings, the task builds
+    each one on its own data (BuildContext(None, ..., width=..., training=...).build(spec)), overrides
+    `rows` (one per spec, hookpoint None) and keys its results by `Row.key`.
     """
 
     spec: ClassVar[TaskSpec]
     multi_hookpoint: ClassVar[bool] = False
     """True: run() gets every encoder of the run at once, grouped by hookpoint (ctx.groups)."""
+    needs_model: ClassVar[bool] = True
+    """False: the task runs without a language model; its records have no model and no hookpoint."""
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "Task":
@@ -305,6 +316,9 @@ class Task(ABC):
     @abstractmethod
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         """The task's effective parameters for this run (hashed into records)."""
+
+    def check_specs(self, specs: list[str]) -> None:
+        """Reject encoder specs a task without a model cannot run, before any task runs (default: accept all)."""
 
     def rows(self, ctx: TaskContext) -> list[Row]:
         """The records this run writes: one per encoder at its hookpoint (tasks may add combinations)."""

@@ -104,4 +104,4 @@ def test_task_spec_round_trips_through_a_record(name):
 
     spec = load_plugin(TASK_GROUP, name).spec
     assert TaskSpec.from_dict(spec.to_dict()) == spec
-    assert spec.limit_unit in ("tokens", "items") and spec.stderr_method
+    assert spec.limit_unit in ("tokens", "items", "samples") and spec.stderr_method

@@ -1,0 +1,291 @@
+"""Synthetic ground truth: how well each encoder infers known sparse codes (no language model).
+
+Reproduces the synthetic experiments of O'Neill, Gumran & Klindt (2024, "Compute Optimal Inference
+and Provable Amortisation Gap in Sparse Autoencoders"; data and metrics as in the authors' code,
+github.com/charlieoneill11/sparse-inference): X = S D + noise, with N sources, M < N measurements,
+exactly K active sources per sample with |N(0, 1)| values, and unit-norm dictionary rows.
+
+Every encoder of the run is built and fitted afresh for every seed and regime, through the same
+encoder families as on a language model (``--encoder sae --encoder mlp --encoder sparse_coding
+--encoder ito``):
+- ``known_codes``: the training set carries the true codes; encoders that learn regress them and
+  decode with the dictionary they imply (least squares);
+- ``known_dict``: the true dictionary is given; encoders that learn a dictionary use it instead;
+- ``unknown``: encoders learn codes and dictionary from X alone.
+
+Metrics (on the held-out test samples), mean over seeds, standard error = std / sqrt(seeds) (the
+details rows hold every seed, and extra.std the standard deviations):
+- latent MCC: |Pearson| between true and inferred code columns, matched one-to-one by the Hungarian
+  algorithm (scipy's linear_sum_assignment), averaged over the N true sources (an unmatched or dead
+  latent counts 0);
+- dictionary MCC: the same on dictionary atoms (|Pearson| across the M entries; the authors' code
+  matches greedily, saebench by the Hungarian algorithm); 1 by construction in ``known_dict``;
+- MSE (mean over measurements), L0, FLOPs per sample of encode, FLOPs of training.
+With a ``grid`` over (N, M, K), each cell is run too and the gap in latent MCC to the first
+encoder given (put ``sae`` first) is drawn as a heatmap per regime.
+"""
+
+import math
+from dataclasses import asdict, dataclass, replace
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.encoders.base import (
+    DECODER_DICTIONARY,
+    BuildContext,
+    EncoderSpec,
+    TensorTrainingSet,
+    dense,
+    parse_encoder_arg,
+    unknown_text,
+)
+from saebench.encoders.specs import apply_options
+from saebench.errors import SaebenchError
+from saebench.tasks.base import MetricSpec, Row, Task, TaskContext, TaskResult, TaskSpec
+
+REGIMES = ("known_codes", "known_dict", "unknown")
+PER_REGIME = ("latent_mcc", "dict_mcc", "mse", "l0", "training_flops")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the synthetic task (``--task 'synthetic?n_sources=32&k_active=5'``)."""
+
+    n_sources: int = 16
+    """N: latent sources (the true dictionary's rows)."""
+    n_measurements: int = 8
+    """M: dimensions of X."""
+    k_active: int = 3
+    """K: active sources per sample."""
+    train_samples: int = 1024
+    """Samples encoders learn from."""
+    test_samples: int = 1024
+    """Held-out samples every metric is computed on."""
+    seeds: int = 5
+    """Repetitions (data, dictionary and initialisation), seeds --seed ... --seed + seeds - 1."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to X."""
+    steps: int = 20000
+    """Full-batch Adam steps of every encoder that trains (the authors' 20k), unless its spec says."""
+    regimes: str = ",".join(REGIMES)
+    """Comma-separated regimes to run."""
+    grid: str = ""
+    """Cells 'N,M,K;N,M,K;...' run besides the defaults for the MCC-gap heatmap ('' for none)."""
+
+
+def make_problem(cfg: SyntheticConfig, seed: int) -> dict[str, Tensor]:
+    """A dictionary, training and test samples (X) and their true codes (S)."""
+    gen = torch.Generator().manual_seed(seed)
+    D = torch.randn(cfg.n_sources, cfg.n_measurements, generator=gen)
+    D = D / D.norm(dim=1, keepdim=True)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        active = torch.rand(n, cfg.n_sources, generator=gen).argsort(1)[:, :cfg.k_active]  # K of N, uniformly
+        S = torch.zeros(n, cfg.n_sources).scatter_(1, active, torch.randn(n, cfg.k_active, generator=gen).abs())
+        return S, S @ D + cfg.noise * torch.randn(n, cfg.n_measurements, generator=gen)
+
+    S_train, X_train = sample(cfg.train_samples)
+    S_test, X_test = sample(cfg.test_samples)
+    return {"D": D, "S_train": S_train, "X_train": X_train, "S_test": S_test, "X_test": X_test}
+
+
+def matched_mcc(true: Tensor, est: Tensor) -> float:
+    """Mean over true columns of |Pearson| with the Hungarian-matched estimated column (0 if unmatched).
+
+    true: (n, N); est: (n, L). Columns that never vary correlate 0.
+    """
+    def standard(a: Tensor) -> np.ndarray:
+        a = a.double().numpy()
+        a = a - a.mean(0)
+        norm = np.linalg.norm(a, axis=0)
+        return np.divide(a, norm, out=np.zeros_like(a), where=norm > 0)
+
+    corr = np.abs(standard(true).T @ standard(est))  # (N, L)
+    rows, cols = linear_sum_assignment(corr, maximize=True)
+    return float(corr[rows, cols].sum() / true.shape[1])
+
+
+def parse_grid(text: str) -> list[tuple[int, int, int]]:
+    """'16,8,3;32,8,3' -> [(16, 8, 3), (32, 8, 3)]."""
+    cells = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            n, m, k = (int(v) for v in part.split(","))
+        except ValueError:
+            raise SaebenchError(f"synthetic grid cell {part!r}: write N,M,K (e.g. grid=16,8,3;32,8,3)") from None
+        cells.append((n, m, k))
+    return cells
+
+
+def check(cfg: SyntheticConfig) -> None:
+    """One clear error for a configuration that cannot be generated."""
+    cells = [(cfg.n_sources, cfg.n_measurements, cfg.k_active), *parse_grid(cfg.grid)]
+    for n, m, k in cells:
+        if min(n, m, k) < 1:
+            raise SaebenchError(f"synthetic: N, M and K must be at least 1 (got N={n}, M={m}, K={k})")
+        if k > n:
+            raise SaebenchError(f"synthetic: K={k} active sources cannot exceed N={n} sources; lower k_active "
+                                "or raise n_sources")
+    if cfg.train_samples < 2 or cfg.test_samples < 2 or cfg.seeds < 1 or cfg.steps < 1:
+        raise SaebenchError("synthetic: train_samples and test_samples must be at least 2, seeds and steps at least 1")
+    if cfg.noise < 0:
+        raise SaebenchError(f"synthetic: noise must be non-negative, not {cfg.noise}")
+    if bad := set(cfg.regimes.split(",")) - set(REGIMES):
+        raise SaebenchError(f"synthetic: unknown regime(s) {', '.join(sorted(bad))}; use {', '.join(REGIMES)}")
+
+
+class SyntheticTask(Task):
+    """Latent and dictionary recovery on synthetic sparse data, per regime, with FLOPs."""
+
+    needs_model = False
+    spec = TaskSpec(
+        name="synthetic",
+        version=1,
+        headline="latent_mcc_unknown",
+        metrics=(
+            *(MetricSpec(f"{m}_{r}", d, f"{text} ({r.replace('_', ' ')} regime)") for r in REGIMES
+              for m, d, text in (
+                  ("latent_mcc", "higher", "mean Hungarian-matched |Pearson| of true vs inferred codes"),
+                  ("dict_mcc", "higher", "mean Hungarian-matched |Pearson| of true vs decoder atoms"),
+                  ("mse", "lower", "test reconstruction MSE, mean over measurements"),
+                  ("l0", "none", "mean active latents per test sample"),
+                  ("training_flops", "lower", "FLOPs spent training the encoder (3 x forward x samples)"))),
+            MetricSpec("encode_flops", "lower", "FLOPs per sample of encode (a multiply-add counts 2)"),
+        ),
+        summary=("latent_mcc_known_dict", "latent_mcc_unknown", "dict_mcc_unknown", "latent_mcc_known_codes",
+                 "mse_unknown", "l0_unknown", "encode_flops", "training_flops_unknown"),
+        stderr_method="std over seeds / sqrt(seeds)",
+        limit_unit="samples",
+    )
+
+    def __init__(self, **params: Any):
+        # preset values (YAML-typed) and ?options (text) alike, converted to each field's type
+        self.cfg = apply_options(SyntheticConfig(), {k: str(v) for k, v in params.items()}, "synthetic")
+        check(self.cfg)
+
+    def config(self, ctx: TaskContext) -> dict[str, Any]:
+        cfg = self._cfg(ctx)
+        return asdict(cfg)
+
+    def _cfg(self, ctx: TaskContext) -> SyntheticConfig:
+        return replace(self.cfg, test_samples=ctx.limit) if ctx.limit else self.cfg
+
+    def check_specs(self, specs: list[str]) -> None:
+        for spec in specs:
+            if "@" in spec:
+                raise SaebenchError(f"synthetic has no hookpoints: drop '@...' from {spec!r}")
+
+    def rows(self, ctx: TaskContext) -> list[Row]:
+        cfg = self._cfg(ctx)
+        out = []
+        for spec in ctx.specs:
+            row = _row_spec(spec, cfg)
+            out.append(Row(row.label, row, None))
+        if len({r.key for r in out}) < len(out):
+            raise SaebenchError("an encoder is given twice; give each encoder once")
+        return out
+
+    def run(self, ctx: TaskContext, encoders: list) -> dict[str, TaskResult]:
+        cfg = self._cfg(ctx)
+        rows = self.rows(ctx)
+        regimes = [r for r in REGIMES if r in cfg.regimes.split(",")]
+        cells = [(cfg.n_sources, cfg.n_measurements, cfg.k_active)]
+        cells += [c for c in parse_grid(cfg.grid) if c not in cells]
+        jobs = list(product(cells, regimes, range(cfg.seeds)))
+        per: dict[tuple, dict[str, dict[str, float]]] = {}
+        for cell, regime, i in tqdm(jobs, desc="synthetic", unit="fit set", disable=not ctx.progress):
+            name = f"{cell[0]}-{cell[1]}-{cell[2]}-{regime}-{i}"
+            done = ctx.partial.load_piece(name)
+            if done is None:
+                n, m, k = cell
+                done = self._one(replace(cfg, n_sources=n, n_measurements=m, k_active=k), regime,
+                                 ctx.seed + i, ctx.specs)
+                ctx.partial.save_piece(name, done)
+            per[(cell, regime, i)] = done
+        return {row.key: self._result(row.key, per, cells, regimes, cfg) for row in rows}
+
+    def _one(self, cfg: SyntheticConfig, regime: str, seed: int, specs: tuple[str, ...]) -> dict[str, dict]:
+        """Every encoder fitted and scored on one problem."""
+        data = make_problem(cfg, seed)
+        key = asdict(cfg) | {"regime": regime, "seed": seed}
+        training = TensorTrainingSet(data["X_train"], key, data["S_train"] if regime == "known_codes" else None)
+        build = BuildContext(None, None, None, seed, False, width=cfg.n_measurements, training=training,
+                             dictionary=data["D"] if regime == "known_dict" else None, d_latent=cfg.n_sources,
+                             fit_seed=seed, option_defaults={"*": {"steps": str(cfg.steps)},
+                                                             "ito": {"k": str(cfg.k_active)}})
+        out = {}
+        for spec in specs:
+            enc = build.build(spec)
+            label = _row_spec(spec, cfg).label
+            X = data["X_test"]
+            with torch.no_grad():
+                codes = dense(enc.encode(X, unknown_text(len(X))))
+                recon = enc.decode(codes).float()
+            codes = codes.float()
+            out[label] = {
+                "latent_mcc": matched_mcc(data["S_test"], codes),
+                "dict_mcc": (matched_mcc(data["D"].T, enc.W_dec.float().T)
+                             if DECODER_DICTIONARY in enc.capabilities else None),
+                "mse": float(((recon - X) ** 2).mean()),
+                "l0": float((codes != 0).sum(1).float().mean()),
+                "training_flops": enc.training_flops or 0.0,
+                "encode_flops": enc.encode_flops,
+            }
+        return out
+
+    def _result(self, key: str, per: dict, cells: list, regimes: list, cfg: SyntheticConfig) -> TaskResult:
+        main = cells[0]
+        names = [m.name for m in self.spec.metrics]  # a regime not run has null metrics, never absent ones
+        metrics, stderr, n = dict.fromkeys(names), dict.fromkeys(names), dict.fromkeys(names)
+        std: dict[str, float | None] = {}
+        details: list[dict[str, Any]] = []
+        for regime in regimes:
+            runs = [per[(main, regime, i)][key] for i in range(cfg.seeds)]
+            for i, run in enumerate(runs):
+                details.append({"regime": regime, "seed_index": i, **run})
+            for m in PER_REGIME:
+                values = [r[m] for r in runs if r[m] is not None]
+                name = f"{m}_{regime}"
+                if not values:
+                    metrics[name] = stderr[name] = n[name] = None
+                    continue
+                metrics[name] = float(np.mean(values))
+                std[name] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+                stderr[name] = std[name] / math.sqrt(len(values)) if std[name] is not None else None
+                n[name] = len(values)
+        flops = [per[(main, r, 0)][key]["encode_flops"] for r in regimes]
+        metrics["encode_flops"], stderr["encode_flops"], n["encode_flops"] = flops[0], None, 1
+        extra: dict[str, Any] = {"std": std}
+        if len(cells) > 1:
+            details += self._gap_points(key, per, cells, regimes, cfg)
+            extra["curves"] = {"grid": {"x": "cell", "plot": "heatmap", "rows": "encoder",
+                                        "metrics": [f"mcc_gap_{r}" for r in regimes]}}
+        return TaskResult(metrics, stderr, n, details=details, extra=extra)
+
+    def _gap_points(self, key: str, per: dict, cells: list, regimes: list, cfg: SyntheticConfig) -> list[dict]:
+        """Per grid cell, the latent MCC minus the first encoder's (mean over seeds, with its std)."""
+        first = next(iter(per[(cells[0], regimes[0], 0)]))
+        points = []
+        for cell in cells:
+            point: dict[str, Any] = {"curve": "grid", "x": f"N={cell[0]} M={cell[1]} K={cell[2]}",
+                                     "baseline": first}
+            for regime in regimes:
+                gaps = [per[(cell, regime, i)][key]["latent_mcc"] - per[(cell, regime, i)][first]["latent_mcc"]
+                        for i in range(cfg.seeds)]
+                point[f"mcc_gap_{regime}"] = float(np.mean(gaps))
+                point[f"mcc_gap_{regime}_se"] = float(np.std(gaps, ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1 \
+                    else None
+            points.append(point)
+        return points
+
+
+def _row_spec(spec: str, cfg: SyntheticConfig) -> EncoderSpec:
+    """The record's encoder: the spec as given (each seed fits its own instance)."""
+    name, arg = parse_encoder_arg(spec)
+    return EncoderSpec(name, arg, None, cfg.n_measurements, None, {"fitted_per_seed": True})

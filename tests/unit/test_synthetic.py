@@ -1,0 +1,145 @@
+"""The synthetic task (no language model) and the encoder zoo on a (tiny) model: records, FLOPs, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from saebench.errors import SaebenchError
+from saebench.leaderboard import write_leaderboards
+from saebench.runner import RunConfig, evaluate, resolve_task
+from saebench.tasks.synthetic import SyntheticConfig, make_problem, matched_mcc
+from tests.unit.test_cli_errors import assert_clean_failure, run_cli
+
+
+def test_matched_mcc_known_answers():
+    gen = torch.Generator().manual_seed(0)
+    S = torch.randn(500, 6, generator=gen)
+    assert matched_mcc(S, S) == pytest.approx(1.0)
+    shuffled = S[:, [3, 1, 5, 0, 2, 4]] * torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0, -2.0])
+    assert matched_mcc(S, shuffled) == pytest.approx(1.0)  # order, scale and sign do not matter
+    assert matched_mcc(S, torch.randn(500, 6, generator=gen)) < 0.2
+    assert matched_mcc(S, torch.zeros(500, 6)) == 0.0  # dead latents correlate 0
+    assert matched_mcc(S, S[:, :3]) == pytest.approx(0.5)  # unmatched sources count 0
+
+
+def test_problem_has_exactly_k_active_sources_and_unit_atoms():
+    cfg = SyntheticConfig(n_sources=10, n_measurements=4, k_active=3, train_samples=50, test_samples=20)
+    data = make_problem(cfg, seed=1)
+    assert ((data["S_train"] != 0).sum(1) == 3).all() and (data["S_train"] >= 0).all()
+    torch.testing.assert_close(data["D"].norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(data["X_test"], data["S_test"] @ data["D"])
+    assert not torch.equal(make_problem(cfg, seed=2)["D"], data["D"])
+
+
+def test_synthetic_runs_without_a_model_and_ito_beats_the_sae_on_the_known_dictionary(tmp_path):
+    out = tmp_path / "runs"
+    config = RunConfig(output_dir=out, progress=False)
+    task = "synthetic?seeds=2&steps=400&regimes=known_dict,unknown&train_samples=512&test_samples=512"
+    recs = evaluate(None, ["sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"], [task], config)
+    by = {r.encoder["label"]: r for r in recs}
+    assert set(by) == {"sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"}
+    for rec in recs:
+        assert rec.model is None and rec.hookpoint is None and rec.config["task"]["params"]["steps"] == 400
+        assert rec.n["latent_mcc_known_dict"] == 2 and rec.metrics["latent_mcc_known_codes"] is None
+    assert by["ito"].metrics["latent_mcc_known_dict"] > by["sae"].metrics["latent_mcc_known_dict"] + 0.1
+    assert by["ito"].metrics["l0_known_dict"] == pytest.approx(3.0, abs=0.05)  # k = K
+    assert by["sae"].metrics["dict_mcc_known_dict"] == pytest.approx(1.0)  # the given dictionary
+    assert by["sae"].metrics["encode_flops"] == 2 * 8 * 16
+    md = (tmp_path / "lb" / "synthetic.md")
+    write_leaderboards(out, tmp_path / "lb")
+    text = md.read_text()
+    assert "no language model" in text and "hookpoint" not in text
+    again = evaluate(None, ["sae"], [task], config)  # the finished record is reused
+    assert again[0].config_hash == by["sae"].config_hash and again[0].created == by["sae"].created
+
+
+def test_synthetic_grid_draws_the_mcc_gap(tmp_path):
+    out = tmp_path / "runs"
+    task = "synthetic?seeds=2&steps=50&regimes=known_dict&train_samples=64&test_samples=64&grid=8,4,2;12,6,2"
+    recs = evaluate(None, ["sae", "ito"], [task], RunConfig(output_dir=out, progress=False))
+    details = [json.loads(line) for line in (out / "synthetic" / recs[1].details_file).read_text().splitlines()]
+    gaps = [d for d in details if d.get("curve") == "grid"]
+    assert [g["x"] for g in gaps] == ["N=16 M=8 K=3", "N=8 M=4 K=2", "N=12 M=6 K=2"]
+    baseline = [json.loads(line) for line in (out / "synthetic" / recs[0].details_file).read_text().splitlines()]
+    assert {d["mcc_gap_known_dict"] for d in baseline if d.get("curve") == "grid"} == {0.0}  # sae against itself
+    written = write_leaderboards(out, tmp_path / "lb")
+    assert any(p.name.endswith("mcc_gap_known_dict.png") for p in written)
+
+
+@pytest.mark.parametrize("task, pattern", [
+    ("synthetic?k_active=20", "K=20 active sources cannot exceed N=16 sources"),
+    ("synthetic?n_sources=many", "option n_sources='many' of synthetic must be an integer"),
+    ("synthetic?regimes=known", "unknown regime(s) known"),
+    ("synthetic?grid=1,2", "grid cell '1,2': write N,M,K"),
+])
+def test_bad_synthetic_config_is_one_line_and_exit_2(task, pattern, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--task", task, "--encoder", "sae"], capsys, out)
+    assert_clean_failure(code, err, out, pattern)
+
+
+def test_a_model_task_without_a_model_says_so(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--task", "ce_kl", "--encoder", "identity"], capsys, out)
+    assert_clean_failure(code, err, out, "task 'ce_kl' runs on a language model: pass --model")
+
+
+def test_task_options_reach_the_task():
+    assert resolve_task("synthetic?n_sources=32&k_active=5").cfg.n_sources == 32
+    with pytest.raises(SaebenchError, match="synthetic has no option 'x'"):
+        resolve_task("synthetic?x=1")
+
+
+@pytest.fixture
+def tiny_sae_dir(tmp_path):
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre"))
+            ).save_model(tmp_path / "sae")
+    return tmp_path / "sae"
+
+
+def test_the_zoo_splices_into_a_model_with_flops_in_the_records(tiny_llama, tiny_sae_dir, tmp_path, monkeypatch):
+    sae = f"sae:{tiny_sae_dir}"
+    specs = [sae, f"ito:{sae}?method=mp", f"ito:{sae}", f"sparse_coding:{sae}?method=topk",
+             f"mlp:{sae}?hidden=16&steps=20&train_tokens=2000"]
+    config = RunConfig(output_dir=tmp_path / "runs", limit=512, context_len=32, progress=False)
+    recs = evaluate(tiny_llama, specs, ["ce_kl"], config)
+    by = {r.encoder["label"]: r for r in recs}
+    assert by[f"ito:{sae}"].encoder["params"]["k"] == 4  # the SAE's mean L0 (TopK, k=4)
+    for label in specs[1:]:
+        rec = by[label]
+        assert rec.hookpoint == "layers.1.resid_pre" and rec.metrics["l0"] <= 4 + 1e-6
+        assert rec.extra["flops"]["encode_per_token"] > 0
+    assert by[f"ito:{sae}"].metrics["fve"] >= by[sae].metrics["fve"]  # OMP refits on the same budget
+    assert by[specs[-1]].extra["flops"]["training"] > 0
+
+    from saebench.encoders.mlp import MLPEncoder
+
+    def refit(*args, **kwargs):
+        raise AssertionError("a cached fit was trained again")
+
+    monkeypatch.setattr(MLPEncoder, "fit", refit)
+    again = evaluate(tiny_llama, [specs[-1]], ["ce_kl"], RunConfig(output_dir=tmp_path / "runs2", limit=512,
+                                                                   context_len=32, progress=False))
+    assert again[0].metrics["fve"] == pytest.approx(by[specs[-1]].metrics["fve"])
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ("ito:identity", "ito needs an encoder with a decoder dictionary; 'identity' has none"),
+    ("ito", "ito needs the encoder whose dictionary it searches"),
+])
+def test_ito_bad_input_on_a_model(spec, pattern, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", spec, "--task", "ce_kl"], capsys, out)
+    assert_clean_failure(code, err, out, pattern)
+
+
+def test_ito_k_larger_than_the_dictionary(tiny_llama_dir, tiny_sae_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", f"ito:sae:{tiny_sae_dir}?k=100&method=mp",
+                         "--task", "ce_kl"], capsys, out)
+    assert_clean_failure(code, err, out, "ito option k=100 is larger than")
