@@ -20,7 +20,7 @@ from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import BuildContext, TrainingSet
 from saebench.encoders.specs import apply_options
 from saebench.errors import SaebenchError
-from saebench.models import publish_dir
+from saebench.models import cache_dir, publish_dir
 from saebench.presets import load_presets
 from saebench.records import config_hash
 from saebench.splice import SpliceConfig, sink_mask
@@ -108,7 +108,7 @@ def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) 
     # reconstruction error, so one cached SAE serves both. Records identify it by weights_sha256.
     key = config_hash({"model": model.model_id, "revision": model.revision, "hookpoint": hookpoint.name,
                        "train": _key_settings(cfg)})
-    path = build.cache_dir / "saes" / f"default-{hookpoint.name}-{key}"
+    path = Path(build.cache_dir or cache_dir()) / "saes" / f"default-{hookpoint.name}-{key}"
     if not (path / "cfg.json").exists():
         _train(build, hookpoint, cfg, path)
     return path

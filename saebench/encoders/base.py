@@ -188,6 +188,8 @@ class Encoder(ABC):
     capabilities: frozenset[str] = frozenset()
     training_context: int | None = None
     """Tokens per context the encoder was trained on, when known (an SAE's metadata.context_size)."""
+    fit_version: int = 1
+    """Bumped when a family's fit() changes what it learns, so fits cached by older code are not reused."""
     train_tokens: int | None = None
     """Corpus activations a FITS encoder learns from on a model (None: 200k, as the default SAE)."""
     encode_flops: float | None = None

@@ -20,7 +20,7 @@ class _Baseline(Encoder):
     def from_arg(cls, arg: str | None, build: BuildContext) -> "_Baseline":
         if arg is not None:
             raise SaebenchError(f"encoder {cls.key!r} takes no argument (got {cls.key}:{arg})")
-        return cls(build.model.d_model, build.hookpoint)
+        return cls(build.d_in, build.hookpoint)
 
 
 class IdentityEncoder(_Baseline):

@@ -43,7 +43,7 @@ def fit_cached(enc: Encoder, build: BuildContext) -> None:
     data = build.training_set(enc.spec.hookpoint, enc.train_tokens)
     path = None
     if build.cache_dir is not None:
-        key = config_hash({"encoder": enc.spec.to_dict(), "data": data.key})
+        key = config_hash({"encoder": enc.spec.to_dict(), "data": data.key, "fit_version": enc.fit_version})
         path = Path(build.cache_dir) / "fitted" / f"{enc.spec.name}-{key}.pt"
         if path.exists():
             try:

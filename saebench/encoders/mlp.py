@@ -59,8 +59,8 @@ class MLPConfig:
     """Weight of mean |code| in the loss when k is 0 (O'Neill et al.'s 0.01)."""
     d_latent: int = 0
     """Width of a learned dictionary; 0: the task's (synthetic N), else 4 x d_in."""
-    steps: int = 2000
-    """Adam steps."""
+    steps: int = 1000
+    """Adam steps (1000 x 1024 is 5 epochs of the 200k training activations, as the default SAE)."""
     batch_size: int = 1024
     """Activations per step (full batch when the training set is no larger)."""
     train_tokens: int = 200_000
@@ -69,6 +69,12 @@ class MLPConfig:
     """Adam learning rate (the paper's)."""
     seed: int = -1
     """Initialisation and batch order; -1: the task's seed for the fit (0 in runs on a model)."""
+
+
+DEAD_STEPS = 100
+"""Steps without firing after which a TopK latent counts as dead and gets the auxiliary loss."""
+AUX_WEIGHT = 1 / 32
+"""Weight of the auxiliary (AuxK) loss (Gao et al. 2024)."""
 
 
 def hidden_widths(text: str, d_in: int) -> list[int]:
@@ -94,6 +100,7 @@ class MLPEncoder(Encoder):
     """An MLP encoder in front of a frozen or learned decoder dictionary."""
 
     capabilities = frozenset({LATENTS, DECODER_DICTIONARY, FITS})
+    fit_version = 2  # 2: TopK fits revive dead latents (AuxK), inputs scaled to unit mean square
 
     def __init__(self, name: str, arg: str | None, cfg: MLPConfig, build: BuildContext):
         inner_arg, _ = split_inner(arg) if name == "mlp" else (None, {})
@@ -124,6 +131,7 @@ class MLPEncoder(Encoder):
                 layer.bias.uniform_(-bound, bound, generator=gen)
             layers += [layer, nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])  # the last ReLU (or TopK) is applied in _codes
+        self.scale = 1.0  # root mean square of the training activations, set by fit
         if self.dictionary is None:
             self.W = unit_rows(torch.randn(d_latent, d_in, generator=gen))
             self.b = torch.zeros(d_in)
@@ -155,8 +163,13 @@ class MLPEncoder(Encoder):
         """(d_latent, d_in) decoder dictionary."""
         return self.W
 
-    def _codes(self, acts: Tensor) -> Tensor:
-        pre = torch.relu(self.net(acts))
+    def _pre(self, acts: Tensor) -> Tensor:
+        """Pre-activations: the net on activations scaled to unit mean square per dimension (a model's
+        residual stream has norms in the hundreds; the net's initialisation expects inputs near 1)."""
+        return self.net(acts / self.scale)
+
+    def _codes(self, acts: Tensor, pre: Tensor | None = None) -> Tensor:
+        pre = torch.relu(self._pre(acts) if pre is None else pre)
         if self.cfg.k:
             top = pre.topk(self.cfg.k, dim=1)
             pre = torch.zeros_like(pre).scatter_(1, top.indices, top.values)
@@ -175,16 +188,33 @@ class MLPEncoder(Encoder):
         if data.codes is not None and self.dictionary is None:
             return self._fit_to_codes(acts, data.codes.to(acts.device), progress)
         learn = self.dictionary is None
+        self.scale = float(acts.pow(2).mean().sqrt().clamp_min(1e-8))
         self.net.to(acts.device)
         W = self.W.to(acts.device).clone().requires_grad_(learn)
         b = (acts.mean(0) if learn else self.b.to(acts.device)).clone().requires_grad_(learn)
         params = list(self.net.parameters()) + ([W, b] if learn else [])
 
+        idle = torch.zeros(W.shape[0], device=acts.device)  # steps since each latent last fired
+        aux_k = max(1, self.widths[0] // 2)
+
         def loss_of(batch: Tensor) -> Tensor:
-            codes = self._codes(batch)
+            pre = self._pre(batch)
+            codes = self._codes(batch, pre)
             atoms = unit_rows(W) if learn else W
-            loss = ((codes @ atoms + b - batch) ** 2).mean()
-            return loss + self.cfg.l1 * codes.abs().mean() if not self.cfg.k else loss
+            err = batch - (codes @ atoms + b)
+            if not self.cfg.k:
+                return (err ** 2).mean() + self.cfg.l1 * codes.abs().mean()
+            # TopK: latents that stop winning get no gradient and die; the auxiliary loss of Gao et al. (2024,
+            # "Scaling and evaluating sparse autoencoders", AuxK, alpha = 1/32) has the dead latents' largest
+            # pre-activations reconstruct the error, as sae-lens's TopK training does
+            idle.add_(1).masked_fill_((codes != 0).any(0), 0)
+            dead = idle > DEAD_STEPS
+            loss = (err ** 2).mean()
+            if dead.any():
+                top = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, int(dead.sum())), dim=1)
+                aux = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+                loss = loss + AUX_WEIGHT * ((aux @ atoms - err.detach()) ** 2).mean()
+            return loss
 
         adam_steps(params, loss_of, acts, self.cfg.steps, self.cfg.batch_size, self.cfg.lr, self.seed, progress,
                    f"fitting {self.spec.label}")
@@ -195,6 +225,7 @@ class MLPEncoder(Encoder):
 
     def _fit_to_codes(self, acts: Tensor, codes: Tensor, progress: bool) -> None:
         """Known codes: regress them (MSE), and decode with the dictionary they imply by least squares."""
+        self.scale = float(acts.pow(2).mean().sqrt().clamp_min(1e-8))
         self.net.to(acts.device)
         adam_steps(list(self.net.parameters()), lambda batch: ((self._codes(acts[batch]) - codes[batch]) ** 2).mean(),
                    torch.arange(len(acts), device=acts.device), self.cfg.steps, self.cfg.batch_size, self.cfg.lr,
@@ -204,11 +235,13 @@ class MLPEncoder(Encoder):
         self.training_flops = 3.0 * self.encode_flops * samples
 
     def fitted_state(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "W": self.W, "b": self.b, "training_flops": self.training_flops}
+        return {"net": self.net.state_dict(), "W": self.W, "b": self.b, "scale": self.scale,
+                "training_flops": self.training_flops}
 
     def load_fitted(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
-        self.W, self.b, self.training_flops = state["W"], state["b"], state["training_flops"]
+        self.W, self.b, self.scale = state["W"], state["b"], state["scale"]
+        self.training_flops = state["training_flops"]
 
 
 def _device(codes: Codes) -> torch.device:

@@ -127,7 +127,7 @@ class ITOEncoder(Encoder):
         values = torch.cat([p[1] for p in parts])
         # codes in the dictionary's own scale: decode(codes) = codes @ W_dec + b
         values = values / self.norms.to(values.device)[indices]
-        return SparseCodes(indices, values.to(acts.dtype), self.W.shape[0])
+        return SparseCodes(indices, values, self.W.shape[0])  # float32, whatever the model's dtype
 
     def _pursue(self, x: Tensor, context: EncodeContext, start: int) -> tuple[Tensor, Tensor]:
         atoms = self.atoms.to(x.device)

@@ -46,7 +46,7 @@ def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
     """Load the SAE named by `arg`; returns it and the provenance that goes into its spec."""
     from sae_lens import SAE
 
-    device = str(build.model.device)
+    device = str(build.model.device) if build.model is not None else "cpu"
     arg, options = split_options(arg)
     if options and arg != "default":
         raise SaebenchError(f"options ({'&'.join(options)}) apply to sae:default only (how saebench trains it); "
@@ -99,6 +99,8 @@ class SAELensEncoder(Encoder):
                   "normalize_activations": cfg.normalize_activations, **provenance}
         self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params)
         self.training_context = getattr(cfg.metadata, "context_size", None)
+        # W_enc x + b_enc; the activation function (ReLU, TopK, JumpReLU threshold) is not counted
+        self.encode_flops = 2.0 * cfg.d_in * cfg.d_sae
 
     @classmethod
     def from_arg(cls, arg: str | None, build: BuildContext) -> "Encoder":
@@ -108,6 +110,9 @@ class SAELensEncoder(Encoder):
             return MLPEncoder.amortised_sae(arg, build)  # trained on the task's own data (synthetic)
         if not arg or arg.startswith("?"):
             raise SaebenchError(f"encoder 'sae' needs an argument: {USAGE}")
+        if build.model is None and arg.split("?")[0] == "default":
+            raise SaebenchError("sae:default is trained on a language model's activations; this task has none "
+                                "(on synthetic data, plain 'sae' trains an SAE on the task's samples)")
         sae, provenance = _load_sae(arg, build)
         hook_name = sae.cfg.metadata.hook_name
         match = HOOKPOINT_RE.match(hook_name or "")
@@ -117,6 +122,8 @@ class SAELensEncoder(Encoder):
             # attention-z SAE may have the residual stream's width, so a width check could not catch it
             raise SaebenchError(f"SAE {arg!r} was trained at {hook_name!r}, which saebench cannot splice (it "
                                 "splices blocks.{i}.hook_resid_pre, hook_resid_post, hook_attn_out and hook_mlp_out)")
+        if build.model is None:  # no model to place it in (a benchmark of encoders alone)
+            return cls(sae, arg, hookpoint, provenance)
         if hookpoint:
             hookpoint = build.model.hookpoint(hookpoint).name  # the model must have it (layer, known modules)
         if hookpoint and build.hookpoint:

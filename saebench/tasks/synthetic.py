@@ -223,6 +223,10 @@ class SyntheticTask(Task):
         for spec in specs:
             enc = build.build(spec)
             label = _row_spec(spec, cfg).label
+            if enc.spec.d_in != cfg.n_measurements:
+                raise SaebenchError(f"encoder {spec!r} reads {enc.spec.d_in}-dimensional activations, but the synthetic "
+                                    f"data has M={cfg.n_measurements} measurements")
+            enc.prepare(_TestMean(data["X_test"].mean(0)))  # the mean encoder's mean: over the test samples
             X = data["X_test"]
             with torch.no_grad():
                 codes = dense(enc.encode(X, unknown_text(len(X))))
@@ -283,6 +287,16 @@ class SyntheticTask(Task):
                     else None
             points.append(point)
         return points
+
+
+class _TestMean:
+    """EvalData of synthetic samples: their mean, for the mean-ablation encoder."""
+
+    def __init__(self, mean: Tensor):
+        self.mean = mean
+
+    def activation_mean(self) -> Tensor:
+        return self.mean
 
 
 def _row_spec(spec: str, cfg: SyntheticConfig) -> EncoderSpec:
