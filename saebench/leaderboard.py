@@ -60,13 +60,13 @@ def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
     return list(best.values()), len(recs) - len(best)
 
 
-COLUMN_TITLES = {"encode_flops": "encode FLOPs/token"}
+COLUMN_TITLES = {"flops_per_token": "encode FLOPs/token"}
 
 
 def _cell(column: str, value) -> str:
     if value is None or value != value:  # None or NaN
         return "—"
-    return f"{value:.3g}" if column == "encode_flops" else str(value)
+    return f"{value:.3g}" if column == "flops_per_token" else str(value)
 
 
 def _setting_text(key: str, value) -> str:
@@ -102,7 +102,7 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
     newest_spec = task_spec_of(max(recs, key=lambda r: (r.task["version"], r.created or "")))
     headline = newest_spec.metric(newest_spec.headline)
     parts = [f"# {task} leaderboard\n\nRanked by `{newest_spec.headline}` ({headline.direction} is better). "
-             f"Values are mean ± standard error; n is the number of tokens or items behind `{newest_spec.headline}`. "
+             f"Values are mean ± standard error; n is the number of tokens, items or seeds behind `{newest_spec.headline}`. "
              "One table per set of comparable settings.\n"]
     frames = []
     for index, ((name, version, _), group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0])), 1):
@@ -116,7 +116,7 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
         frames.append(frame)
         # hookpoints only where there is a model; FLOPs per token where an encoder reports them
-        columns = [c for c in ("hookpoint", "encode_flops") if frame[c].notna().any()]
+        columns = [c for c in ("hookpoint", "flops_per_token") if frame[c].notna().any()]
         rows = [[i + 1, row["encoder"], *[_cell(c, row[c]) for c in columns],
                  *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]] for i, row in frame.iterrows()]
         headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]

@@ -2,7 +2,7 @@
 
 A task declares its curves in each result's ``extra["curves"]``: name -> {"x": field,
 "plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" (optional), "rows": what a heatmap's
-rows are (optional, default "spliced")}. The
+rows are (optional, default "spliced"), "note": a line under a heatmap's title (optional)}. The
 points are rows of the record's details file with ``"curve": name``, holding x, each metric
 and optionally ``<metric>_se``. Line curves become one PNG per comparable group (a panel per
 metric, a line per encoder and hookpoint, each encoder's training context marked; an "overlay"
@@ -74,7 +74,8 @@ def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], o
         elif spec["plot"] == "heatmap":
             for metric in spec["metrics"]:
                 file = f"{task}-{index}-{name}-{metric}.png"
-                _heatmap(have, spec, metric, out_dir / file, f"{task}: {metric}")
+                note = f"\n{spec['note']}" if spec.get("note") else ""
+                _heatmap(have, spec, metric, out_dir / file, f"{task}: {metric}{note}")
                 parts.append(f"![{task} {metric}]({file})")
     return "\n\n".join(parts) + "\n" if parts else ""
 

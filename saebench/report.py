@@ -32,7 +32,7 @@ def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = Non
         model = rec.model or {}
         row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": model.get("id"),
                "dtype": model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"],
-               "encode_flops": (rec.extra.get("flops") or {}).get("encode_per_token")}
+               "flops_per_token": (rec.extra.get("flops") or {}).get("encode_per_token")}
         for name in names:
             row[name] = rec.metrics.get(name)
             row[f"{name}_stderr"] = rec.stderr.get(name)

@@ -12,6 +12,7 @@ class _Baseline(Encoder):
     """An encoder without arguments or latents, at the run's hookpoint."""
 
     key: ClassVar[str]
+    encode_flops = 0.0  # no arithmetic per token
 
     def __init__(self, d_in: int, hookpoint: str | None = None):
         self.spec = EncoderSpec(self.key, None, hookpoint, d_in, None)

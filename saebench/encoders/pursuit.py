@@ -80,7 +80,7 @@ class ITOEncoder(Encoder):
             l0 = mean_l0(self.inner, build)
             cfg = replace(cfg, k=max(1, round(l0)))
         if cfg.k > d_latent:
-            raise SaebenchError(f"ito option k={cfg.k} is larger than {self.inner.spec.label!r}'s {d_latent} latents")
+            raise SaebenchError(f"ito option k={cfg.k} is larger than the {d_latent} latents of {self.inner.spec.label!r}")
         if cfg.k > d_in and cfg.method == "omp":
             raise SaebenchError(f"ito option k={cfg.k} exceeds d_in={d_in}: OMP's least squares would be "
                                 "underdetermined; use method=mp or gp")

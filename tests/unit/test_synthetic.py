@@ -116,6 +116,9 @@ def test_the_zoo_splices_into_a_model_with_flops_in_the_records(tiny_llama, tiny
         assert rec.extra["flops"]["encode_per_token"] > 0
     assert by[f"ito:{sae}"].metrics["fve"] >= by[sae].metrics["fve"]  # OMP refits on the same budget
     assert by[specs[-1]].extra["flops"]["training"] > 0
+    table = (tmp_path / "lb" / "ce_kl.md")
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    assert "encode FLOPs/token" in table.read_text() and "| 4.1e+03 " in table.read_text()  # the SAE: 2 x 32 x 64
 
     from saebench.encoders.mlp import MLPEncoder
 
