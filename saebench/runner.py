@@ -19,7 +19,7 @@ import saebench
 from saebench import records
 from saebench.corpus import CorpusSpec
 from saebench.encoders.base import BuildContext, Encoder
-from saebench.encoders.build import build_from_spec, encoder_class
+from saebench.encoders.build import encoder_class
 from saebench.encoders.specs import expand_encoder_specs, split_hookpoint, split_options
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.models import LoadedModel, cache_dir, load_model
@@ -136,7 +136,7 @@ def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) 
     memo: dict = {}  # inner encoders named by several specs are built once
     for spec, base, at in placed:
         build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo)
-        enc = build_from_spec(base, build)
+        enc = build.build(base)
         if enc.spec.d_in != model.d_model:
             raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
                                 f"has width {model.d_model}")

@@ -146,6 +146,10 @@ class BuildContext:
     """Option values a task sets for the encoders it builds, by family name ('*': every family), e.g.
     synthetic's full-batch steps; a spec's own options win, and keys a family does not have are ignored."""
 
+    memo: dict[tuple[str, str | None], "Encoder"] = field(default_factory=dict, compare=False, repr=False)
+    """Encoders built so far in this run, by (spec, hookpoint): an inner encoder named twice (``sae:default``
+    and ``ito:sae:default``) is built and fitted once."""
+
     @property
     def d_in(self) -> int:
         """Width of the activations encoders read."""
@@ -154,10 +158,6 @@ class BuildContext:
         if self.width is None:
             raise ValueError("a BuildContext without a model needs a width")
         return self.width
-
-    memo: dict[tuple[str, str | None], "Encoder"] = field(default_factory=dict, compare=False, repr=False)
-    """Encoders built so far in this run, by (spec, hookpoint): an inner encoder named twice (``sae:default``
-    and ``ito:sae:default``) is built and fitted once."""
 
     def build(self, spec: str) -> "Encoder":
         """Build (and fit, if it learns) the encoder `spec`, e.g. the inner SAE of ``ito:sae:default``."""
