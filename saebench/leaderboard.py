@@ -69,6 +69,19 @@ def _cell(column: str, value) -> str:
     return f"{value:.3g}" if column == "flops_per_token" else str(value)
 
 
+def _tradeoffs(spec: TaskSpec) -> tuple[tuple[str, str], ...]:
+    """The (x, y) pairs to plot: the record's, else (records written before tasks declared them) the installed
+    task's of the same version; how to draw a result never changes what it means."""
+    if spec.tradeoffs:
+        return spec.tradeoffs
+    from saebench.registry import TASK_GROUP, available, load_plugin
+
+    if spec.name not in available(TASK_GROUP):
+        return ()
+    installed = load_plugin(TASK_GROUP, spec.name).spec
+    return installed.tradeoffs if installed.version == spec.version else ()
+
+
 def _setting_text(key: str, value) -> str:
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         value = value[:12]  # a sha256
@@ -122,6 +135,14 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
+        if out_dir is not None and (pairs := _tradeoffs(spec)):
+            from saebench.plots import tradeoff_section
+
+            directions = {m.name: m.direction for m in spec.metrics}
+            ranked_recs = sorted(group, key=lambda r: frame.index[(frame["encoder"] == r.encoder["label"])
+                                                                 & (frame["hookpoint"].fillna("") == (r.hookpoint or ""))][0])
+            if section := tradeoff_section(name, index, ranked_recs, pairs, directions, out_dir):
+                parts.append(section)
         if out_dir is not None and paths:
             from saebench.plots import curve_sections
 

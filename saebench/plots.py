@@ -208,3 +208,93 @@ def _short(value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:.3g}"
+
+
+def tradeoff_section(task: str, index: int, group: list[RunRecord], pairs, directions: dict[str, str],
+                     out_dir: Path) -> str:
+    """Markdown (and a PNG per (x, y) pair in `out_dir`) plotting y against x, one point per record.
+
+    Records without x but with y whose encoder has no latents at one hookpoint (identity, zero, mean)
+    are horizontal reference lines; any other record without both values is named under the plot.
+    """
+    parts = []
+    for x, y in pairs:
+        points = [r for r in group if r.metrics.get(x) is not None and r.metrics.get(y) is not None]
+        if not points:
+            continue
+        lines = [r for r in group if r.metrics.get(x) is None and r.metrics.get(y) is not None
+                 and r.encoder.get("d_latent") is None and r.hookpoint and not re.search(r"[{+]", r.hookpoint)]
+        missing = [r for r in group if r not in points and r not in lines]
+        file = f"{task}-{index}-tradeoff-{_slug(y)}-vs-{_slug(x)}.png"
+        off_axis = _tradeoff_plot(points, lines, x, y, directions.get(y, "higher"), out_dir / file,
+                                  f"{task}: {y} against {x}")
+        parts.append(f"![{task} {y} against {x}]({file})")
+        notes = []
+        if off_axis:
+            notes.append("off the axis: " + ", ".join(f"{row_label(r)} {_short(r.metrics[y])}" for r in off_axis))
+        if missing:
+            notes.append(f"not drawn (no {x} or {y}): " + ", ".join(row_label(r) for r in missing))
+        if notes:
+            parts.append("*" + "; ".join(notes) + "*")
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the points no other point beats on both x (lower is better) and y, sorted by x."""
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if sign * points[i][1] > best:
+            front.append(i)
+            best = sign * points[i][1]
+    return front
+
+
+def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: str, direction: str, path: Path,
+                   title: str) -> list[RunRecord]:
+    """Scatter with error bars, the Pareto frontier, and reference lines inside the points' y range;
+    returns the reference records left off the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>pPX*h"
+    xy = [(r.metrics[x], r.metrics[y]) for r in points]
+    for k, (rec, (px, py)) in enumerate(zip(points, xy)):
+        ax.errorbar(px, py, xerr=rec.stderr.get(x) or None, yerr=rec.stderr.get(y) or None,
+                    fmt=markers[k % len(markers)], color=colors[k % len(colors)], ms=7, capsize=2,
+                    label=row_label(rec))
+    front = pareto_front(xy, direction != "lower")
+    if len(front) > 1:
+        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="gray", lw=1, ls="-", zorder=0,
+                drawstyle="steps-post", label="Pareto frontier")
+    ys = [v for _, v in xy]
+    low, high = min(ys), max(ys)
+    pad = 0.15 * (high - low) if high > low else 0.05 * (abs(high) or 1.0)
+    low, high = low - pad, high + pad
+    off = []
+    for k, rec in enumerate(lines):
+        value = rec.metrics[y]
+        if low <= value <= high:
+            ax.axhline(value, color=colors[(len(points) + k) % len(colors)], ls="--", lw=1, label=row_label(rec))
+        else:
+            off.append(rec)
+    ax.set_ylim(low, high)
+    xs = [v for v, _ in xy]
+    if min(xs) >= 0:  # a cost such as L0: from 0, so equal sparsities read as equal
+        ax.set_xlim(0, 1.15 * max(xs) if max(xs) > 0 else 1.0)
+    ax.ticklabel_format(useOffset=False)
+    ax.set_xlabel(LABELS.get(x, x) + " (lower: sparser)")
+    ax.set_ylabel(f"{LABELS.get(y, y)} ({direction} is better)" if direction != "none" else LABELS.get(y, y))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return off

@@ -48,6 +48,9 @@ class TaskSpec:
     """How the standard errors are computed (printed in leaderboard headings)."""
     limit_unit: str = "tokens"
     """What --limit counts for this task ('tokens', 'items' or 'samples'); stated in every record."""
+    tradeoffs: tuple[tuple[str, str], ...] = ()
+    """(x, y) metric pairs leaderboards plot against each other, one point per encoder, with the Pareto
+    frontier (lower x is better: x is a cost such as L0; y's direction is its metric's)."""
 
     def summary_metrics(self) -> tuple[str, ...]:
         return self.summary or tuple(m.name for m in self.metrics)
@@ -60,13 +63,15 @@ class TaskSpec:
         return {"name": self.name, "version": self.version, "headline": self.headline,
                 "summary": list(self.summary_metrics()), "stderr_method": self.stderr_method,
                 "limit_unit": self.limit_unit,
+                "tradeoffs": [list(pair) for pair in self.tradeoffs],
                 "metrics": {m.name: {"direction": m.direction, "description": m.description} for m in self.metrics}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
         metrics = tuple(MetricSpec(name, m["direction"], m["description"]) for name, m in data["metrics"].items())
         return cls(data["name"], data["version"], data["headline"], metrics, tuple(data["summary"]),
-                   data["stderr_method"], data.get("limit_unit", "tokens"))
+                   data["stderr_method"], data.get("limit_unit", "tokens"),
+                   tuple(tuple(pair) for pair in data.get("tradeoffs", ())))
 
 
 @dataclass

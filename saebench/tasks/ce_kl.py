@@ -129,6 +129,7 @@ class CEKLTask(Task):
             MetricSpec("dense_1e-2", "lower", "latents active on more than 1% of tokens"),
             MetricSpec("dense_1e-3", "none", "latents active on more than 0.1% of tokens"),
         ),
+        tradeoffs=(("l0", "ce_loss_recovered"), ("l0", "kl")),
         summary=("ce_loss_recovered", "ce_loss_recovered_mean_abl", "kl", "ce_spliced", "fve", "mse", "cos", "l0",
                  "dead_frac", "dense_1e-2"),
     )

@@ -100,3 +100,12 @@ def test_records_stand_alone_without_their_task_plugin(tiny_llama, tmp_path):
     assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "someone_elses_task.md").read_text()
     assert "Ranked by `ce_loss_recovered` (higher is better)" in md and "| identity" in md
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from saebench.plots import pareto_front
+
+    points = [(32, 0.95), (16, 0.90), (64, 0.97), (32, 0.93), (64, 0.96), (8, 0.80)]
+    assert pareto_front(points, higher_is_better=True) == [5, 1, 0, 2]
+    kl = [(32, 0.4), (16, 0.6), (64, 0.5)]
+    assert pareto_front(kl, higher_is_better=False) == [1, 0]

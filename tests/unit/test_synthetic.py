@@ -119,6 +119,8 @@ def test_the_zoo_splices_into_a_model_with_flops_in_the_records(tiny_llama, tiny
     table = (tmp_path / "lb" / "ce_kl.md")
     write_leaderboards(tmp_path / "runs", tmp_path / "lb")
     assert "encode FLOPs/token" in table.read_text() and "| 4.1e+03 " in table.read_text()  # the SAE: 2 x 32 x 64
+    assert (tmp_path / "lb" / "ce_kl-1-tradeoff-ce_loss_recovered-vs-l0.png").stat().st_size > 0
+    assert "![ce_kl kl against l0](ce_kl-1-tradeoff-kl-vs-l0.png)" in table.read_text()
 
     from saebench.encoders.mlp import MLPEncoder
 
