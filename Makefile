@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saebench-installed
 
-.PHONY: setup demo test test-lm-eval-versions leaderboard clean
+.PHONY: setup demo test browser test-lm-eval-versions leaderboard clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,18 @@ demo: setup
 		--encoder mean --task ce_kl --limit 20480
 	$(BIN)/saebench leaderboard --task ce_kl
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/e2e/test_browser.py) drives Debian's chromium through chromedriver; installed
+# here when missing and possible (root with apt-get), else that test is skipped with one line saying so.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null && \
+		echo "installed chromium and chromium-driver for the browser test"; \
+	else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; fi
 
 # The lm-eval tests again under every other lm-eval version saebench supports (the venv has the
 # newest); each version is installed into its own folder and put first on PYTHONPATH.

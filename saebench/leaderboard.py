@@ -13,6 +13,7 @@ metric in its better direction; `n` is the headline metric's n.
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
 COLUMN_TITLES = {"flops_per_token": "encode FLOPs/token"}
 
 
+def _text(value) -> str:
+    """A frame cell as text: '' for a missing value (None or pandas' NaN)."""
+    return value if isinstance(value, str) else ""
+
+
+def _linked(label: str, link: str | None) -> str:
+    return f"[{label}]({link})" if link else label
+
+
 def _cell(column: str, value) -> str:
     if value is None or value != value:  # None or NaN
         return "—"
@@ -102,12 +112,13 @@ def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded
 
 
 def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path] | None = None,
-                         out_dir: Path | None = None) -> tuple[str, str]:
+                         out_dir: Path | None = None, links: dict[int, str] | None = None) -> tuple[str, str]:
     """Markdown and CSV text for one task's records (all comparable groups).
 
     Args:
         paths: each record's file by id(record), so curves in its details file can be drawn.
         out_dir: where curve plots are written (no plots when None).
+        links: each record's JSON by id(record), relative to the markdown: encoders link to them.
     """
     groups: dict[tuple, list[RunRecord]] = {}
     for rec in recs:
@@ -130,7 +141,9 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         frames.append(frame)
         # hookpoints only where there is a model; FLOPs per token where an encoder reports them
         columns = [c for c in ("hookpoint", "flops_per_token") if frame[c].notna().any()]
-        rows = [[i + 1, row["encoder"], *[_cell(c, row[c]) for c in columns],
+        link_of = {(r.encoder["label"], r.hookpoint or ""): (links or {}).get(id(r)) for r in group}
+        rows = [[i + 1, _linked(row["encoder"], link_of.get((row["encoder"], _text(row["hookpoint"])))),
+                 *[_cell(c, row[c]) for c in columns],
                  *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]] for i, row in frame.iterrows()]
         headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
@@ -156,23 +169,44 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
 
 
 def write_leaderboards(runs_dir: Path, out_dir: Path, task: str | None = None) -> list[Path]:
-    """Write <task>.md and <task>.csv into `out_dir` for every task with records; returns the paths."""
+    """Write <task>.md, <task>.csv and <task>.html into `out_dir` for every task with records (or `task`), the
+    plots they link, each shown record's JSON under records/<task>/, and index.html; returns the paths."""
+    from saebench.html import write_site
+
     found, rejected = scan_record_files(runs_dir)
-    recs, paths = [rec for _, rec in found], {id(rec): path for path, rec in found}
+    every, paths = [rec for _, rec in found], {id(rec): path for path, rec in found}
     for path, reason in rejected:
         print(f"saebench: warning: skipped {path}: {reason}", file=sys.stderr)
-    if task is not None:
-        recs = [r for r in recs if r.task["name"] == task]
+    recs = [r for r in every if task is None or r.task["name"] == task]
     if not recs:
         what = f"records of task {task!r}" if task else "records"
         skipped = f" ({len(rejected)} unusable files skipped, named above)" if rejected else ""
         raise SaebenchError(f"no {what} under {runs_dir}{skipped}; run `saebench run ...` first or pass --runs")
-    written = []
+    written, pages = [], {}
     for name in sorted({r.task["name"] for r in recs}):
-        md, csv = leaderboard_markdown(name, [r for r in recs if r.task["name"] == name], paths, Path(out_dir))
+        mine = [r for r in recs if r.task["name"] == name]
+        links = _copy_records(mine, paths, Path(out_dir), name)
+        md, csv = leaderboard_markdown(name, mine, paths, Path(out_dir), links)
+        pages[name] = md
         for suffix, text in ((".md", md), (".csv", csv)):
             path = Path(out_dir) / f"{name}{suffix}"
             write_atomic(path, text)
             written.append(path)
         written.extend(Path(out_dir) / link for link in re.findall(rf"\]\(({re.escape(name)}-[^)]+\.png)\)", md))
-    return written
+    by_task: dict[str, list[RunRecord]] = {}
+    for rec in every:  # the index lists every task with records, also when only one was rebuilt
+        by_task.setdefault(rec.task["name"], []).append(rec)
+    return written + write_site(Path(out_dir), pages, by_task)
+
+
+def _copy_records(recs: list[RunRecord], paths: dict[int, Path], out_dir: Path, task: str) -> dict[int, str]:
+    """Copy each record file to out_dir/records/<task>/ (replacing what an earlier build left there); returns the
+    link to each, relative to out_dir, by id(record)."""
+    folder = out_dir / "records" / task
+    shutil.rmtree(folder, ignore_errors=True)
+    links = {}
+    for rec in recs:
+        if (source := paths.get(id(rec))) is not None:
+            write_atomic(folder / source.name, source.read_text())
+            links[id(rec)] = f"records/{task}/{source.name}"
+    return links

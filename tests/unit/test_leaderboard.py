@@ -1,4 +1,5 @@
 import csv
+import re
 
 import pytest
 
@@ -13,7 +14,10 @@ def test_leaderboard_ranks_by_headline_and_writes_csv(tiny_llama, tmp_path, caps
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
     assert "## ce_kl v1 · tiny-llama (float32)\n" in md
     cells = [line.split("|") for line in md.splitlines() if line.startswith("|")]
-    order = [c[2].strip() for c in cells if c[1].strip().isdigit()]
+    links = [c[2].strip() for c in cells if c[1].strip().isdigit()]
+    order = [re.fullmatch(r"\[(.+)\]\((records/ce_kl/.+\.json)\)", link).group(1) for link in links]
+    for link in links:  # each encoder links to its record, copied next to the leaderboard
+        assert (tmp_path / "lb" / re.fullmatch(r"\[.+\]\((.+)\)", link).group(1)).exists()
     assert {c[3].strip() for c in cells if c[1].strip().isdigit()} == {"layers.1.resid_pre"}
     by_value = sorted(recs, key=lambda r: -r.metrics["ce_loss_recovered"])
     assert order == [r.encoder["label"] for r in by_value] and order[0] == "identity"
@@ -99,7 +103,7 @@ def test_records_stand_alone_without_their_task_plugin(tiny_llama, tmp_path):
     (runs / "ce_kl" / "foreign.json").write_text(json.dumps(data))
     assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "someone_elses_task.md").read_text()
-    assert "Ranked by `ce_loss_recovered` (higher is better)" in md and "| identity" in md
+    assert "Ranked by `ce_loss_recovered` (higher is better)" in md and "| [identity](records/someone_elses_task/foreign.json)" in md
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
