@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/saebench run --model smollm2-135m --encoder sae:default --encoder identity --encoder zero \
 		--encoder mean --task ce_kl --limit 20480
-	$(BIN)/saebench leaderboard --task ce_kl
+	$(BIN)/saebench leaderboard --task ce_kl --out demo_leaderboards
 
 test: setup browser
 	$(BIN)/python -m pytest -q
