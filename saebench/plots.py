@@ -276,13 +276,18 @@ def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: s
     low, high = min(ys), max(ys)
     pad = 0.15 * (high - low) if high > low else 0.05 * (abs(high) or 1.0)
     low, high = low - pad, high + pad
-    off = []
-    for k, rec in enumerate(lines):
-        value = rec.metrics[y]
-        if low <= value <= high:
-            ax.axhline(value, color=colors[(len(points) + k) % len(colors)], ls="--", lw=1, label=row_label(rec))
-        else:
-            off.append(rec)
+    # the axis is the points' range: reference lines outside it would squash the points together, so they are
+    # named under the plot instead; a single point (no range of its own) is shown among the references of
+    # its magnitude (an SAE's ce_loss_recovered between zero ablation's 0 and identity's 1)
+    reach = 0.0 if max(ys) > min(ys) else abs(ys[0]) or 1.0
+    shown = [r for r in lines if low - reach <= r.metrics[y] <= high + reach]
+    off = [r for r in lines if r not in shown]
+    if shown:
+        values = [r.metrics[y] for r in shown]
+        span = max(high, *values) - min(low, *values)
+        low, high = min(low, min(values) - 0.05 * span), max(high, max(values) + 0.05 * span)
+    for k, rec in enumerate(shown):
+        ax.axhline(rec.metrics[y], color=colors[(len(points) + k) % len(colors)], ls="--", lw=1, label=row_label(rec))
     ax.set_ylim(low, high)
     xs = [v for v, _ in xy]
     if min(xs) >= 0:  # a cost such as L0: from 0, so equal sparsities read as equal
