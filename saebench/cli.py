@@ -141,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     p = sub.add_parser("list", help="list encoders, tasks or models", description="List what can be run.")
     p.add_argument("what", choices=("encoders", "tasks", "models"))
-    p = sub.add_parser("leaderboard", help="turn records into markdown and CSV leaderboards",
+    p = sub.add_parser("leaderboard", help="turn records into markdown, CSV and HTML leaderboards with plots",
                        description="One table per set of comparable settings (task and version; model, revision "
-                                   "and dtype; hookpoint; the task's parameters; corpus, seed, splice_bos), "
-                                   "ranked by the task's headline metric; written as <task>.md and <task>.csv. "
-                                   "Files under --runs that are not valid records are named with the reason.")
+                                   "and dtype; the task's parameters; corpus, seed, splice_bos; hookpoints are a "
+                                   "column), ranked by the task's headline metric; written as <task>.md, <task>.csv "
+                                   "and <task>.html (sortable tables; index.html lists the tasks), with the plots "
+                                   "they link and each record's JSON under records/. Files under --runs that are "
+                                   "not valid records are named with the reason.")
     p.add_argument("--runs", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--task", help="only this task")
     p.add_argument("--out", type=Path, default=Path("leaderboards"), help="output folder (default ./leaderboards)")

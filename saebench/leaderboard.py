@@ -141,10 +141,11 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         frames.append(frame)
         # hookpoints only where there is a model; FLOPs per token where an encoder reports them
         columns = [c for c in ("hookpoint", "flops_per_token") if frame[c].notna().any()]
-        link_of = {(r.encoder["label"], r.hookpoint or ""): (links or {}).get(id(r)) for r in group}
-        rows = [[i + 1, _linked(row["encoder"], link_of.get((row["encoder"], _text(row["hookpoint"])))),
-                 *[_cell(c, row[c]) for c in columns],
-                 *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]] for i, row in frame.iterrows()]
+        rank_of = {(row["encoder"], _text(row["hookpoint"])): i for i, row in frame.iterrows()}
+        ranked = sorted(group, key=lambda r: rank_of[(r.encoder["label"], r.hookpoint or "")])
+        rows = [[i + 1, _linked(rec.encoder["label"], (links or {}).get(id(rec))), *[_cell(c, row[c]) for c in columns],
+                 *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
+                for (i, row), rec in zip(frame.iterrows(), ranked)]
         headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
@@ -152,15 +153,11 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
             from saebench.plots import tradeoff_section
 
             directions = {m.name: m.direction for m in spec.metrics}
-            ranked_recs = sorted(group, key=lambda r: frame.index[(frame["encoder"] == r.encoder["label"])
-                                                                 & (frame["hookpoint"].fillna("") == (r.hookpoint or ""))][0])
-            if section := tradeoff_section(name, index, ranked_recs, pairs, directions, out_dir):
+            if section := tradeoff_section(name, index, ranked, pairs, directions, out_dir):
                 parts.append(section)
         if out_dir is not None and paths:
             from saebench.plots import curve_sections
 
-            ranked = sorted(group, key=lambda r: list(frame["encoder"] + "\0" + frame["hookpoint"].fillna("")).index(
-                r.encoder["label"] + "\0" + (r.hookpoint or "")))
             if section := curve_sections(name, index, [(r, paths[id(r)]) for r in ranked if id(r) in paths], out_dir):
                 parts.append(section)
     import pandas as pd

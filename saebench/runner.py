@@ -341,7 +341,8 @@ def _exclusive(lock: Path, what: str):
 def _record(task: Task, model: LoadedModel | None, row: Row, cfg: dict, chash: str,
             result: TaskResult, seconds: float, n_run: int, config: RunConfig) -> records.RunRecord:
     plugin = distribution_of(ENCODER_GROUP, row.encoder.name)
-    device = str(model.device) if model is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    # a task without a model says where its data ran (extra.device); the model's device otherwise
+    device = str(model.device) if model is not None else result.extra.get("device", "cpu")
     return records.RunRecord(
         task=task.spec.to_dict(),
         encoder=row.encoder.to_dict() | {"plugin": plugin},

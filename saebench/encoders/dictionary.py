@@ -99,11 +99,12 @@ def mean_l0(inner: Encoder, build: BuildContext) -> float:
     return float((codes != 0).sum(1).float().mean())
 
 
-def decode_with(dictionary: Dictionary, inner: Encoder | None, codes: Codes) -> Tensor:
+def decode_with(W: Tensor, b: Tensor, inner: Encoder | None, codes: Codes) -> Tensor:
     """Reconstruction through the inner encoder's own decode (exactly its splice), else codes @ W + b."""
+    codes = dense(codes)
     if inner is not None:
-        return inner.decode(dense(codes).to(inner.W_dec.dtype))
-    return dense(codes).float() @ dictionary.W + dictionary.b
+        return inner.decode(codes.to(inner.W_dec.dtype))
+    return codes.float() @ W.to(codes.device) + b.to(codes.device)
 
 
 def unit_rows(W: Tensor) -> Tensor:

@@ -33,7 +33,6 @@ from saebench.encoders.base import (
     TrainingSet,
 )
 from saebench.encoders.dictionary import (
-    Dictionary,
     adam_steps,
     decode_with,
     family_options,
@@ -181,7 +180,7 @@ class MLPEncoder(Encoder):
             return self._codes(acts.float())
 
     def decode(self, codes: Codes) -> Tensor:
-        return decode_with(Dictionary(self.W.to(_device(codes)), self.b.to(_device(codes)), {}), self.inner, codes)
+        return decode_with(self.W, self.b, self.inner, codes)
 
     def fit(self, data: TrainingSet, progress: bool = True) -> None:
         acts = data.activations()
@@ -243,6 +242,3 @@ class MLPEncoder(Encoder):
         self.W, self.b, self.scale = state["W"], state["b"], state["scale"]
         self.training_flops = state["training_flops"]
 
-
-def _device(codes: Codes) -> torch.device:
-    return codes.values.device if hasattr(codes, "values") and not isinstance(codes, Tensor) else codes.device

@@ -36,7 +36,7 @@ from saebench.encoders.base import (
     SparseCodes,
     dense,
 )
-from saebench.encoders.dictionary import Dictionary, decode_with, family_options, mean_l0, resolve_dictionary, split_inner
+from saebench.encoders.dictionary import decode_with, family_options, mean_l0, resolve_dictionary, split_inner
 from saebench.errors import SaebenchError
 
 METHODS = ("mp", "omp", "gp")
@@ -180,7 +180,7 @@ class ITOEncoder(Encoder):
         return support, values
 
     def decode(self, codes: Codes) -> Tensor:
-        return decode_with(Dictionary(self.W, self.b, {}), self.inner, codes)
+        return decode_with(self.W, self.b, self.inner, codes)
 
 
 def _least_squares(sub_atoms: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

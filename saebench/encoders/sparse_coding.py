@@ -34,7 +34,6 @@ from saebench.encoders.base import (
     TrainingSet,
 )
 from saebench.encoders.dictionary import (
-    Dictionary,
     adam_steps,
     decode_with,
     family_options,
@@ -183,7 +182,7 @@ class SparseCodingEncoder(Encoder):
                                     step_size=self.step_size) for i in range(0, len(acts), CHUNK)])
 
     def decode(self, codes: Codes) -> Tensor:
-        return decode_with(Dictionary(self.W, self.b, {}), self.inner, codes)
+        return decode_with(self.W, self.b, self.inner, codes)
 
     def fit(self, data: TrainingSet, progress: bool = True) -> None:
         acts = data.activations()

@@ -265,7 +265,7 @@ class SyntheticTask(Task):
                 n[name] = len(values)
         flops = [per[(main, r, 0)][key]["encode_flops"] for r in regimes]
         metrics["encode_flops"], stderr["encode_flops"], n["encode_flops"] = flops[0], None, 1
-        extra: dict[str, Any] = {"std": std}
+        extra: dict[str, Any] = {"std": std, "device": "cpu"}  # make_problem's tensors, and every fit on them
         if len(cells) > 1:
             details += self._gap_points(key, per, cells, regimes, cfg)
             first = next(iter(per[(cells[0], regimes[0], 0)]))
