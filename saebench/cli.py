@@ -57,6 +57,13 @@ def _run_parser(sub) -> None:
     p.add_argument("--no-reference-cache", action="store_true",
                    help="recompute ce_kl's clean, zero and mean passes instead of reusing them from the saebench "
                         "cache ($SAEBENCH_CACHE/reference)")
+    p.add_argument("--llm", metavar="MODEL",
+                   help="simulator/explainer LLM of llm_sim encoders (their llm= option): a model preset, hub id or "
+                        "path run in process (default the embedded smollm2-135m), 'rules' for the token baseline, "
+                        "or with --llm-url the served model's name")
+    p.add_argument("--llm-url", metavar="URL",
+                   help="OpenAI-compatible server that llm_sim encoders ask (their llm_url= option), e.g. "
+                        "http://127.0.0.1:8000/v1 from `vllm serve`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -75,6 +82,7 @@ def _cmd_run(args) -> int:
         progress=not args.quiet, reuse_prefix=not args.no_prefix_reuse, cache_references=not args.no_reference_cache,
         task_params={k: v for k, v in (("data_file", args.data_file), ("max_len", args.max_len),
                                         ("all_at_once", args.all_at_once or None)) if v is not None},
+        encoder_options={"llm_sim": {k: v for k, v in (("llm", args.llm), ("llm_url", args.llm_url)) if v}},
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))

@@ -65,6 +65,9 @@ class RunConfig:
     """Keep reference passes (ce_kl's clean, zero and mean passes) in saebench's cache and reuse them."""
     task_params: dict[str, Any] = field(default_factory=dict)
     """Extra task parameters, overriding presets."""
+    encoder_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Option defaults by encoder family (e.g. {'llm_sim': {'llm_url': ...}} from --llm-url); a spec's own
+    options win."""
 
 
 def task_names() -> dict[str, str]:
@@ -135,7 +138,8 @@ def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) 
     groups: dict[str, list[Encoder]] = {}
     memo: dict = {}  # inner encoders named by several specs are built once
     for spec, base, at in placed:
-        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo)
+        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo,
+                             option_defaults=config.encoder_options)
         enc = build.build(base)
         if enc.spec.d_in != model.d_model:
             raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
@@ -309,6 +313,8 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
             rec.extra["warnings"] = list(ctx.warnings)
         if (enc := by_key.get(row.key)) is not None and enc.encode_flops is not None:
             rec.extra["flops"] = {"encode_per_token": enc.encode_flops, "training": enc.training_flops}
+        if enc is not None and (report := enc.report()):
+            rec.extra["encoder_report"] = report
         _write(path, rec, results[row.key])
         done[row.key] = rec
     ctx.partial.clear()

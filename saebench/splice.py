@@ -95,13 +95,15 @@ def check_finite(x: Tensor, what: str) -> None:
 
 def reconstruct(encoder: Encoder, acts: Tensor, token_ids: Tensor, positions: Tensor,
                 chunk_elements: int, on_chunk: ChunkCallback | None = None,
-                rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None, sequences: Tensor | None = None) -> Tensor:
     """decode(encode(acts)) in chunks small enough that tokens x d_latent stays bounded.
 
     Args:
         acts: (tokens, d_in) activations, any dtype; encoded in the encoder's own precision.
         token_ids, positions: (tokens,) the context the encoder gets.
         rows: (tokens,) index of each activation in the flattened batch (passed to on_chunk).
+        sequences: (batch, seq) token ids of the batch, when `rows` index its flattened positions: the
+            encoder then gets each row's text (EncodeContext.prefix).
     Returns:
         (tokens, d_in) reconstruction in the dtype of `acts`.
     """
@@ -109,10 +111,13 @@ def reconstruct(encoder: Encoder, acts: Tensor, token_ids: Tensor, positions: Te
     step = max(1, chunk_elements // width)
     out = torch.empty_like(acts)
     rows = torch.arange(acts.shape[0], device=acts.device) if rows is None else rows
+    context = EncodeContext(token_ids, positions)
+    if sequences is not None:
+        context = EncodeContext(token_ids, positions, sequences, rows // sequences.shape[1])
     for start in range(0, acts.shape[0], step):
         sl = slice(start, start + step)
         chunk = acts[sl]
-        codes = encoder.encode(chunk, EncodeContext(token_ids[sl], positions[sl]))
+        codes = encoder.encode(chunk, context[sl])
         recon = encoder.decode(codes)
         check_finite(recon, f"the reconstruction of encoder {encoder.spec.label!r}")
         if on_chunk is not None:
@@ -136,7 +141,8 @@ def splice_activations(hidden: Tensor, token_ids: Tensor, keep: Tensor, encoder:
     rows = (~keep.to(hidden.device)).reshape(-1).nonzero().squeeze(1)
     seq = hidden.shape[1]
     ids = token_ids.to(hidden.device).reshape(-1)[rows]
-    recon = reconstruct(encoder, flat[rows], ids, rows % seq, config.chunk_elements, on_chunk, rows)
+    recon = reconstruct(encoder, flat[rows], ids, rows % seq, config.chunk_elements, on_chunk, rows,
+                        token_ids.to(hidden.device))
     out = flat.clone()
     out[rows] = recon
     return out.view_as(hidden)

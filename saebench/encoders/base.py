@@ -58,12 +58,38 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class EncodeContext:
-    """Where the activations being encoded come from."""
+    """Where the activations being encoded come from.
+
+    An encoder that reads text (an LLM-simulated one) gets each row's whole sequence: `sequences`
+    holds the token ids of the batch's sequences and `sequence` says which one each row is from, so
+    ``prefix(i)`` is the text up to row i's token; chunking slices the rows, never the sequences.
+    """
 
     token_ids: Tensor
     """(tokens,) id of the token at each activation."""
     positions: Tensor
     """(tokens,) position of each activation in its context."""
+    sequences: Tensor | None = None
+    """(batch, seq) token ids of the sequences the rows come from; None when there is no text."""
+    sequence: Tensor | None = None
+    """(tokens,) index into `sequences` of each row's sequence."""
+
+    def __getitem__(self, rows: slice | Tensor) -> "EncodeContext":
+        """The context of a subset of the rows (the same sequences)."""
+        seq = None if self.sequence is None else self.sequence[rows]
+        return EncodeContext(self.token_ids[rows], self.positions[rows], self.sequences, seq)
+
+    @property
+    def has_text(self) -> bool:
+        return self.sequences is not None and self.sequence is not None
+
+    def prefix(self, row: int, window: int | None = None) -> Tensor:
+        """Token ids of row `row`'s sequence up to and including its token (the last `window` of them)."""
+        if not self.has_text:
+            raise ValueError("this EncodeContext carries no text (sequences)")
+        end = int(self.positions[row]) + 1
+        start = 0 if window is None else max(0, end - window)
+        return self.sequences[int(self.sequence[row]), start:end]
 
 
 def unknown_text(n: int, device: torch.device | str = "cpu") -> EncodeContext:
@@ -225,6 +251,11 @@ class Encoder(ABC):
     def load_fitted(self, state: dict[str, Any]) -> None:
         """Restore what fit() learned from fitted_state()'s output."""
         raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """Counters the encoder keeps since it was built (an LLM simulator's requests, failures, ...), stored in
+        each record's extra.encoder_report; default: none."""
+        return {}
 
     @property
     def has_latents(self) -> bool:

@@ -134,8 +134,7 @@ class ITOEncoder(Encoder):
         target = x.float() - self.b.to(x.device)
         k, method = self.cfg.k, self.cfg.method
         if self.cfg.init == "encoder":
-            sub = EncodeContext(context.token_ids[start:start + len(x)], context.positions[start:start + len(x)])
-            init = dense(self.inner.encode(x, sub)).float() * self.norms.to(x.device)
+            init = dense(self.inner.encode(x, context[start:start + len(x)])).float() * self.norms.to(x.device)
             support = init.topk(k, dim=1).indices
             values = init.gather(1, support)
         else:

@@ -233,7 +233,7 @@ class ErrorPropagationTask(Task):
                 l0[r] = latent_stats(codes, enc.spec.d_latent)[0].cpu()
 
         ids = batch.to(x.device).reshape(-1)[idx]
-        reconstruct(enc, flat[idx], ids, idx % length, chunk_elements, on_chunk, idx)
+        reconstruct(enc, flat[idx], ids, idx % length, chunk_elements, on_chunk, idx, batch.to(x.device))
         mask = scored.double().cpu()
         norm = x.float().norm(dim=-1).double().cpu()
         return {"mse": sum_by_row(sse.view(b, length) / d, mask), "l0": sum_by_row(l0.view(b, length), mask),

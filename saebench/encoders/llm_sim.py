@@ -1,0 +1,446 @@
+"""``llm_sim:<encoder spec>``: an LLM reads natural-language explanations of an SAE's latents and predicts,
+token by token, which latents are active; the SAE's decoder turns the prediction into a reconstruction.
+
+Protocol (after EleutherAI's study of LLM-simulated SAE encoders): at each token, the candidate latents
+are every latent the SAE activates there plus `candidates` random inactive ones (or ``candidates=all``).
+For each candidate the simulator gets the last 32 tokens of text, the token marked <<like this>>, and
+the latent's explanation, and P(active) is read from the log-probs of its answers "1" and "0". The
+predicted active set is the candidates with P >= `threshold` (``predict=threshold``) or the |A| most
+probable (``predict=top``, |A| the true count). Values: ``values=oracle`` uses the SAE's true activation
+of each truly active predicted latent and, for a false positive, the latent's median activation in the
+training sample (so false positives cost what they would); ``values=predicted`` asks the simulator for
+0-9 and maps it through the latent's activation quantiles (q = v/9).
+
+Only candidates count: a latent outside them is predicted inactive, which is exactly right for the
+inactive latents it stands for only in expectation; the tasks scale counts to the full dictionary.
+Failed or unparsed simulator answers are never scored as 0: the candidate is left out of the prediction
+and of every metric, and counted (``report()``).
+
+Simulators: an LLM (``llm=<model>``, in process; ``llm_url=`` or ``--llm-url`` for an OpenAI-compatible
+server; ``backend=vllm``), or ``llm=rules``: the token-list baseline, which says P(active) = the share of
+the token's occurrences in the training sample on which the latent is active, for the latent's listed
+tokens, else 0.
+"""
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saebench.encoders.base import (
+    DECODER_DICTIONARY,
+    LATENTS,
+    BuildContext,
+    Codes,
+    EncodeContext,
+    Encoder,
+    EncoderSpec,
+    SparseCodes,
+    dense,
+)
+from saebench.encoders.dictionary import family_options, split_inner
+from saebench.errors import SaebenchError
+from saebench.explanations import (
+    WINDOW,
+    Explanations,
+    LatentSample,
+    generate_explanations,
+    latent_sample,
+    load_jsonl,
+    marked_window,
+    token_explanations,
+)
+
+SIMULATES = "simulates"
+"""Capability: the encoder predicts latents from text and can show its work (simulate())."""
+
+ACTIVE_SYSTEM = (
+    "You simulate one feature of a language model from an explanation of it. You see a text whose last "
+    "token is marked <<like this>>. Answer 1 if the feature is active on the marked token and 0 if it is "
+    "not. Answer with one digit.")
+VALUE_SYSTEM = (
+    "You simulate one feature of a language model from an explanation of it. You see a text whose last "
+    "token is marked <<like this>>. Rate how strongly the feature is active on the marked token, from 0 "
+    "(not active) to 9 (as strongly as on its strongest examples). Answer with one digit.")
+DIGITS = tuple("0123456789")
+NEVER_ACTIVE = "This feature was never seen active."
+"""The explanation of a latent the training sample never activates (explanations=generate or tokens)."""
+
+
+@dataclass(frozen=True)
+class LLMSimConfig:
+    """Options of ``llm_sim:<encoder spec>?...``."""
+
+    llm: str = ""
+    """Simulator: 'rules' (token baseline), or an LLM (a model preset/hub id/path; with a server, its model
+    name); default: the embedded smollm2-135m in process, or the server's first model."""
+    llm_url: str = ""
+    """Base URL of an OpenAI-compatible server (also --llm-url)."""
+    backend: str = "auto"
+    """'auto', 'transformers', 'server' or 'vllm' (see saebench.llm)."""
+    explanations: str = ""
+    """A JSONL file, a delphi output folder, 'generate' or 'tokens'; default 'tokens' for llm=rules, else 'generate'."""
+    delphi_module: str = ""
+    """Which module's explanations to read from a delphi folder holding several (e.g. 'layers.15')."""
+    missing: str = "error"
+    """Latents without an explanation: 'error', or 'skip' (they are never candidates; the record counts them)."""
+    candidates: str = "200"
+    """Random inactive candidate latents per token, or 'all' (every latent is a candidate)."""
+    predict: str = "threshold"
+    """'threshold' (P >= threshold) or 'top' (the |A| most probable candidates)."""
+    threshold: float = 0.5
+    values: str = "oracle"
+    """'oracle' (true activations; median activation for false positives) or 'predicted' (0-9 via quantiles)."""
+    sample_tokens: int = 65_536
+    """Training-split tokens on which latents are characterised (explanations, quantiles, baseline)."""
+    concurrency: int = 8
+    timeout: float = 60.0
+    retries: int = 4
+    seed: int = 0
+    """Seed of the random inactive candidates (each token's draw depends only on it and the token's text)."""
+
+
+@dataclass
+class Simulation:
+    """What the simulator said about each row's candidate latents (lists over rows; ragged)."""
+
+    candidates: list[Tensor]
+    """(n_candidates,) latent ids; the truly active ones first."""
+    true: list[Tensor]
+    """(n_candidates,) the SAE's activation (0: inactive)."""
+    p_active: list[Tensor]
+    """(n_candidates,) P(active); NaN where the simulator failed."""
+    value: list[Tensor | None]
+    """(n_candidates,) predicted value on the 0-9 scale, NaN where not asked or failed; None if never asked."""
+    d_latent: int
+    skipped_active: int = 0
+    """Truly active latents left out because they have no explanation (missing=skip)."""
+
+
+class Simulator(ABC):
+    """Answers P(active) and a 0-9 value for (text window, token, latent) queries."""
+
+    label: str
+
+    @abstractmethod
+    def p_active(self, queries: list[tuple[str, int, int]]) -> list[float | None]:
+        """queries: (marked text window, token id, latent)."""
+
+    @abstractmethod
+    def value(self, queries: list[tuple[str, int, int]]) -> list[float | None]:
+        """Expected 0-9 activation value per query."""
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+
+class LLMSimulator(Simulator):
+    """Asks an LLM, one prompt per (token, latent); answers are the log-probs of the answer digits."""
+
+    def __init__(self, llm, explanations: Explanations):
+        self.llm, self.explanations, self.label = llm, explanations, llm.label
+        self.stats = type(llm.stats)()
+
+    def _prompts(self, system: str, queries, question: str):
+        from saebench.llm import Chat
+
+        return [Chat(system, f"Text: {text}\n\nFeature explanation: {self.explanations.texts[latent]}\n\n{question}")
+                for text, _, latent in queries]
+
+    def _ask(self, prompts, choices, desc) -> list[list[float] | None]:
+        before = self.llm.stats.to_dict()
+        out = self.llm.choice_probs(prompts, choices, desc)
+        after = self.llm.stats.to_dict()
+        for f in fields(self.stats):
+            if f.name == "errors":
+                for k, v in after["errors"].items():
+                    self.stats.errors[k] = self.stats.errors.get(k, 0) + v - before["errors"].get(k, 0)
+            else:
+                setattr(self.stats, f.name, getattr(self.stats, f.name) + after[f.name] - before[f.name])
+        return out
+
+    def p_active(self, queries):
+        probs = self._ask(self._prompts(ACTIVE_SYSTEM, queries, "Is the feature active on the marked token? "
+                                        "Answer 1 or 0."), ("1", "0"), "simulating latents")
+        return [None if p is None else p[0] for p in probs]
+
+    def value(self, queries):
+        probs = self._ask(self._prompts(VALUE_SYSTEM, queries, "How strongly is the feature active on the marked "
+                                        "token (0-9)?"), DIGITS, "simulating values")
+        return [None if p is None else sum(i * q for i, q in enumerate(p)) for p in probs]
+
+    def report(self):
+        return {"llm": self.stats.to_dict()}
+
+
+class TokenRuleSimulator(Simulator):
+    """The no-LLM baseline: P(active | token) for the latent's listed tokens, measured on the training
+    sample (share of the token's occurrences where the latent fires), else 0; value = the latent's mean
+    activation bin on that token in the sample."""
+
+    label = "rules"
+
+    def __init__(self, sample: LatentSample, explanations: Explanations):
+        flat = sample.tokens.reshape(-1)
+        occurrences = torch.bincount(flat, minlength=int(flat.max()) + 1)
+        self.table: dict[int, dict[int, tuple[float, float]]] = {}
+        top = sample.max_value()
+        for latent, toks in (explanations.tokens or {}).items():
+            rows, vals = sample.of(latent)
+            on = flat[rows]
+            entry = {}
+            for t in toks:
+                hit = on == t
+                bins = (10 * vals[hit] / top[latent]).floor().clamp(0, 9)
+                entry[t] = (float(hit.sum()) / float(occurrences[t]), float(bins.mean()))
+            self.table[latent] = entry
+
+    def p_active(self, queries):
+        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[0] for _, tok, latent in queries]
+
+    def value(self, queries):
+        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[1] for _, tok, latent in queries]
+
+
+class LLMSimEncoder(Encoder):
+    """Predicts an inner SAE's latents with a simulator reading explanations; decodes with the SAE."""
+
+    capabilities = frozenset({LATENTS, DECODER_DICTIONARY, SIMULATES})
+
+    def __init__(self, inner: Encoder, cfg: LLMSimConfig, simulator: Simulator, explanations: Explanations,
+                 sample: LatentSample, tokenizer, spec: EncoderSpec):
+        self.inner, self.cfg, self.simulator, self.explanations = inner, cfg, simulator, explanations
+        self.sample, self.tokenizer, self.spec = sample, tokenizer, spec
+        self.median = torch.tensor([sample.value_at(i, 0.5) for i in range(sample.d_latent)])
+        self.explained = torch.zeros(sample.d_latent, dtype=torch.bool)
+        self.explained[list(explanations.texts)] = True
+        self.counts = {"rows": 0, "candidates": 0, "failed_candidates": 0, "skipped_active": 0}
+        self.training_context = inner.training_context
+
+    @classmethod
+    def from_arg(cls, arg: str | None, build: BuildContext) -> "Encoder":
+        inner_spec, options = split_inner(arg)
+        cfg = family_options(LLMSimConfig(), options, build, "llm_sim")
+        if not inner_spec:
+            raise SaebenchError("llm_sim needs the encoder whose latents it simulates: llm_sim:sae:default")
+        if build.model is None:
+            raise SaebenchError("llm_sim reads text, so it needs a language model; this task runs without one")
+        _check(cfg)
+        inner = build.build(inner_spec)
+        if LATENTS not in inner.capabilities:
+            raise SaebenchError(f"llm_sim simulates latents; {inner.spec.label!r} has none (use e.g. sae:default)")
+        d = inner.spec.d_latent
+        hookpoint = build.model.hookpoint(inner.spec.hookpoint or build.hookpoint or build.model.default_hookpoint)
+        source = cfg.explanations or ("tokens" if cfg.llm == "rules" else "generate")
+        loaded = _load_given(source, cfg, d)  # a bad file or server fails before any model work
+        if loaded is not None:
+            _check_missing(loaded, d, cfg)
+        llm = None if cfg.llm == "rules" else _make_llm(cfg, build)
+        sample = latent_sample(build.model, inner, hookpoint, build.cache_dir, cfg.sample_tokens,
+                               progress=build.progress)
+        tokenizer = build.model.tokenizer
+        if loaded is not None:
+            explanations = loaded
+        elif source == "tokens":
+            explanations = token_explanations(sample, tokenizer)
+        else:
+            out = None if build.cache_dir is None else (
+                Path(build.cache_dir) / "explanations" / f"{sample_hash(sample)}-{_slug(llm.cache_id)}.jsonl")
+            explanations = generate_explanations(sample, tokenizer, llm, out=out)
+            if out is not None and build.progress:
+                print(f"saebench: explanations of {inner.spec.label} by {llm.label}: {out}")
+        if cfg.llm == "rules":
+            if explanations.tokens is None:
+                raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
+            simulator: Simulator = TokenRuleSimulator(sample, explanations)
+        else:
+            simulator = LLMSimulator(llm, explanations)
+        never = (sample.count() == 0).nonzero().squeeze(1).tolist()
+        if source in ("generate", "tokens"):  # latents the sample never saw active: nothing to explain them by
+            explanations.texts.update({i: NEVER_ACTIVE for i in never if i not in explanations.texts})
+        missing = _check_missing(explanations, d, cfg)
+        spec = EncoderSpec("llm_sim", arg, inner.spec.hookpoint, inner.spec.d_in, d, {
+            "inner": inner.spec.to_dict(), "options": {k: v for k, v in vars(cfg).items()
+                                                       if k not in ("concurrency", "timeout", "retries")},
+            "simulator": simulator.label, "explanations": explanations.source,
+            "unexplained": len(missing), "never_active_in_sample": len(never)})
+        return cls(inner, cfg, simulator, explanations, sample, tokenizer, spec)
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self.inner.W_dec
+
+    def _candidates(self, active: Tensor, seed: int) -> Tensor:
+        d = self.spec.d_latent
+        if self.cfg.candidates == "all":
+            rest = torch.ones(d, dtype=torch.bool)
+            rest[active] = False
+            pool = rest.nonzero().squeeze(1)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            n = min(int(self.cfg.candidates), d - len(active))
+            pool = torch.empty(0, dtype=torch.long)
+            taken = torch.zeros(d, dtype=torch.bool)
+            taken[active] = True
+            while len(pool) < n:  # rejection sampling: active latents are few
+                draw = torch.randint(0, d, (2 * (n - len(pool)) + 8,), generator=gen)
+                draw = draw[~taken[draw]].unique(sorted=False)
+                draw = draw[torch.randperm(len(draw), generator=gen)][:n - len(pool)]
+                taken[draw] = True
+                pool = torch.cat([pool, draw])
+        cand = torch.cat([active, pool])
+        return cand[self.explained[cand]] if self.cfg.missing == "skip" else cand
+
+    def simulate(self, acts: Tensor, context: EncodeContext, values: bool = False) -> Simulation:
+        """The simulator's predictions for each row's candidates (and 0-9 values for the truly active and the
+        predicted active ones when `values`)."""
+        if not context.has_text:
+            raise SaebenchError("llm_sim reads the text of each token, which this task does not pass")
+        with torch.no_grad():
+            true = dense(self.inner.encode(acts, context)).float().cpu()
+        queries, cands, trues, skipped = [], [], [], 0
+        for row in range(len(acts)):
+            active = true[row].nonzero().squeeze(1)
+            prefix = context.prefix(row, WINDOW).cpu()
+            text = marked_window(self.tokenizer, prefix, len(prefix), {len(prefix) - 1}, 0)
+            seed = zlib.crc32(f"{self.cfg.seed}:{prefix.tolist()}".encode())
+            cand = self._candidates(active, seed)
+            skipped += len(active) - int(self.explained[active].sum()) if self.cfg.missing == "skip" else 0
+            cands.append(cand)
+            trues.append(true[row, cand])
+            queries.append([(text, int(prefix[-1]), int(c)) for c in cand])
+        flat = [q for qs in queries for q in qs]
+        p_flat = self.simulator.p_active(flat)
+        probs = _split([float("nan") if p is None else p for p in p_flat], [len(c) for c in cands])
+        sim = Simulation(cands, trues, probs, [None] * len(cands), self.spec.d_latent, skipped)
+        if values:
+            sim.value = self._values(sim, queries)
+        self.counts["rows"] += len(acts)
+        self.counts["candidates"] += len(flat)
+        self.counts["failed_candidates"] += sum(p is None for p in p_flat)
+        self.counts["skipped_active"] += skipped
+        return sim
+
+    def _values(self, sim: Simulation, queries) -> list[Tensor]:
+        wanted = [((t > 0) | self.predicted(sim, i)) for i, t in enumerate(sim.true)]
+        asked = [q for qs, w in zip(queries, wanted) for q, keep in zip(qs, w.tolist()) if keep]
+        answers = iter(self.simulator.value(asked))
+        out = []
+        for w in wanted:
+            v = torch.full((len(w),), float("nan"))
+            for j in w.nonzero().squeeze(1).tolist():
+                a = next(answers)
+                v[j] = float("nan") if a is None else a
+            out.append(v)
+        return out
+
+    def predicted(self, sim: Simulation, row: int) -> Tensor:
+        """(n_candidates,) bool: the candidates predicted active in `row` (failed answers never are)."""
+        p = sim.p_active[row]
+        ok = ~p.isnan()
+        if self.cfg.predict == "top":
+            k = int((sim.true[row] > 0).sum())
+            order = torch.where(ok, p, torch.full_like(p, -1.0)).argsort(descending=True)[:k]
+            out = torch.zeros_like(ok)
+            out[order] = True
+            return out & ok
+        return ok & (p >= self.cfg.threshold)
+
+    def codes_of(self, sim: Simulation, predicted_values: bool = False) -> SparseCodes:
+        """The predicted codes of every row (see the module docstring for the values)."""
+        rows = []
+        for i in range(len(sim.candidates)):
+            keep = self.predicted(sim, i)
+            latents = sim.candidates[i][keep]
+            if predicted_values:
+                v = sim.value[i][keep].nan_to_num(0.0)
+                vals = torch.tensor([self.sample.value_at(int(l), float(x) / 9) for l, x in zip(latents, v)])
+            else:
+                true = sim.true[i][keep]
+                vals = torch.where(true > 0, true, self.median[latents])
+            rows.append((latents, vals))
+        k = max([len(l) for l, _ in rows] + [1])
+        idx = torch.zeros(len(rows), k, dtype=torch.long)
+        val = torch.zeros(len(rows), k)
+        for i, (l, v) in enumerate(rows):
+            idx[i, :len(l)], val[i, :len(v)] = l, v
+        return SparseCodes(idx, val, self.spec.d_latent)
+
+    def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
+        predicted = self.cfg.values == "predicted"
+        sim = self.simulate(acts, context, values=predicted)
+        codes = self.codes_of(sim, predicted)
+        return SparseCodes(codes.indices.to(acts.device), codes.values.to(acts.device), codes.d_latent)
+
+    def decode(self, codes: Codes) -> Tensor:
+        return self.inner.decode(codes)
+
+    def report(self) -> dict[str, Any]:
+        return {"simulator": self.simulator.label, "explanations": self.explanations.source, **self.counts,
+                **self.simulator.report()}
+
+
+def _check(cfg: LLMSimConfig) -> None:
+    if cfg.predict not in ("threshold", "top"):
+        raise SaebenchError(f"llm_sim option predict={cfg.predict!r}: choose threshold or top")
+    if cfg.values not in ("oracle", "predicted"):
+        raise SaebenchError(f"llm_sim option values={cfg.values!r}: choose oracle or predicted")
+    if cfg.missing not in ("error", "skip"):
+        raise SaebenchError(f"llm_sim option missing={cfg.missing!r}: choose error or skip")
+    if cfg.candidates != "all" and not (cfg.candidates.isdigit() and int(cfg.candidates) >= 0):
+        raise SaebenchError(f"llm_sim option candidates={cfg.candidates!r}: give a count of inactive latents or 'all'")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise SaebenchError(f"llm_sim option threshold={cfg.threshold}: must be between 0 and 1")
+    if cfg.llm == "rules" and cfg.explanations not in ("", "tokens"):
+        raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
+
+
+def _check_missing(explanations: Explanations, d_latent: int, cfg: LLMSimConfig) -> list[int]:
+    """The unexplained latents; one clear error when there are some and missing=error."""
+    missing = explanations.missing(d_latent)
+    if missing and cfg.missing == "error":
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise SaebenchError(f"explanations {explanations.source} lack {len(missing)} of the {d_latent} latents "
+                            f"({shown}); add them, or pass missing=skip to leave those latents out (the record "
+                            "counts them)")
+    return missing
+
+
+def _load_given(source: str, cfg: LLMSimConfig, d_latent: int) -> Explanations | None:
+    if source in ("generate", "tokens"):
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from saebench.explanations import load_delphi
+
+        return load_delphi(path, d_latent, cfg.delphi_module or None)
+    return load_jsonl(path, d_latent)
+
+
+def _make_llm(cfg: LLMSimConfig, build: BuildContext):
+    from saebench.llm import LLMSettings, make_llm
+
+    settings = LLMSettings(cfg.llm, cfg.backend, cfg.llm_url, cfg.concurrency, cfg.timeout, cfg.retries)
+    return make_llm(settings, build.progress)
+
+
+def sample_hash(sample: LatentSample) -> str:
+    from saebench.records import config_hash
+
+    return config_hash(sample.key)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:]
+
+
+def _split(values: list[float], sizes: list[int]) -> list[Tensor]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(torch.tensor(values[start:start + n], dtype=torch.float32))
+        start += n
+    return out

@@ -1,0 +1,268 @@
+"""Natural-language explanations of an encoder's latents: loaded, generated, or a token-list baseline.
+
+Sources (``llm_sim`` option ``explanations=``):
+- a JSONL file, one ``{"latent": int, "explanation": str, "scores": {...}}`` per line (scores optional);
+- a folder of delphi's output (``explanations/`` as delphi writes it, see `load_delphi`);
+- ``generate``: saebench's explainer. For each latent, its top-activating and quantile-sampled 32-token
+  windows from the corpus's training split, activating tokens marked <<like this>>, are shown to an LLM
+  that answers with a one-sentence explanation (Bills et al. 2023; Paulo et al. 2024, "Automatically
+  Interpreting Millions of Features in Large Language Models"). Answers are cached on disk.
+- ``tokens``: no LLM. The explanation is the latent's most frequent activating tokens; the rule simulator
+  (saebench.encoders.llm_sim) matches them, a cheap reference row for every leaderboard.
+
+Everything is drawn from `LatentSample`: how the latents fire on a sample of the training split,
+computed once per (encoder, model, hookpoint) and cached.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saebench.corpus import CorpusSpec, token_contexts
+from saebench.encoders.base import EncodeContext, Encoder, dense
+from saebench.errors import SaebenchError
+from saebench.splice import sink_mask
+
+if TYPE_CHECKING:
+    from saebench.llm import LLM
+    from saebench.models import LoadedModel
+
+WINDOW = 32
+"""Tokens per text window shown to the explainer and the simulator."""
+SAMPLE_VERSION = 1
+"""Bumped when LatentSample's computation changes (cached samples are then recomputed)."""
+
+
+@dataclass
+class LatentSample:
+    """How each latent fires on a sample of the training split (sinks left out).
+
+    Activations are stored per latent, largest first: latent l's are ``rows[offsets[l]:offsets[l+1]]``
+    (flat indices into `tokens`) and ``values[...]``.
+    """
+
+    tokens: Tensor
+    """(n_contexts, context_len) token ids of the sample."""
+    rows: Tensor
+    """(n_active,) int64 flat token index of each (token, latent) activation, grouped by latent."""
+    values: Tensor
+    """(n_active,) float32 activation values, descending within each latent."""
+    offsets: Tensor
+    """(d_latent + 1,) int64 start of each latent's activations."""
+    key: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d_latent(self) -> int:
+        return len(self.offsets) - 1
+
+    def of(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(rows, values) of `latent`'s activations, largest first."""
+        a, b = int(self.offsets[latent]), int(self.offsets[latent + 1])
+        return self.rows[a:b], self.values[a:b]
+
+    def count(self) -> Tensor:
+        """(d_latent,) activations per latent in the sample."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def max_value(self) -> Tensor:
+        """(d_latent,) largest activation of each latent (0 for latents never active)."""
+        first = self.values[self.offsets[:-1].clamp(max=max(len(self.values) - 1, 0))] if len(self.values) else \
+            torch.zeros(self.d_latent)
+        return torch.where(self.count() > 0, first, torch.zeros_like(first))
+
+    def bin_of(self, latent: int, value: float) -> int:
+        """Activation bin 0-9: floor(10 * value / the latent's max), as explainers normalise activations
+        (Bills et al. 2023); values above the sample's max fall in bin 9."""
+        top = float(self.max_value()[latent])
+        return 0 if top <= 0 else min(9, max(0, int(10 * value / top)))
+
+    def quantile_of(self, latent: int, value: float) -> float:
+        """Share of the latent's activations in the sample that are <= `value` (its empirical CDF)."""
+        _, vals = self.of(latent)
+        if len(vals) == 0:
+            return float("nan")
+        asc = vals.flip(0)
+        return float(torch.searchsorted(asc, torch.tensor([value], dtype=asc.dtype), right=True)[0]) / len(vals)
+
+    def value_at(self, latent: int, q: float) -> float:
+        """The latent's activation at quantile q in [0, 1] of its sample activations (0 if never active)."""
+        _, vals = self.of(latent)
+        if len(vals) == 0:
+            return 0.0
+        return float(torch.quantile(vals.float(), min(max(q, 0.0), 1.0)))
+
+
+def latent_sample(model: "LoadedModel", encoder: Encoder, hookpoint, cache_dir: Path | None, tokens: int = 65_536,
+                  context_len: int = 128, seed: int = 0, progress: bool = True) -> LatentSample:
+    """`encoder`'s activations on `tokens` tokens of the training split at `hookpoint`, cached by what they are."""
+    from saebench.records import config_hash
+    from saebench.tasks.base import TaskContext
+    from saebench.splice import SpliceConfig
+
+    key = {"encoder": encoder.spec.to_dict(), "model": model.model_id, "revision": model.revision,
+           "dtype": model.dtype, "hookpoint": hookpoint.name, "tokens": tokens, "context_len": context_len,
+           "seed": seed, "version": SAMPLE_VERSION}
+    path = None if cache_dir is None else cache_dir / "latent_samples" / f"{config_hash(key)}.pt"
+    if path is not None and path.exists():
+        return LatentSample(**torch.load(path, weights_only=True), key=key)
+    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), seed, 16, SpliceConfig(), None, None)
+    ids = token_contexts(model.tokenizer, ctx.corpus, context_len, tokens, seed, model.bos_id)
+    rows, latents, values = [], [], []
+    for start in tqdm(range(0, len(ids), ctx.batch_size), desc="latent sample", unit="batch", disable=not progress):
+        batch = ids[start:start + ctx.batch_size]
+        acts = ctx.capture(batch)
+        flat_rows = (~sink_mask(batch, model.bos_id)).reshape(-1).nonzero().squeeze(1)
+        x = acts.reshape(-1, acts.shape[-1])[flat_rows.to(acts.device)]
+        pos = flat_rows % context_len
+        with torch.no_grad():
+            codes = dense(encoder.encode(x, EncodeContext(batch.reshape(-1)[flat_rows], pos))).float().cpu()
+        r, l = codes.nonzero(as_tuple=True)
+        rows.append(flat_rows[r] + start * context_len)
+        latents.append(l)
+        values.append(codes[r, l])
+    rows_t, lat_t, val_t = torch.cat(rows), torch.cat(latents), torch.cat(values)
+    order = torch.argsort(val_t, descending=True, stable=True)
+    order = order[torch.argsort(lat_t[order], stable=True)]
+    d = encoder.spec.d_latent
+    offsets = torch.zeros(d + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(lat_t, minlength=d).cumsum(0)
+    state = {"tokens": ids, "rows": rows_t[order], "values": val_t[order], "offsets": offsets}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"tmp-{path.name}")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return LatentSample(**state, key=key)
+
+
+@dataclass
+class Explanations:
+    """One explanation per latent (some may be missing), and where they come from."""
+
+    texts: dict[int, str]
+    source: str
+    """For records: 'file:<name>#<sha256[:12]>', 'delphi:<folder>', 'generate:<llm>' or 'tokens'."""
+    tokens: dict[int, list[int]] | None = None
+    """The token-list baseline's tokens per latent (explanations=tokens)."""
+
+    def missing(self, d_latent: int) -> list[int]:
+        return [i for i in range(d_latent) if i not in self.texts]
+
+
+def load_jsonl(path: Path, d_latent: int) -> Explanations:
+    """Explanations from a JSONL file of {"latent": int, "explanation": str, "scores": optional}; a malformed
+    line, a duplicate, or a latent outside [0, d_latent) is one clear error naming the line."""
+    if not path.is_file():
+        raise SaebenchError(f"explanations file {str(path)!r} does not exist")
+    texts: dict[int, str] = {}
+    raw = path.read_bytes()
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"explanations file {path.name!r} line {n}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SaebenchError(f"{where} is not JSON ({exc.msg}); each line must be "
+                                '{"latent": <int>, "explanation": "<text>"}') from None
+        latent, text = (item.get("latent"), item.get("explanation")) if isinstance(item, dict) else (None, None)
+        if not isinstance(latent, int) or isinstance(latent, bool) or not isinstance(text, str):
+            raise SaebenchError(f'{where} needs an integer "latent" and a string "explanation"')
+        if not 0 <= latent < d_latent:
+            raise SaebenchError(f"{where}: latent {latent} is outside the encoder's {d_latent} latents (0..{d_latent - 1})")
+        if latent in texts:
+            raise SaebenchError(f"{where}: latent {latent} is explained twice")
+        texts[latent] = text.strip()
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return Explanations(texts, f"file:{path.name}#{digest}")
+
+
+def token_explanations(sample: LatentSample, tokenizer, n_tokens: int = 10) -> Explanations:
+    """The baseline: each latent's `n_tokens` most frequent activating tokens in the sample."""
+    flat = sample.tokens.reshape(-1)
+    texts, tokens = {}, {}
+    for latent in range(sample.d_latent):
+        rows, _ = sample.of(latent)
+        if len(rows) == 0:
+            continue
+        ids, counts = torch.unique(flat[rows], return_counts=True)
+        top = ids[torch.argsort(counts, descending=True, stable=True)[:n_tokens]].tolist()
+        tokens[latent] = top
+        texts[latent] = "Active on the tokens " + ", ".join(repr(tokenizer.decode([t])) for t in top)
+    return Explanations(texts, "tokens", tokens)
+
+
+def marked_window(tokenizer, seq: Tensor, end: int, active: set[int], start: int | None = None) -> str:
+    """Text of seq[start:end] on one line, the tokens at positions in `active` marked <<like this>> (a run of
+    marked tokens is marked once)."""
+    start = max(1, end - WINDOW) if start is None else start  # position 0 is BOS
+    parts = []
+    for p in range(start, end):
+        piece = tokenizer.decode([int(seq[p])]).replace("\n", " ")
+        if p in active:
+            piece = piece if p - 1 in active and p > start else "<<" + piece
+            piece = piece if p + 1 in active and p + 1 < end else piece + ">>"
+        parts.append(piece)
+    return "".join(parts)
+
+
+EXPLAINER_SYSTEM = (
+    "You study one feature of a language model. You will see text excerpts in which the tokens where the "
+    "feature is active are marked <<like this>>. Excerpts are ordered from the strongest activations to "
+    "weaker ones. Write one short sentence saying what the feature responds to: which tokens, in what "
+    "context. Do not mention the markers. Answer with the sentence only.")
+
+
+def explainer_prompts(sample: LatentSample, tokenizer, latents: list[int], n_top: int = 5,
+                      n_sampled: int = 5):
+    """The explainer's prompt for each latent: its top and quantile-sampled windows, activating tokens marked."""
+    from saebench.llm import Chat
+
+    length = sample.tokens.shape[1]
+    prompts = []
+    for latent in latents:
+        rows, _ = sample.of(latent)
+        picks = list(range(min(n_top, len(rows))))
+        if len(rows) > n_top:  # evenly spread over the rest, weakest last
+            extra = torch.linspace(n_top, len(rows) - 1, min(n_sampled, len(rows) - n_top)).round().long().tolist()
+            picks += [i for i in dict.fromkeys(extra) if i not in picks]
+        active = set(rows.tolist())
+        lines = []
+        for i in picks:
+            r = int(rows[i])
+            ctx_i, pos = divmod(r, length)
+            seq = sample.tokens[ctx_i]
+            end = min(length, pos + 8)
+            window = range(max(1, end - WINDOW), end)
+            marks = {p for p in window if ctx_i * length + p in active}
+            lines.append(f"{len(lines) + 1}. {marked_window(tokenizer, seq, end, marks, window.start)}")
+        prompts.append(Chat(EXPLAINER_SYSTEM, "Excerpts:\n" + "\n".join(lines) + "\n\nWhat does the feature respond to?"))
+    return prompts
+
+
+def generate_explanations(sample: LatentSample, tokenizer, llm: "LLM", max_tokens: int = 40,
+                          out: Path | None = None) -> Explanations:
+    """Explain every latent active in the sample with `llm` (answers cached); latents never active in the
+    sample stay unexplained. Writes the explanations as JSONL to `out` when given."""
+    latents = [i for i in range(sample.d_latent) if int(sample.count()[i]) > 0]
+    answers = llm.generate(explainer_prompts(sample, tokenizer, latents), max_tokens, desc="explaining latents")
+    texts = {latent: _first_sentence(a) for latent, a in zip(latents, answers) if a}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"tmp-{out.name}")
+        tmp.write_text("".join(json.dumps({"latent": k, "explanation": v}) + "\n" for k, v in sorted(texts.items())))
+        tmp.replace(out)
+    return Explanations(texts, f"generate:{llm.label}")
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    return (match.group(1) if match else text)[:300]

@@ -1,0 +1,200 @@
+"""One interface to a chat LLM, whatever runs it, with an on-disk response cache and honest counters.
+
+Simulation asks an LLM questions whose answer is one token ("1"/"0", or a digit 0-9), so the
+interface's main call returns the *probabilities* of those answer tokens, read from the model's
+next-token log-probs, never from sampled text: ``choice_probs(prompts, choices)``. ``generate``
+(greedy text) writes explanations.
+
+Every response is cached on disk by (backend model id, prompt, call kind, parameters), so a rerun
+costs no LLM call. A request that fails after its retries, or a response that cannot be parsed, is
+None in the result and counted in ``stats``: never fatal, never silently scored as 0.
+"""
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+BLOCK = 256
+"""Prompts answered between two writes to the response cache."""
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A prompt: a system message and one user message."""
+
+    system: str
+    user: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+
+@dataclass
+class LLMStats:
+    """What an LLM was asked and what came of it (stored in records)."""
+
+    prompts: int = 0
+    """Prompts answered (from the cache or the backend)."""
+    cached: int = 0
+    """Prompts answered from the on-disk cache."""
+    requests: int = 0
+    """Requests sent to the backend (retries included)."""
+    retries: int = 0
+    failed: int = 0
+    """Prompts without an answer after every retry (timeouts, connection errors, 5xx, ...)."""
+    unparsed: int = 0
+    """Answers that could not be read (no log-probs, none of the expected tokens among them, ...)."""
+    seconds: float = 0.0
+    """Wall time spent answering prompts."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Failed and unparsed prompts by reason."""
+
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResponseCache:
+    """Answers by key in one SQLite file (safe across threads and processes; a killed run loses at most
+    the answer being written)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._local = threading.local()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._db() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def _db(self) -> sqlite3.Connection:
+        if getattr(self._local, "db", None) is None:
+            self._local.db = sqlite3.connect(self.path, timeout=60)
+        return self._local.db
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        if self.path is None or not keys:
+            return {}
+        found: dict[str, Any] = {}
+        db = self._db()
+        for start in range(0, len(keys), 500):
+            part = list(keys[start:start + 500])
+            marks = ",".join("?" * len(part))
+            for k, v in db.execute(f"SELECT key, value FROM responses WHERE key IN ({marks})", part):
+                found[k] = json.loads(v)
+        return found
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        if self.path is None or not items:
+            return
+        with self._db() as db:
+            db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?)",
+                           [(k, json.dumps(v)) for k, v in items.items()])
+
+
+def normalise_choices(logprobs: dict[str, float], choices: Sequence[str]) -> list[float] | None:
+    """Probabilities of `choices`, renormalised over them, from answer-token log-probs.
+
+    `logprobs` maps answer tokens (as the backend spells them: '1', ' 1', ...) to log-probs; tokens
+    that differ only by surrounding whitespace count as the same choice. A choice the backend did
+    not list (outside its top log-probs) has probability 0; None when no choice was listed.
+    """
+    mass = [0.0] * len(choices)
+    index = {c: i for i, c in enumerate(choices)}
+    for token, lp in logprobs.items():
+        i = index.get(token.strip())
+        if i is not None and lp is not None and math.isfinite(lp):
+            mass[i] += math.exp(lp)
+    total = sum(mass)
+    if total <= 0:
+        return None
+    return [m / total for m in mass]
+
+
+class LLM(ABC):
+    """A chat LLM that answers prompts with next-token probabilities or greedy text.
+
+    Subclasses implement `_choice_logprobs` and `_generate` for prompts not in the cache; this class
+    adds the cache, the counters and the normalisation.
+    """
+
+    cache_id: str
+    """Identifies the model and its numerics (backend, weights, revision, dtype): part of every cache key."""
+    label: str
+    """Short name for records and leaderboards (e.g. 'smollm2-135m', 'http://127.0.0.1:8000/v1 smollm2')."""
+
+    def __init__(self, cache: ResponseCache | None = None, progress: bool = True):
+        self.cache = cache or ResponseCache(None)
+        self.progress = progress
+        self.stats = LLMStats()
+
+    def choice_probs(self, prompts: Sequence[Chat], choices: Sequence[str], desc: str = "LLM") -> list[list[float] | None]:
+        """For each prompt, P(first answer token = c) for each c in `choices`, renormalised over them.
+
+        Returns:
+            One list of len(choices) probabilities per prompt; None for a prompt whose request failed
+            or whose answer listed none of the choices (both counted in `stats`).
+        """
+        raw = self._cached("choices", prompts, {"choices": list(choices)}, desc,
+                           lambda todo: self._choice_logprobs(todo, choices))
+        out: list[list[float] | None] = []
+        for r in raw:
+            probs = None if r is None else normalise_choices(r, choices)
+            if r is not None and probs is None:
+                self.stats.unparsed += 1
+                self.stats.count_error("no expected answer token among the log-probs")
+            out.append(probs)
+        return out
+
+    def generate(self, prompts: Sequence[Chat], max_tokens: int, desc: str = "LLM") -> list[str | None]:
+        """Greedy answers of at most `max_tokens` tokens; None where the request failed."""
+        return self._cached("generate", prompts, {"max_tokens": max_tokens}, desc,
+                            lambda todo: self._generate(todo, max_tokens))
+
+    def _cached(self, kind: str, prompts: Sequence[Chat], params: dict[str, Any], desc: str, compute) -> list[Any]:
+        start = time.monotonic()
+        keys = [ResponseCache.key(self.cache_id, kind, params, p.system, p.user) for p in prompts]
+        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        todo_keys = list(dict.fromkeys(k for k in keys if k not in found))
+        first = {k: p for k, p in zip(keys, prompts)}
+        # answered in blocks, each stored as soon as it is done: an interrupted run loses one block at most
+        with tqdm(total=len(todo_keys), desc=desc, unit="prompt", disable=not self.progress or not todo_keys) as bar:
+            for start in range(0, len(todo_keys), BLOCK):
+                block = todo_keys[start:start + BLOCK]
+                answers = compute([first[k] for k in block])
+                new = {k: a for k, a in zip(block, answers) if a is not None}
+                self.cache.put_many(new)
+                found.update(new)
+                bar.update(len(block))
+        self.stats.prompts += len(prompts)
+        asked = set(todo_keys)
+        self.stats.cached += sum(1 for k in keys if k not in asked)
+        self.stats.seconds += time.monotonic() - start
+        return [found.get(k) for k in keys]
+
+    @abstractmethod
+    def _choice_logprobs(self, prompts: Sequence[Chat], choices: Sequence[str]) -> list[dict[str, float] | None]:
+        """Answer-token log-probs (token -> log-prob, covering `choices` where the backend can) per prompt;
+        None for a failed request (the backend counts it in stats.failed)."""
+
+    @abstractmethod
+    def _generate(self, prompts: Sequence[Chat], max_tokens: int) -> list[str | None]:
+        """Greedy text per prompt; None for a failed request (counted)."""
+
+    def close(self) -> None:
+        """Free what the backend holds (a model, connections)."""

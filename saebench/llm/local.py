@@ -1,0 +1,129 @@
+"""LLM backends that run in this process: HF transformers (any chat model), and vllm's offline engine.
+
+The transformers backend reads the full next-token distribution at the assistant's first token (one
+forward pass per batch of prompts, left-padded, sorted by length so batches pad little); it takes
+the same model names as ``--model``: a preset such as the embedded ``smollm2-135m``, a hub id, or a
+local path, in the dtype saebench's ``auto`` picks for the device.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from saebench.errors import SaebenchError
+from saebench.llm.base import LLM, Chat, ResponseCache
+
+TOKENS_PER_BATCH = 8192
+"""Prompt tokens per forward pass of the in-process backend (bounds memory; ~64 simulation prompts)."""
+
+
+class TransformersLLM(LLM):
+    """A chat model loaded with transformers, in this process."""
+
+    def __init__(self, name: str, dtype: str | None = None, device: str | None = None,
+                 cache: ResponseCache | None = None, progress: bool = True):
+        from saebench.models import load_model
+
+        super().__init__(cache, progress)
+        self.loaded = load_model(name, dtype=dtype, device=device)
+        tok = self.loaded.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise SaebenchError(f"simulator model {name!r} has no chat template; use a chat (instruct) model")
+        self.tokenizer = tok
+        self.label = name
+        self.cache_id = f"transformers:{self.loaded.model_id}@{self.loaded.revision}:{self.loaded.dtype}"
+
+    def _encode(self, prompt: Chat) -> list[int]:
+        text = self.tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _batches(self, prompts: Sequence[Chat]):
+        """(indices, left-padded ids, attention mask) batches, longest prompts first."""
+        encoded = [self._encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        start = 0
+        while start < len(order):
+            width = len(encoded[order[start]])
+            size = max(1, TOKENS_PER_BATCH // max(width, 1))
+            idx = order[start:start + size]
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = encoded[i]
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            yield idx, ids.to(self.loaded.device), mask.to(self.loaded.device)
+            start += size
+
+    def _choice_ids(self, choices: Sequence[str]) -> list[int]:
+        ids = []
+        for c in choices:
+            enc = self.tokenizer.encode(c, add_special_tokens=False)
+            if len(enc) != 1:
+                raise SaebenchError(f"answer {c!r} is {len(enc)} tokens for simulator {self.label!r}; answers must be one token")
+            ids.append(enc[0])
+        return ids
+
+    @torch.inference_mode()
+    def _choice_logprobs(self, prompts, choices):
+        wanted = self._choice_ids(choices)
+        out: list[dict[str, float] | None] = [None] * len(prompts)
+        for idx, ids, mask in self._batches(prompts):
+            self.stats.requests += 1
+            logits = self.loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, wanted].cpu()
+            for row, i in enumerate(idx):
+                out[i] = {c: float(v) for c, v in zip(choices, logp[row])}
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, prompts, max_tokens):
+        out: list[str | None] = [None] * len(prompts)
+        for idx, ids, mask in self._batches(prompts):
+            self.stats.requests += 1
+            gen = self.loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                             do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            for row, i in enumerate(idx):
+                out[i] = self.tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
+        return out
+
+    def close(self) -> None:
+        self.loaded = None
+
+
+class VLLMOfflineLLM(LLM):
+    """vllm's offline engine in this process (GPU users with ``pip install vllm``); answer-token
+    log-probs are vllm's top-20 at the first generated token."""
+
+    TOP = 20
+
+    def __init__(self, name: str, dtype: str = "auto", cache: ResponseCache | None = None, progress: bool = True):
+        super().__init__(cache, progress)
+        try:
+            import vllm
+        except ImportError:
+            raise SaebenchError("backend=vllm needs vllm (pip install vllm, on a CUDA machine); or serve the model "
+                                "with any OpenAI-compatible server and pass --llm-url") from None
+        self._vllm = vllm
+        self.engine = vllm.LLM(model=name, dtype=dtype, max_logprobs=self.TOP)
+        self.label = name
+        self.cache_id = f"vllm:{name}:{dtype}"
+
+    def _run(self, prompts, max_tokens: int, logprobs: int | None):
+        params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+        self.stats.requests += 1
+        return self.engine.chat([p.messages() for p in prompts], params, use_tqdm=False)
+
+    def _choice_logprobs(self, prompts, choices):
+        out: list[dict[str, float] | None] = []
+        for res in self._run(prompts, 1, self.TOP):
+            first = res.outputs[0].logprobs[0] if res.outputs and res.outputs[0].logprobs else None
+            if not first:
+                out.append({})  # counted as unparsed by choice_probs
+                continue
+            out.append({lp.decoded_token: lp.logprob for lp in first.values() if lp.decoded_token is not None})
+        return out
+
+    def _generate(self, prompts, max_tokens):
+        return [res.outputs[0].text.strip() if res.outputs else None for res in self._run(prompts, max_tokens, None)]

@@ -1,0 +1,85 @@
+"""A small OpenAI-compatible HTTP server for tests: answers chat completions with answer-token log-probs,
+and misbehaves on request (HTTP 500, malformed bodies, slow answers) to test the client's fault handling.
+
+The simulated feature is decided by the explanation in the prompt: an explanation containing ALWAYS
+answers "1" with probability 0.9 (value digit 7), any other answers "1" with probability 0.1 (digit 2).
+"""
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAIServer:
+    """Serves on 127.0.0.1 in a thread; `faults` is a list of what the next requests do instead of answering
+    ('500', 'malformed', 'no_logprobs', 'slow')."""
+
+    def __init__(self, slow_seconds: float = 2.0):
+        self.faults: list[str] = []
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.slow_seconds = slow_seconds
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-sim", "object": "model",
+                                                                        "created": 0, "owned_by": "test"}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    fault = server.faults.pop(0) if server.faults else None
+                if fault == "500":
+                    return self._send(500, b'{"error": {"message": "boom"}}')
+                if fault == "malformed":
+                    return self._send(200, b"{not json")
+                if fault == "slow":
+                    time.sleep(server.slow_seconds)
+                self._send(200, json.dumps(_answer(body, fault == "no_logprobs")).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _answer(body: dict, no_logprobs: bool) -> dict:
+    user = body["messages"][-1]["content"]
+    digits = "0 to 9" in body["messages"][0]["content"]
+    active = "ALWAYS" in user
+    if digits:
+        probs = {"7": 0.8, "6": 0.2} if active else {"2": 0.8, "1": 0.2}
+    else:
+        probs = {"1": 0.9, "0": 0.1} if active else {"1": 0.1, " 0": 0.9}
+    top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in probs.items()]
+    token = max(probs, key=probs.get)
+    logprobs = None if no_logprobs else {"content": [{"token": token, "logprob": math.log(probs[token]),
+                                                      "bytes": None, "top_logprobs": top}]}
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": token}, "finish_reason": "length",
+                         "logprobs": logprobs}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
