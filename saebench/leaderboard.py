@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from saebench.errors import SaebenchError
 from saebench.records import RunRecord, scan_record_files, write_atomic
-from saebench.report import fmt, records_frame
+from saebench.report import DISPLAY_PREFIX, fmt, records_frame
 from saebench.tasks.base import TaskSpec
 
 
@@ -140,13 +140,15 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
         frames.append(frame)
         # hookpoints only where there is a model; FLOPs per token where an encoder reports them
-        columns = [c for c in ("hookpoint", "flops_per_token") if frame[c].notna().any()]
+        shown = [c for c in frame.columns if c.startswith(DISPLAY_PREFIX)]  # an encoder family's own columns
+        columns = [c for c in ("hookpoint", *shown, "flops_per_token") if frame[c].notna().any()]
         rank_of = {(row["encoder"], _text(row["hookpoint"])): i for i, row in frame.iterrows()}
         ranked = sorted(group, key=lambda r: rank_of[(r.encoder["label"], r.hookpoint or "")])
         rows = [[i + 1, _linked(rec.encoder["label"], (links or {}).get(id(rec))), *[_cell(c, row[c]) for c in columns],
                  *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for (i, row), rec in zip(frame.iterrows(), ranked)]
-        headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c) for c in columns], *names, "n"]
+        headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c.removeprefix(DISPLAY_PREFIX)) for c in columns],
+                   *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
         if out_dir is not None and (pairs := _tradeoffs(spec)):

@@ -20,6 +20,10 @@ def fmt(value: float | None, err: float | None = None) -> str:
     return text
 
 
+DISPLAY_PREFIX = "encoder_"
+"""Frame columns taken from an encoder spec's params["display"] (e.g. encoder_simulator)."""
+
+
 def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = None,
                   n_of: str | None = None) -> pd.DataFrame:
     """One row per record: encoder, task, model, hookpoint, then value and stderr per metric.
@@ -33,6 +37,8 @@ def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = Non
         row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": model.get("id"),
                "dtype": model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"],
                "flops_per_token": (rec.extra.get("flops") or {}).get("encode_per_token")}
+        # what an encoder family asks leaderboards to show beside its label (llm_sim: simulator, explanations)
+        row |= {DISPLAY_PREFIX + k: str(v) for k, v in (rec.encoder.get("params") or {}).get("display", {}).items()}
         for name in names:
             row[name] = rec.metrics.get(name)
             row[f"{name}_stderr"] = rec.stderr.get(name)

@@ -267,6 +267,7 @@ class LLMSimEncoder(Encoder):
             "inner": inner.spec.to_dict(), "options": {k: v for k, v in vars(cfg).items()
                                                        if k not in ("concurrency", "timeout", "retries")},
             "simulator": simulator.label, "explanations": explanations.source,
+            "display": {"simulator": simulator.label, "explanations": explanations.source},
             "unexplained": len(missing), "never_active_in_sample": len(never)})
         return cls(inner, cfg, simulator, explanations, sample, tokenizer, spec)
 
