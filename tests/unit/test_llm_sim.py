@@ -83,7 +83,7 @@ def test_the_response_cache_makes_a_rerun_free(tmp_path):
     prompts = [Chat("s", f"u{i}") for i in range(600)]  # more than one block
     first = CountingLLM(ResponseCache(tmp_path / "r.sqlite"))
     a = first.choice_probs(prompts, ("1", "0"))
-    assert first.asked == 600 and a[0] == pytest.approx([0.8, 0.2])
+    assert first.asked == 600 and a[0] == pytest.approx([0.8, 0.2]) and 0 <= first.stats.seconds < 60
     again = CountingLLM(ResponseCache(tmp_path / "r.sqlite"))  # a new process would see the same file
     assert again.choice_probs(prompts, ("1", "0")) == a and again.asked == 0 and again.stats.cached == 600
     assert again.choice_probs(prompts, ("1", "0", "2")) != a and again.asked == 600  # other params: other key
@@ -221,3 +221,21 @@ def test_the_token_baseline_runs_without_an_llm(tiny_llama, tiny_sae_dir, tmp_pa
     (rec,) = evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm=rules"], ["latent_recall"], config)
     assert rec.encoder["params"]["simulator"] == "rules" and rec.encoder["params"]["explanations"] == "tokens"
     assert 0.0 <= rec.metrics["specificity"] <= 1.0 and rec.metrics["n_failed"] == 0
+
+
+def test_delphi_explanations_are_read_as_delphi_writes_them(tmp_path):
+    from saebench.explanations import load_delphi
+
+    folder = tmp_path / "run" / "explanations"
+    folder.mkdir(parents=True)
+    for module, latent, text in [("layers.15", 0, "numbers"), ("layers.15", 7, "the word the"), ("layers.3", 1, "x")]:
+        (folder / f"{module}_latent{latent}.txt").write_bytes(json.dumps(text).encode())
+    with pytest.raises(SaebenchError, match=r"several modules \(layers.15, layers.3\); pick one with delphi_module"):
+        load_delphi(tmp_path / "run", 64)
+    got = load_delphi(tmp_path / "run", 64, "layers.15")
+    assert got.texts == {0: "numbers", 7: "the word the"} and got.source == "delphi:run/layers.15"
+    with pytest.raises(SaebenchError, match="latent 7 is outside the encoder's 5 latents"):
+        load_delphi(folder, 5, "layers.15")
+    (folder / "layers.3_latent2.txt").write_text("not json")
+    with pytest.raises(SaebenchError, match="layers.3_latent2.txt is not a JSON string"):
+        load_delphi(folder, 64, "layers.3")
