@@ -134,10 +134,11 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     for ax in axes.flat:  # the panel with the most lines has every encoder
         if len(ax.get_legend_handles_labels()[1]) > len(labels):
             handles, labels = ax.get_legend_handles_labels()
-    note = "dotted vertical: the encoder's training context" if any(r.extra.get("training_context") for r, _ in have) \
-        else ""
+    notes = ["dotted vertical: the encoder's training context"] if any(r.extra.get("training_context") for r, _ in have) \
+        else []
     if overlays:
-        note += "; markers: bucket means, thin lines: single positions"
+        notes.append("markers: bucket means, thin lines: single positions")
+    note = "; ".join(notes) or None
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
                title=note, title_fontsize=8)
     fig.suptitle(title, fontsize=11)

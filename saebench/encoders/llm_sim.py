@@ -296,9 +296,9 @@ class LLMSimEncoder(Encoder):
         cand = torch.cat([active, pool])
         return cand[self.explained[cand]] if self.cfg.missing == "skip" else cand
 
-    def simulate(self, acts: Tensor, context: EncodeContext, values: bool = False) -> Simulation:
-        """The simulator's predictions for each row's candidates (and 0-9 values for the truly active and the
-        predicted active ones when `values`)."""
+    def simulate(self, acts: Tensor, context: EncodeContext, values: str | None = None) -> Simulation:
+        """The simulator's predictions for each row's candidates, and 0-9 values of the truly active candidates
+        (`values`='active') or of the predicted active ones ('predicted'); None: no values."""
         if not context.has_text:
             raise SaebenchError("llm_sim reads the text of each token, which this task does not pass")
         with torch.no_grad():
@@ -319,15 +319,15 @@ class LLMSimEncoder(Encoder):
         probs = _split([float("nan") if p is None else p for p in p_flat], [len(c) for c in cands])
         sim = Simulation(cands, trues, probs, [None] * len(cands), self.spec.d_latent, skipped)
         if values:
-            sim.value = self._values(sim, queries)
+            sim.value = self._values(sim, queries, values)
         self.counts["rows"] += len(acts)
         self.counts["candidates"] += len(flat)
         self.counts["failed_candidates"] += sum(p is None for p in p_flat)
         self.counts["skipped_active"] += skipped
         return sim
 
-    def _values(self, sim: Simulation, queries) -> list[Tensor]:
-        wanted = [((t > 0) | self.predicted(sim, i)) for i, t in enumerate(sim.true)]
+    def _values(self, sim: Simulation, queries, which: str) -> list[Tensor]:
+        wanted = [t > 0 if which == "active" else self.predicted(sim, i) for i, t in enumerate(sim.true)]
         asked = [q for qs, w in zip(queries, wanted) for q, keep in zip(qs, w.tolist()) if keep]
         answers = iter(self.simulator.value(asked))
         out = []
@@ -373,7 +373,7 @@ class LLMSimEncoder(Encoder):
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
         predicted = self.cfg.values == "predicted"
-        sim = self.simulate(acts, context, values=predicted)
+        sim = self.simulate(acts, context, values="predicted" if predicted else None)
         codes = self.codes_of(sim, predicted)
         return SparseCodes(codes.indices.to(acts.device), codes.values.to(acts.device), codes.d_latent)
 

@@ -53,7 +53,9 @@ class TaskSpec:
     frontier (lower x is better: x is a cost such as L0; y's direction is its metric's)."""
 
     def summary_metrics(self) -> tuple[str, ...]:
-        return self.summary or tuple(m.name for m in self.metrics)
+        """The metrics tables show: `summary` (default all), the headline always among them, first if added."""
+        shown = self.summary or tuple(m.name for m in self.metrics)
+        return shown if self.headline in shown else (self.headline, *shown)
 
     def metric(self, name: str) -> MetricSpec:
         return next(m for m in self.metrics if m.name == name)

@@ -109,13 +109,17 @@ def classification(y: np.ndarray, pred: np.ndarray, p: np.ndarray, d_latent: int
 
 
 def matched_cosine(W: Tensor, a: Tensor, b: Tensor) -> float | None:
-    """Mean cosine of the Hungarian-matched pairs of decoder rows of latent sets a and b (None if either is empty)."""
-    if len(a) == 0 or len(b) == 0:
+    """Decoder-direction agreement of latent sets a and b: the cosines of the Hungarian-matched pairs of their
+    decoder rows, summed and divided by the larger set's size, so a latent left unmatched (a set predicted too
+    large or too small) counts 0, as unmatched sources do in the synthetic task's MCC; None if both are empty."""
+    if len(a) == 0 and len(b) == 0:
         return None
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
     Wn = torch.nn.functional.normalize(W.float(), dim=1)
     cos = (Wn[a] @ Wn[b].T).cpu().numpy()
     r, c = linear_sum_assignment(cos, maximize=True)
-    return float(cos[r, c].mean())
+    return float(cos[r, c].sum() / max(len(a), len(b)))
 
 
 class LatentRecallTask(Task):
@@ -136,13 +140,14 @@ class LatentRecallTask(Task):
             MetricSpec("expected_active", "lower", "predicted-active latents expected among the whole dictionary: "
                                                    "|A| recall + (d_latent - |A|)(1 - specificity)"),
             MetricSpec("true_l0", "none", "truly active latents per position"),
-            MetricSpec("decoder_cosine", "higher", "Hungarian-matched mean decoder cosine, predicted vs true active"),
+            MetricSpec("decoder_cosine", "higher", "Hungarian-matched decoder cosine, predicted vs true active set, "
+                                                   "summed over pairs / the larger set's size (unmatched count 0)"),
             MetricSpec("decoder_cosine_random", "none", "the same for a random latent set of the predicted size"),
             MetricSpec("kl_median", "lower", "median KL(clean || predicted latents patched in) at the position"),
             MetricSpec("kl_sae_median", "lower", "median KL with the SAE's own reconstruction patched in"),
             MetricSpec("n_failed", "none", "candidates without a simulator answer (left out of every metric)"),
         ),
-        summary=("recall", "specificity", "f1", "auc", "expected_active", "true_l0", "decoder_cosine",
+        summary=("balanced_accuracy", "recall", "specificity", "f1", "auc", "expected_active", "true_l0", "decoder_cosine",
                  "decoder_cosine_random", "kl_median", "kl_sae_median"),
         stderr_method="std/sqrt(positions); IQR in extra.iqr",
         limit_unit="items",
@@ -266,7 +271,7 @@ class ValueCorrelationTask(LatentRecallTask):
         return {enc.spec.label: self._values(ctx, data, enc) for enc in encoders}
 
     def _values(self, ctx: TaskContext, data: Scored, enc: Encoder) -> TaskResult:
-        sim = enc.simulate(data.at_positions(), data.context(), values=True)
+        sim = enc.simulate(data.at_positions(), data.context(), values="active")
         pairs, failed = [], 0  # (position, value, bin, quantile)
         for i in range(len(sim.candidates)):
             for j in (sim.true[i] > 0).nonzero().squeeze(1).tolist():

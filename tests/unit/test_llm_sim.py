@@ -49,7 +49,9 @@ def test_matched_cosine_is_the_best_one_to_one_matching():
     W = torch.eye(4)
     assert matched_cosine(W, torch.tensor([0, 1]), torch.tensor([1, 0])) == pytest.approx(1.0)
     assert matched_cosine(W, torch.tensor([0]), torch.tensor([2, 3])) == pytest.approx(0.0)
-    assert matched_cosine(W, torch.tensor([], dtype=torch.long), torch.tensor([1])) is None
+    assert matched_cosine(W, torch.tensor([0, 1, 2, 3]), torch.tensor([1])) == pytest.approx(0.25)  # 3 unmatched
+    assert matched_cosine(W, torch.tensor([], dtype=torch.long), torch.tensor([1])) == 0.0
+    assert matched_cosine(W, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) is None
     V = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])
     # 0->2 (0.8) + 1->1 (1.0) beats 0->1 (0.6) + 1->2 (0.96)
     assert matched_cosine(V, torch.tensor([0, 1]), torch.tensor([1, 2])) == pytest.approx((0.8 + 1.0) / 2)
