@@ -69,3 +69,20 @@ def tiny_llama_dir(tmp_path, tiny_tokenizer) -> Path:
     loaded.model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_topk_sae(path: Path, k: int = 4) -> Path:
+    """A sae-lens TopK SAE (32 -> 64 latents, seed 0) for the tiny models' layers.1.resid_pre, saved at `path`."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=k, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre"))
+            ).save_model(path)
+    return path
+
+
+@pytest.fixture
+def tiny_sae_dir(tmp_path) -> Path:
+    """A tiny TopK SAE (k=4) saved in sae-lens format."""
+    return save_tiny_topk_sae(tmp_path / "sae")

@@ -117,8 +117,8 @@ class Simulation:
     value: list[Tensor | None]
     """(n_candidates,) predicted value on the 0-9 scale, NaN where not asked or failed; None if never asked."""
     d_latent: int
-    skipped_active: int = 0
-    """Truly active latents left out because they have no explanation (missing=skip)."""
+    skipped_active: list[int] | None = None
+    """Per row: truly active latents left out because they have no explanation (missing=skip)."""
 
 
 class Simulator(ABC):
@@ -303,14 +303,14 @@ class LLMSimEncoder(Encoder):
             raise SaebenchError("llm_sim reads the text of each token, which this task does not pass")
         with torch.no_grad():
             true = dense(self.inner.encode(acts, context)).float().cpu()
-        queries, cands, trues, skipped = [], [], [], 0
+        queries, cands, trues, skipped = [], [], [], []
         for row in range(len(acts)):
             active = true[row].nonzero().squeeze(1)
             prefix = context.prefix(row, WINDOW).cpu()
             text = marked_window(self.tokenizer, prefix, len(prefix), {len(prefix) - 1}, 0)
             seed = zlib.crc32(f"{self.cfg.seed}:{prefix.tolist()}".encode())
             cand = self._candidates(active, seed)
-            skipped += len(active) - int(self.explained[active].sum()) if self.cfg.missing == "skip" else 0
+            skipped.append(len(active) - int(self.explained[active].sum()) if self.cfg.missing == "skip" else 0)
             cands.append(cand)
             trues.append(true[row, cand])
             queries.append([(text, int(prefix[-1]), int(c)) for c in cand])
@@ -323,7 +323,7 @@ class LLMSimEncoder(Encoder):
         self.counts["rows"] += len(acts)
         self.counts["candidates"] += len(flat)
         self.counts["failed_candidates"] += sum(p is None for p in p_flat)
-        self.counts["skipped_active"] += skipped
+        self.counts["skipped_active"] += sum(skipped)
         return sim
 
     def _values(self, sim: Simulation, queries, which: str) -> list[Tensor]:

@@ -7,7 +7,8 @@ encoder's candidates are every latent the SAE activates plus random inactive one
 saebench.encoders.llm_sim); metrics are computed per position ("prompt") over the candidates whose
 simulator answer was read, then averaged, with standard errors std/sqrt(n) (positions are independent:
 one per context) and inter-quartile ranges in extra.iqr. Candidates whose answer failed are left out and
-counted (n_failed).
+counted (n_failed); with missing=skip, active latents without an explanation are never candidates, so
+recall is over the explained ones, and extra.skipped_active (per position: skipped_active) counts the rest.
 
 `latent_recall` also scales the error rates to the full dictionary (expected predicted-active latents
 among all d_latent, the quantity that must stay near the true L0 for the prediction to be usable),
@@ -27,7 +28,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from saebench.encoders.base import EncodeContext, Encoder, dense
+from saebench.encoders.base import EncodeContext, Encoder
 from saebench.errors import SaebenchError
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
 
@@ -203,8 +204,9 @@ class LatentRecallTask(Task):
             predicted_set = sim.candidates[i][ok][torch.from_numpy(pred)]
             true_set = sim.candidates[i][sim.true[i] > 0]
             rand = torch.randperm(d, generator=gen)[:len(predicted_set)]
-            row |= {"position": int(data.positions[i]), "true_l0": int((sim.true[i] > 0).sum()),
+            row |= {"position": int(data.positions[i]), "true_l0": int((sim.true[i] > 0).sum()) + sim.skipped_active[i],
                     "active": true_set.tolist(), "predicted": predicted_set.tolist(),
+                    "skipped_active": sim.skipped_active[i],
                     "n_failed": int((~ok).sum()),
                     "decoder_cosine": matched_cosine(W, predicted_set, true_set),
                     "decoder_cosine_random": matched_cosine(W, rand, true_set)}
@@ -235,7 +237,7 @@ class LatentRecallTask(Task):
         extra = {"iqr": iqr, "curves": curves, "d_latent": d, "threshold": getattr(enc.cfg, "threshold", None),
                  "predict": getattr(enc.cfg, "predict", None), "candidates": getattr(enc.cfg, "candidates", None),
                  "simulator": enc.spec.params.get("simulator"), "explanations": enc.spec.params.get("explanations"),
-                 "skipped_active": sim.skipped_active}
+                 "skipped_active": sum(sim.skipped_active)}
         return TaskResult(metrics, stderr, n, details, extra)
 
 

@@ -12,7 +12,6 @@ The clean pass and the layers below the hookpoint run once per batch; each (frac
 pass of the layers above it.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

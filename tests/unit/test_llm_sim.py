@@ -154,15 +154,6 @@ def test_explanation_files_are_checked_line_by_line(tmp_path):
     assert got.texts == {3: "words"} and got.source.startswith("file:e.jsonl#") and got.missing(5) == [0, 1, 2, 4]
 
 
-@pytest.fixture
-def tiny_sae_dir(tmp_path):
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(0)
-    TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre"))
-            ).save_model(tmp_path / "sae")
-    return tmp_path / "sae"
 
 
 def _explanations(tmp_path, always: set[int], d: int = 64, skip: tuple[int, ...] = ()):
@@ -241,3 +232,20 @@ def test_delphi_explanations_are_read_as_delphi_writes_them(tmp_path):
     (folder / "layers.3_latent2.txt").write_text("not json")
     with pytest.raises(SaebenchError, match="layers.3_latent2.txt is not a JSON string"):
         load_delphi(folder, 64, "layers.3")
+
+
+def test_missing_skip_leaves_unexplained_latents_out_and_counts_them(tiny_llama, tiny_sae_dir, tmp_path):
+    skip = tuple(range(0, 64, 3))
+    expl = _explanations(tmp_path, set(range(64)), skip=skip)
+    with FakeOpenAIServer() as server:
+        config = RunConfig(output_dir=tmp_path / "runs", limit=6, context_len=32, progress=False,
+                           encoder_options={"llm_sim": {"llm_url": server.url}})
+        (rec,) = evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?explanations={expl}&missing=skip&candidates=all"],
+                          ["latent_recall"], config)
+    rows = [json.loads(line) for line in next((tmp_path / "runs" / "latent_recall").glob("*.details.jsonl"))
+            .read_text().splitlines() if '"prompt"' in line]
+    assert rec.encoder["params"]["unexplained"] == len(skip)
+    assert all(not set(r["predicted"]) & set(skip) for r in rows)  # every explained latent is predicted active
+    assert all(not set(r["active"]) & set(skip) and r["true_l0"] == len(r["active"]) + r["skipped_active"] == 4 for r in rows)
+    assert rec.extra["skipped_active"] == sum(r["skipped_active"] for r in rows) > 0
+    assert all(r["recall"] == 1.0 for r in rows if r["active"])

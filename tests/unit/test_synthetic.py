@@ -91,15 +91,6 @@ def test_task_options_reach_the_task():
         resolve_task("synthetic?x=1")
 
 
-@pytest.fixture
-def tiny_sae_dir(tmp_path):
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(0)
-    TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre"))
-            ).save_model(tmp_path / "sae")
-    return tmp_path / "sae"
 
 
 def test_the_zoo_splices_into_a_model_with_flops_in_the_records(tiny_llama, tiny_sae_dir, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from saebench.errors import SaebenchError
 from saebench.leaderboard import write_leaderboards
 from saebench.runner import RunConfig, evaluate
 from saebench.tasks.truncation import TruncationCurveTask, truncate
+from tests.conftest import save_tiny_topk_sae
 
 
 def test_top_keeps_the_largest_and_random_keeps_exactly_ceil_f_l0():
@@ -32,13 +33,7 @@ def test_bad_fractions_are_one_clear_error(fractions):
 
 @pytest.fixture
 def tiny_sae_dir(tmp_path):
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(0)
-    TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=8, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre"))
-            ).save_model(tmp_path / "sae")
-    return tmp_path / "sae"
+    return save_tiny_topk_sae(tmp_path / "sae", k=8)
 
 
 def test_the_curve_end_to_end_and_its_full_point_is_ce_kl(tiny_llama, tiny_sae_dir, tmp_path):
