@@ -1,8 +1,10 @@
 """Curves of records, rendered next to the leaderboard tables.
 
 A task declares its curves in each result's ``extra["curves"]``: name -> {"x": field,
-"plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" (optional), "rows": what a heatmap's
-rows are (optional, default "spliced"), "note": a line under a heatmap's title (optional)}. The
+"plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" | "log10" (optional), "series": a
+column that splits a line plot's points into one line per value (optional, e.g. truncation's "mode"),
+"rows": what a heatmap's rows are (optional, default "spliced"), "note": a line under a heatmap's title
+(optional)}. The
 points are rows of the record's details file with ``"curve": name``, holding x, each metric
 and optionally ``<metric>_se``. Line curves become one PNG per comparable group (a panel per
 metric, a line per encoder and hookpoint, each encoder's training context marked; an "overlay"
@@ -93,7 +95,7 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     import matplotlib.pyplot as plt
 
     metrics = spec["metrics"]
-    cols = 4
+    cols = min(4, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -3,15 +3,20 @@
 EleutherAI's study of LLM-simulated SAE encoders found that keeping only each token's largest active
 latents recovers the model's behaviour far faster than keeping a random subset of the same size: an
 encoder that must predict latents should get the strong ones right first. For each fraction f, every
-spliced token keeps ceil(f * L0) of its active latents, either its largest by activation ('top') or
-a uniformly random subset ('random', seeded), is decoded by the encoder's own decoder and spliced in;
-KL to the clean model and CE loss are measured as in ``ce_kl`` (non-sink positions whose target is
-not BOS; standard errors clustered by context). f = 1 is the encoder itself.
+spliced token keeps ceil(f * L0) of its active latents, either its largest by |activation| ('top') or
+a uniformly random subset ('random', seeded by the run's seed and the batch), is decoded by the
+encoder's own decoder and spliced in; KL to the clean model and CE loss are measured as in ``ce_kl``
+(predictions from non-sink positions whose target is not BOS; standard errors clustered by context).
+f = 1 is the encoder itself. An index a sparse code lists twice is one latent with the sum of its values.
 
-The clean pass and the layers below the hookpoint run once per batch; each (fraction, mode) costs one
-pass of the layers above it.
+Work done: per batch, the layers below the hookpoint and the clean pass run once, each encoder
+encodes once (the f = 1 pass records its codes, ranked; an LLM-simulated encoder asked again per
+fraction would cost as much again and need not answer the same), and each (fraction, mode) costs
+one pass of the layers above the hookpoint. The random order of a token's latents is drawn once, so
+the random subsets are nested across fractions, as the top ones are.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saebench.encoders.base import Codes, EncodeContext, Encoder, dense
+from saebench.encoders.base import Codes, EncodeContext, Encoder, SparseCodes, dense
 from saebench.errors import SaebenchError
-from saebench.splice import splice_activations
+from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec, checkpointed_batches
-from saebench.tasks.losses import head_input, next_token_losses
+from saebench.tasks.losses import HeadInput, head_input, next_token_losses
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 MODES = ("top", "random")
+NEEDED = (0.1, 0.5, 1.0)
+"""Fractions the metrics read; always evaluated."""
 
 
 @dataclass(frozen=True)
@@ -39,46 +46,107 @@ class TruncationConfig:
     context_len: int = 128
     """Tokens per context, BOS included (--context-len overrides)."""
     fractions: tuple[float, ...] = FRACTIONS
-    """Shares of each token's active latents kept."""
+    """Shares of each token's active latents kept, each in (0, 1]; 0.1, 0.5 and 1 are always added."""
 
 
-def truncate(codes: Tensor, fraction: float, mode: str, gen: torch.Generator | None = None) -> Tensor:
-    """(tokens, d_latent) codes keeping ceil(fraction * L0) active latents per token: the largest ('top'; ties
-    by index) or a random subset ('random', drawn with `gen`)."""
-    active = codes != 0
-    keep_n = torch.ceil(fraction * active.sum(1).double()).long()
-    if mode == "top":
-        score = torch.where(active, codes.abs().float(), torch.full_like(codes, -1.0, dtype=torch.float32))
-    else:
-        noise = torch.rand(codes.shape, generator=gen).to(codes.device)
-        score = torch.where(active, noise, torch.full_like(noise, -1.0))
-    order = score.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(codes.shape[1], device=codes.device).expand_as(order))
-    return torch.where(active & (rank < keep_n[:, None]), codes, torch.zeros_like(codes))
+def ranked_codes(codes: Codes) -> tuple[Tensor, Tensor]:
+    """Each token's active latents, largest |value| first (ties: lower index first), zero-padded.
+
+    Args:
+        codes: one chunk of dense (tokens, d_latent) or sparse codes (made dense: a chunk is small).
+    Returns:
+        (tokens, L) int64 latent indices and their values, L the chunk's largest L0 (at least 1).
+    """
+    x = dense(codes)
+    width = min(max(int((x != 0).sum(1).max()) if len(x) else 0, 1), x.shape[1])
+    # topk finds every active latent (|v| > 0 beats the inactive zeros) but leaves ties unordered:
+    # order by index, then stably by magnitude
+    idx = x.abs().float().topk(width, dim=1).indices.sort(dim=1).values
+    order = x.gather(1, idx).abs().float().argsort(dim=1, descending=True, stable=True)
+    idx = idx.gather(1, order)
+    return idx, x.gather(1, idx)
+
+
+def random_ranks(values: Tensor, gen: torch.Generator) -> Tensor:
+    """(tokens, L) rank of each slot of ranked codes in a uniformly random order of each token's active
+    slots (inactive slots last), drawn on the CPU with `gen`."""
+    noise = torch.rand(values.shape, generator=gen, dtype=torch.float64)
+    order = noise.masked_fill(values.cpu() == 0, 2.0).argsort(dim=1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(values.shape[1]).expand_as(order))
+    return ranks.to(values.device)
+
+
+def kept_count(l0: Tensor, fraction: float) -> Tensor:
+    """ceil(fraction * l0) per token; a product a rounding error above an integer (0.14 * 50 =
+    7.000000000000001) counts as that integer."""
+    return torch.ceil(fraction * l0.double() - 1e-9).long()
+
+
+def keep_first(indices: Tensor, values: Tensor, ranks: Tensor | None, fraction: float, d_latent: int) -> SparseCodes:
+    """Ranked codes keeping each token's first ceil(fraction * L0) active latents in the order `ranks`
+    (None: the ranked order, i.e. the largest)."""
+    ranks = torch.arange(values.shape[1], device=values.device).expand_as(values) if ranks is None else ranks
+    n = kept_count((values != 0).sum(1), fraction)
+    return SparseCodes(indices, torch.where(ranks < n[:, None].to(ranks.device), values, 0), d_latent)
+
+
+def truncate(codes: Codes, fraction: float, mode: str, gen: torch.Generator | None = None) -> Codes:
+    """`codes` keeping ceil(fraction * L0) active latents per token: the largest by |value| ('top'; ties:
+    lower index) or a uniformly random subset ('random', drawn with `gen`); sparse codes stay sparse."""
+    indices, values = ranked_codes(codes)
+    ranks = None if mode == "top" else random_ranks(values, gen or torch.Generator().manual_seed(0))
+    sparse = isinstance(codes, SparseCodes)
+    out = keep_first(indices, values, ranks, fraction, codes.d_latent if sparse else codes.shape[1])
+    return out if sparse else dense(out)
+
+
+class _BatchCodes:
+    """One encoder's ranked codes of a batch's spliced positions, recorded from its f = 1 pass."""
+
+    def __init__(self, n_positions: int):
+        self.n_positions = n_positions
+        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.sparse = False
+        """Whether the encoder gave sparse codes (its decode then gets sparse ones, else dense)."""
+
+    def record(self, acts: Tensor, codes: Codes, recon: Tensor, rows: Tensor) -> None:
+        """splice_activations callback: the chunk's codes, ranked."""
+        self.sparse = isinstance(codes, SparseCodes)
+        self.chunks.append((rows, *ranked_codes(codes)))
+
+    def finish(self, gen: torch.Generator) -> None:
+        """(batch * seq, L) indices, values, random ranks and L0 by flat position (0 where not spliced)."""
+        width = max([idx.shape[1] for _, idx, _ in self.chunks], default=1)
+        device, dtype = (self.chunks[0][2].device, self.chunks[0][2].dtype) if self.chunks else ("cpu", torch.float32)
+        self.indices = torch.zeros(self.n_positions, width, dtype=torch.long, device=device)
+        self.values = torch.zeros(self.n_positions, width, dtype=dtype, device=device)
+        for rows, idx, val in self.chunks:
+            self.indices[rows, :idx.shape[1]], self.values[rows, :val.shape[1]] = idx, val
+        self.ranks = {"top": None, "random": random_ranks(self.values, gen)}
+        self.l0 = (self.values != 0).sum(1).cpu()
+        self.chunks = []
 
 
 class _Truncated(Encoder):
-    """An encoder whose codes are truncated; decodes with the encoder's own decoder."""
+    """The codes an encoder gave each position in its f = 1 pass, truncated; decoded by the encoder."""
 
-    def __init__(self, inner: Encoder, fraction: float, mode: str, seed: int):
-        self.inner, self.fraction, self.mode = inner, fraction, mode
+    def __init__(self, inner: Encoder, codes: _BatchCodes, seq_len: int, fraction: float, mode: str):
+        self.inner, self.codes, self.seq_len, self.fraction, self.mode = inner, codes, seq_len, fraction, mode
         self.spec, self.capabilities = inner.spec, inner.capabilities
-        self.gen = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_arg(cls, arg, build):  # built by the task only
         raise NotImplementedError
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
-        return truncate(dense(self.inner.encode(acts, context)), self.fraction, self.mode, self.gen)
+        rows = (context.sequence * self.seq_len + context.positions).to(self.codes.values.device)
+        ranks = self.codes.ranks[self.mode]
+        out = keep_first(self.codes.indices[rows], self.codes.values[rows], None if ranks is None else ranks[rows],
+                         self.fraction, self.inner.spec.d_latent)
+        return out if self.codes.sparse else dense(out)  # (chunk, d_latent): the splice's chunks are that small
 
     def decode(self, codes: Codes) -> Tensor:
         return self.inner.decode(codes)
-
-
-def _pct(f: float) -> str:
-    return f"{round(100 * f)}pct" if f >= 0.01 else f"{100 * f:g}pct"
 
 
 class TruncationCurveTask(Task):
@@ -107,19 +175,18 @@ class TruncationCurveTask(Task):
 
     def __init__(self, tokens: int = TruncationConfig.tokens, context_len: int = TruncationConfig.context_len,
                  fractions: str | list | tuple = FRACTIONS):
-        if isinstance(fractions, str):
-            try:
-                fractions = [float(x) for x in fractions.split(",") if x.strip()]
-            except ValueError:
-                raise SaebenchError(f"truncation_curve fractions {fractions!r}: give numbers, e.g. 0.1,0.5,1") from None
-        fr = tuple(sorted(set(float(f) for f in fractions)))
+        items = fractions.split(",") if isinstance(fractions, str) else list(fractions)
+        try:
+            fr = sorted({float(f) for f in items if str(f).strip()})
+        except (TypeError, ValueError):
+            raise SaebenchError(f"truncation_curve fractions {fractions!r}: give numbers in (0, 1], "
+                                "e.g. 0.1,0.5,1") from None
         if not fr or any(not 0 < f <= 1 for f in fr):
-            raise SaebenchError(f"truncation_curve fractions {list(fractions)}: each must be in (0, 1]")
-        if not {0.1, 0.5, 1.0} <= set(fr):
-            fr = tuple(sorted(set(fr) | {0.1, 0.5, 1.0}))  # the headline metrics need them
-        self.defaults = TruncationConfig(int(tokens), int(context_len), fr)
+            raise SaebenchError(f"truncation_curve fractions {fractions!r}: each must be in (0, 1], e.g. 0.1,0.5,1")
+        self.defaults = TruncationConfig(int(tokens), int(context_len), tuple(sorted(set(fr) | set(NEEDED))))
 
     def settings(self, ctx: TaskContext) -> TruncationConfig:
+        """Preset defaults overridden by the user's --limit / --context-len."""
         return TruncationConfig(ctx.limit or self.defaults.tokens, ctx.context_len or self.defaults.context_len,
                                 self.defaults.fractions)
 
@@ -130,82 +197,106 @@ class TruncationCurveTask(Task):
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         for enc in encoders:
-            if not enc.has_latents:
+            if not enc.has_latents or not enc.spec.d_latent:
                 raise SaebenchError(f"truncation_curve keeps part of each token's active latents; {enc.spec.label!r} "
-                                    "has none (use an encoder with latents, e.g. sae:default)")
+                                    "has none (use an encoder with latents: sae, ito, sparse_coding, mlp, llm_sim; "
+                                    "e.g. sae:default)")
         cfg = self.settings(ctx)
         tokens = ctx.contexts(cfg.tokens, cfg.context_len)
-        keys = [(e.spec.label, m, f) for e in encoders for m in MODES for f in cfg.fractions if m == "top" or f < 1]
-        state = ctx.partial.load() or {"done": 0, "ce": [], "mask": [],
-                                       **{str(k): {"kl": [], "ce": [], "l0": []} for k in keys}}
-        head = ctx.forward.head
-        for sl in checkpointed_batches(ctx, len(tokens), state, "truncation passes", 60.0):
-            batch = tokens[sl]
-            acts = ctx.capture(batch)
-            keep = ctx.keep_mask(batch)
-            clean = head_input(ctx.forward.resume(acts, batch, logits=False), head)
-            passes, l0 = {}, {}
-            for enc in encoders:
-                for mode in MODES:
-                    for f in cfg.fractions:
-                        if mode == "random" and f == 1:
-                            continue
-                        key = str((enc.spec.label, mode, f))
-                        kept = torch.zeros(batch.shape[0] * batch.shape[1], dtype=torch.float64)
-
-                        def count(acts_, codes, recon, rows, kept=kept):
-                            kept[rows.cpu()] = (codes != 0).sum(1).double().cpu()
-
-                        seed = hash((ctx.seed, sl.start)) % 2**31
-                        hidden = splice_activations(acts, batch, keep, _Truncated(enc, f, mode, seed), ctx.splice,
-                                                    count, ctx.hookpoint.name)
-                        passes[key] = head_input(ctx.forward.resume(hidden, batch, logits=False), head)
-                        l0[key] = kept.view(batch.shape)
-            ce_clean, dce, kl = next_token_losses(head, clean, passes, batch)
-            mask = (~keep[:, :-1] & (batch[:, 1:] != ctx.model.bos_id)).double().cpu()
-            state["ce"].append(sum_by_row(ce_clean, mask))
-            state["mask"].append(mask.sum(1))
-            for key in passes:
-                state[key]["kl"].append(sum_by_row(kl[key], mask))
-                state[key]["ce"].append(sum_by_row(ce_clean + dce[key], mask))
-                act = (~keep).double().cpu()
-                state[key]["l0"].append(torch.stack([sum_by_row(l0[key], act), act.sum(1)]))
+        state = ctx.partial.load() or {"done": 0, "ce": [], "n_pred": [], "n_act": [],
+                                       **{_key(e, m, f): {"kl": [], "ce": [], "l0": []}
+                                          for e in encoders for m, f in _passes(cfg)}}
+        for enc in encoders:
+            enc.prepare(ctx)
+        for sl in checkpointed_batches(ctx, len(tokens), state, f"truncation_curve {ctx.hookpoint.name}", 60.0):
+            self._batch(ctx, tokens[sl], sl.start, encoders, cfg, state)
         return {enc.spec.label: self._result(state, enc, cfg) for enc in encoders}
 
+    @torch.no_grad()
+    def _batch(self, ctx: TaskContext, batch: Tensor, start: int, encoders: list[Encoder], cfg: TruncationConfig,
+               state: dict) -> None:
+        """One batch: the clean pass, then every encoder's passes, their per-context sums added to `state`."""
+        head, hp = ctx.forward.head, ctx.hookpoint.name
+        acts = ctx.capture(batch)  # (B, T, d)
+        keep = ctx.keep_mask(batch)
+        sinks = sink_mask(batch, ctx.model.bos_id)
+        act_mask = (~sinks).double()  # positions averaged for L0, as in ce_kl
+        pred_mask = (~sinks[:, :-1] & ~sinks[:, 1:]).double()  # predictions scored, as in ce_kl
+        clean = head_input(ctx.forward.resume(acts, batch, logits=head is None), head)
+        pending: dict[str, HeadInput] = {}
+        ce_clean = None
+        for enc in encoders:
+            codes = _BatchCodes(batch.numel())
+            for mode, f in _passes(cfg):
+                inner = enc if f == 1 else _Truncated(enc, codes, batch.shape[1], f, mode)
+                hidden = splice_activations(acts, batch, keep, inner, ctx.splice, codes.record if f == 1 else None, hp)
+                if f == 1:
+                    codes.finish(torch.Generator().manual_seed(ctx.seed * 1_000_003 + start))
+                key = _key(enc, mode, f)
+                state[key]["l0"].append(sum_by_row(kept_count(codes.l0, f).view(batch.shape), act_mask))
+                pending[key] = head_input(ctx.forward.resume(hidden, batch, logits=head is None), head)
+                if head is None:  # logits are vocabulary-sized: score them one pass at a time
+                    ce_clean = _score(head, clean, pending, batch, pred_mask, state)
+        if pending:  # final-norm outputs are small: scored together, the clean log-probabilities once
+            ce_clean = _score(head, clean, pending, batch, pred_mask, state)
+        state["ce"].append(ce_clean)
+        state["n_pred"].append(pred_mask.sum(1))
+        state["n_act"].append(act_mask.sum(1))
+
     def _result(self, state: dict, enc: Encoder, cfg: TruncationConfig) -> TaskResult:
-        n = torch.cat(state["mask"])
-        ce_clean, ce_clean_se = ratio_and_se(torch.cat(state["ce"]), n)
-        rows, curve = [], {m: [] for m in MODES}
+        """The metrics, and the curve as details rows (random at f = 1 is the full pass)."""
+        n_pred, n_act = torch.cat(state["n_pred"]), torch.cat(state["n_act"])
+        ce_clean = ratio_and_se(torch.cat(state["ce"]), n_pred)
+        rows, at = [], {}
         for mode in MODES:
             for f in cfg.fractions:
-                key = str((enc.spec.label, "top" if f == 1 else mode, f))
-                kl, kl_se = ratio_and_se(torch.cat(state[key]["kl"]), n)
-                ce, ce_se = ratio_and_se(torch.cat(state[key]["ce"]), n)
-                l0s = torch.cat(state[key]["l0"], dim=1)
-                rows.append({"curve": "fraction", "x": f, "mode": mode, "kl": kl, "kl_se": kl_se, "ce": ce,
-                             "ce_se": ce_se, "l0_kept": float(l0s[0].sum() / l0s[1].sum())})
-                curve[mode].append((f, kl, kl_se, ce, ce_se))
-        at = {(m, f): (kl, kl_se, ce, ce_se) for m in MODES for f, kl, kl_se, ce, ce_se in curve[m]}
-        metrics, stderr = {}, {}
-        for name, (mode, f, i) in {"kl_top_10pct": ("top", 0.1, 0), "kl_random_10pct": ("random", 0.1, 0),
-                                   "kl_top_50pct": ("top", 0.5, 0), "kl_random_50pct": ("random", 0.5, 0),
-                                   "ce_top_10pct": ("top", 0.1, 2), "ce_random_10pct": ("random", 0.1, 2),
-                                   "kl_full": ("top", 1.0, 0)}.items():
-            metrics[name], stderr[name] = at[(mode, f)][i], at[(mode, f)][i + 1]
-        metrics["ce_clean"], stderr["ce_clean"] = ce_clean, ce_clean_se
-        x = np.log10([f for f, *_ in curve["top"]])
-        areas = {m: _area(x, [c[1] for c in curve[m]]) for m in MODES}
-        metrics["kl_ratio_auc"] = (float(areas["random"] / areas["top"]) if areas["top"] else None)
-        stderr["kl_ratio_auc"] = None
-        count = int(n.sum())
+                sums = state[_key(enc, "top" if f == 1 else mode, f)]
+                kl, ce = ratio_and_se(torch.cat(sums["kl"]), n_pred), ratio_and_se(torch.cat(sums["ce"]), n_pred)
+                at[mode, f] = {"kl": kl, "ce": ce}
+                rows.append({"curve": "fraction", "x": f, "mode": mode, "kl": kl[0], "kl_se": kl[1], "ce": ce[0],
+                             "ce_se": ce[1], "l0_kept": ratio_and_se(torch.cat(sums["l0"]), n_act)[0]})
+        out = {f"{m}_{mode}_{_pct(f)}": at[mode, f][m] for m, mode, f in
+               [("kl", "top", 0.1), ("kl", "random", 0.1), ("kl", "top", 0.5), ("kl", "random", 0.5),
+                ("ce", "top", 0.1), ("ce", "random", 0.1)]}
+        out |= {"kl_full": at["top", 1.0]["kl"], "ce_clean": ce_clean}
+        x = np.log10(cfg.fractions)
+        areas = {m: _area(x, [at[m, f]["kl"][0] for f in cfg.fractions]) for m in MODES}
+        out["kl_ratio_auc"] = (areas["random"] / areas["top"] if areas["top"] and areas["random"] is not None
+                               else None, None)
+        count = int(n_pred.sum())
         curves = {"fraction": {"x": "fraction kept", "scale": "log10", "plot": "line", "series": "mode",
                                "metrics": ["kl", "ce", "l0_kept"]}}
-        return TaskResult(metrics, stderr, {k: count for k in metrics}, rows, {"curves": curves})
+        return TaskResult({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()},
+                          {k: count if v[0] is not None else None for k, v in out.items()}, rows, {"curves": curves})
+
+
+def _score(head, clean: HeadInput, pending: dict[str, HeadInput], batch: Tensor, pred_mask: Tensor,
+           state: dict) -> Tensor:
+    """Add each pending pass's per-context KL and CE sums to `state` and empty `pending`; the (B,) clean CE sums."""
+    ce_clean, dce, kl = next_token_losses(head, clean, pending, batch)
+    for key in pending:
+        state[key]["kl"].append(sum_by_row(kl[key], pred_mask))
+        state[key]["ce"].append(sum_by_row(ce_clean + dce[key], pred_mask))
+    pending.clear()
+    return sum_by_row(ce_clean, pred_mask)
+
+
+def _passes(cfg: TruncationConfig) -> list[tuple[str, float]]:
+    """(mode, fraction) of each pass, the full one (f = 1, shared by both modes) first: it records the codes."""
+    return [("top", 1.0)] + [(m, f) for m in MODES for f in cfg.fractions if f < 1]
+
+
+def _key(enc: Encoder, mode: str, fraction: float) -> str:
+    return f"{enc.spec.label}|{mode}|{fraction!r}"
+
+
+def _pct(f: float) -> str:
+    return f"{round(100 * f)}pct"
 
 
 def _area(x: np.ndarray, y: list[float | None]) -> float | None:
     """Trapezoid area under y(x); None when a value is missing or there is one point."""
-    if len(x) < 2 or any(v is None for v in y):
+    if len(x) < 2 or any(v is None or math.isnan(v) for v in y):
         return None
     yy = np.asarray(y, dtype=float)
     return float(((yy[1:] + yy[:-1]) / 2 * np.diff(x)).sum())

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -294,10 +295,10 @@ def test_a_failing_lm_eval_hook_says_so_when_saebench_is_asked_for(tmp_path):
     assert "RuntimeError: registry moved" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def _child_args(tiny, task, data, output, kill_after=0, pause=0.0) -> dict:
+def _child_args(tiny, task, data, output, kill_after=0, release: Path | None = None) -> dict:
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return {"args": [sys.executable, "-m", "tests.unit.resume_child", str(tiny["path"]), task, str(data),
-                     str(output), str(kill_after), str(pause)],
+                     str(output), str(kill_after), *([str(release)] if release else [])],
             "env": env, "cwd": Path(__file__).resolve().parents[2], "text": True}
 
 
@@ -342,7 +343,8 @@ def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path):
     """A second run of the same records waits for the first and reuses them; another task runs alongside."""
     lambada, cbt = write_lambada(tmp_path / "lambada.jsonl", 24), write_cbt(tmp_path / "cbt.txt", 8)
     out = tmp_path / "shared"
-    first = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out, pause=4.0), stdout=subprocess.PIPE,
+    release = tmp_path / "release"  # the first run holds after its first checkpoint until this exists
+    first = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out, release=release), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not list(out.rglob("*.pieces/*.pt")) and time.monotonic() < deadline and first.poll() is None:
@@ -350,7 +352,19 @@ def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path):
     same = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     other = subprocess.Popen(**_child_args(tiny, "cbt_cn", cbt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    outputs = [p.communicate(timeout=600) for p in (first, same, other)]
+    said = []  # the second run's stderr, read as it comes; the first is released once it says it waits
+    reader = threading.Thread(target=lambda: said.extend(iter(same.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("waiting for it to finish" in line for line in said) and time.monotonic() < deadline \
+            and same.poll() is None:
+        time.sleep(0.05)
+    release.touch()
+    outputs = [p.communicate(timeout=600) for p in (first, other)]
+    same_out = same.stdout.read()
+    same.wait(timeout=600)
+    reader.join(timeout=60)
+    outputs.insert(1, (same_out, "".join(said)))
     assert [p.returncode for p in (first, same, other)] == [0, 0, 0], [o[1][-2000:] for o in outputs]
     assert "waiting for it to finish" in outputs[1][1]
     assert outputs[1][0].strip() == "checkpoints written: 0"  # it reused the first run's records
