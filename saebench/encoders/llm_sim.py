@@ -6,10 +6,13 @@ are every latent the SAE activates there plus `candidates` random inactive ones 
 For each candidate the simulator gets the last 32 tokens of text, the token marked <<like this>>, and
 the latent's explanation, and P(active) is read from the log-probs of its answers "1" and "0". The
 predicted active set is the candidates with P >= `threshold` (``predict=threshold``) or the |A| most
-probable (``predict=top``, |A| the true count). Values: ``values=oracle`` uses the SAE's true activation
-of each truly active predicted latent and, for a false positive, the latent's median activation in the
-training sample (so false positives cost what they would); ``values=predicted`` asks the simulator for
-0-9 and maps it through the latent's activation quantiles (q = v/9).
+probable (``predict=top``, |A| the true count). Values:
+- ``values=oracle`` (default): each predicted latent gets its true activation, so a false positive gets 0
+  and costs nothing: the "oracle values" (in its code, "cheat") setting of EleutherAI's study, which
+  measures which latents are found, not what wrongly added ones would do;
+- ``values=oracle_fp``: the same, but a false positive gets the latent's median activation in the training
+  sample, so false positives cost what they would;
+- ``values=predicted``: the simulator's 0-9 value mapped through the latent's activation quantiles (q = v/9).
 
 Only candidates count: a latent outside them is predicted inactive, which is exactly right for the
 inactive latents it stands for only in expectation; the tasks scale counts to the full dictionary.
@@ -55,6 +58,7 @@ from saebench.explanations import (
 )
 from saebench.simulators import LLMSimulator, Simulator, TokenRuleSimulator
 
+VALUES = ("oracle", "oracle_fp", "predicted")
 SIMULATES = "simulates"
 """Capability: the encoder predicts latents from text and can show its work (simulate())."""
 
@@ -85,7 +89,8 @@ class LLMSimConfig:
     """'threshold' (P >= threshold) or 'top' (the |A| most probable candidates)."""
     threshold: float = 0.5
     values: str = "oracle"
-    """'oracle' (true activations; median activation for false positives) or 'predicted' (0-9 via quantiles)."""
+    """'oracle' (true activations, false positives 0), 'oracle_fp' (false positives at their median activation)
+    or 'predicted' (the simulator's 0-9 via quantiles)."""
     sample_tokens: int = 65_536
     """Training-split tokens on which latents are characterised (explanations, quantiles, baseline)."""
     concurrency: int = 8
@@ -257,18 +262,26 @@ class LLMSimEncoder(Encoder):
             return out & ok
         return ok & (p >= self.cfg.threshold)
 
-    def codes_of(self, sim: Simulation, predicted_values: bool = False) -> SparseCodes:
-        """The predicted codes of every row (see the module docstring for the values)."""
+    @property
+    def code_values(self) -> str | None:
+        """What simulate() must also ask for codes_of() to work: 'predicted' values, or None."""
+        return "predicted" if self.cfg.values == "predicted" else None
+
+    def codes_of(self, sim: Simulation) -> SparseCodes:
+        """The predicted codes of every row, valued as option `values` says (see the module docstring); a
+        simulation made with values=self.code_values."""
         rows = []
         for i in range(len(sim.candidates)):
             keep = self.predicted(sim, i)
             latents = sim.candidates[i][keep]
-            if predicted_values:
-                v = sim.value[i][keep].nan_to_num(0.0)
+            true = sim.true[i][keep]
+            if self.cfg.values == "predicted":
+                v = sim.value[i][keep].nan_to_num(0.0)  # a failed value answer: the latent's lowest activation
                 vals = torch.tensor([self.sample.value_at(int(l), float(x) / 9) for l, x in zip(latents, v)])
-            else:
-                true = sim.true[i][keep]
+            elif self.cfg.values == "oracle_fp":
                 vals = torch.where(true > 0, true, self.median[latents])
+            else:
+                vals = true
             rows.append((latents, vals))
         k = max([len(l) for l, _ in rows] + [1])
         idx = torch.zeros(len(rows), k, dtype=torch.long)
@@ -278,9 +291,7 @@ class LLMSimEncoder(Encoder):
         return SparseCodes(idx, val, self.spec.d_latent)
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
-        predicted = self.cfg.values == "predicted"
-        sim = self.simulate(acts, context, values="predicted" if predicted else None)
-        codes = self.codes_of(sim, predicted)
+        codes = self.codes_of(self.simulate(acts, context, values=self.code_values))
         return SparseCodes(codes.indices.to(acts.device), codes.values.to(acts.device), codes.d_latent)
 
     def decode(self, codes: Codes) -> Tensor:
@@ -294,8 +305,8 @@ class LLMSimEncoder(Encoder):
 def _check(cfg: LLMSimConfig) -> None:
     if cfg.predict not in ("threshold", "top"):
         raise SaebenchError(f"llm_sim option predict={cfg.predict!r}: choose threshold or top")
-    if cfg.values not in ("oracle", "predicted"):
-        raise SaebenchError(f"llm_sim option values={cfg.values!r}: choose oracle or predicted")
+    if cfg.values not in VALUES:
+        raise SaebenchError(f"llm_sim option values={cfg.values!r}: choose one of {', '.join(VALUES)}")
     if cfg.missing not in ("error", "skip"):
         raise SaebenchError(f"llm_sim option missing={cfg.missing!r}: choose error or skip")
     if cfg.candidates != "all" and not (cfg.candidates.isdigit() and int(cfg.candidates) >= 0):

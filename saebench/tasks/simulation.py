@@ -144,7 +144,8 @@ class LatentRecallTask(Task):
             MetricSpec("decoder_cosine", "higher", "Hungarian-matched decoder cosine, predicted vs true active set, "
                                                    "summed over pairs / the larger set's size (unmatched count 0)"),
             MetricSpec("decoder_cosine_random", "none", "the same for a random latent set of the predicted size"),
-            MetricSpec("kl_median", "lower", "median KL(clean || predicted latents patched in) at the position"),
+            MetricSpec("kl_median", "lower", "median KL(clean || predicted latents patched in, valued as the "
+                                             "encoder's values option says) at the position"),
             MetricSpec("kl_sae_median", "lower", "median KL with the SAE's own reconstruction patched in"),
             MetricSpec("n_failed", "none", "candidates without a simulator answer (left out of every metric)"),
         ),
@@ -188,7 +189,7 @@ class LatentRecallTask(Task):
 
     def _score(self, ctx: TaskContext, data: Scored, clean: Tensor, enc: Encoder) -> TaskResult:
         x = data.at_positions()
-        sim = enc.simulate(x, data.context())
+        sim = enc.simulate(x, data.context(), values=enc.code_values)
         d = sim.d_latent
         per: list[dict[str, Any]] = []
         curve = {t: {"recall": [], "specificity": [], "expected_active": []} for t in THRESHOLDS}

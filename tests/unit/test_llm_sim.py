@@ -249,3 +249,24 @@ def test_missing_skip_leaves_unexplained_latents_out_and_counts_them(tiny_llama,
     assert all(not set(r["active"]) & set(skip) and r["true_l0"] == len(r["active"]) + r["skipped_active"] == 4 for r in rows)
     assert rec.extra["skipped_active"] == sum(r["skipped_active"] for r in rows) > 0
     assert all(r["recall"] == 1.0 for r in rows if r["active"])
+
+
+@pytest.mark.parametrize("values", ["oracle", "oracle_fp", "predicted"])
+def test_predicted_codes_are_valued_as_the_values_option_says(values):
+    from saebench.encoders.base import EncoderSpec, dense
+    from saebench.encoders.llm_sim import LLMSimConfig, LLMSimEncoder, Simulation
+    from saebench.explanations import LatentSample
+
+    # latent 0 fires 2.0 and 4.0 in the sample, latent 1 fires 1.0, 3.0 and 5.0 (median 3.0)
+    sample = LatentSample(torch.zeros(1, 8, dtype=torch.long), torch.tensor([1, 2, 3, 4, 5]),
+                          torch.tensor([4.0, 2.0, 5.0, 3.0, 1.0]), torch.tensor([0, 2, 5, 5]))
+    enc = LLMSimEncoder.__new__(LLMSimEncoder)
+    enc.cfg, enc.sample, enc.spec = LLMSimConfig(values=values), sample, EncoderSpec("llm_sim", None, None, 4, 3)
+    enc.median = torch.tensor([sample.value_at(i, 0.5) for i in range(3)])
+    # candidates 0 (truly active, 2.5), 1 (a false positive), 2 (predicted inactive)
+    sim = Simulation([torch.tensor([0, 1, 2])], [torch.tensor([2.5, 0.0, 0.0])], [torch.tensor([0.9, 0.8, 0.1])],
+                     [torch.tensor([float("nan"), 9.0, float("nan")])], 3, [0])
+    got = dense(enc.codes_of(sim))[0].tolist()
+    expected = {"oracle": [2.5, 0.0, 0.0], "oracle_fp": [2.5, 3.0, 0.0],
+                "predicted": [2.0, 5.0, 0.0]}[values]  # an unanswered value: the latent's lowest activation
+    assert got == pytest.approx(expected)
