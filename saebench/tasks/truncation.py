@@ -157,7 +157,8 @@ class TruncationCurveTask(Task):
         version=1,
         headline="kl_top_10pct",
         metrics=(
-            MetricSpec("kl_top_10pct", "lower", "KL(clean || spliced) keeping each token's largest 10% of its active latents"),
+            MetricSpec("kl_top_10pct", "lower",
+                       "KL(clean || spliced) keeping each token's largest 10% of its active latents"),
             MetricSpec("kl_random_10pct", "none", "the same keeping a random 10%"),
             MetricSpec("kl_top_50pct", "lower", "KL keeping the largest 50%"),
             MetricSpec("kl_random_50pct", "none", "KL keeping a random 50%"),
@@ -203,9 +204,11 @@ class TruncationCurveTask(Task):
                                     "e.g. sae:default)")
         cfg = self.settings(ctx)
         tokens = ctx.contexts(cfg.tokens, cfg.context_len)
-        state = ctx.partial.load() or {"done": 0, "ce": [], "n_pred": [], "n_act": [],
-                                       **{_key(e, m, f): {"kl": [], "ce": [], "l0": []}
-                                          for e in encoders for m, f in _passes(cfg)}}
+        fresh = {"done": 0, "ce": [], "n_pred": [], "n_act": [],
+                 **{_key(e, m, f): {"kl": [], "ce": [], "l0": []} for e in encoders for m, f in _passes(cfg)}}
+        state = ctx.partial.load()
+        if state is None or state.keys() != fresh.keys():  # none, or saved by other code: start again
+            state = fresh
         for enc in encoders:
             enc.prepare(ctx)
         for sl in checkpointed_batches(ctx, len(tokens), state, f"truncation_curve {ctx.hookpoint.name}", 60.0):
