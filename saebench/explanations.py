@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import EncodeContext, Encoder, dense
 from saebench.errors import SaebenchError
+from saebench.records import save_atomic, write_atomic
 from saebench.splice import sink_mask
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class LatentSample:
     def bin_of(self, latent: int, value: float) -> int:
         """Activation bin 0-9: floor(10 * value / the latent's max), as explainers normalise activations
         (Bills et al. 2023); values above the sample's max fall in bin 9."""
-        top = float(self.max_value()[latent])
+        _, vals = self.of(latent)  # largest first
+        top = float(vals[0]) if len(vals) else 0.0
         return 0 if top <= 0 else min(9, max(0, int(10 * value / top)))
 
     def quantile_of(self, latent: int, value: float) -> float:
@@ -111,7 +113,10 @@ def latent_sample(model: "LoadedModel", encoder: Encoder, hookpoint, cache_dir: 
            "seed": seed, "version": SAMPLE_VERSION}
     path = None if cache_dir is None else cache_dir / "latent_samples" / f"{config_hash(key)}.pt"
     if path is not None and path.exists():
-        return LatentSample(**torch.load(path, weights_only=True), key=key)
+        try:
+            return LatentSample(**torch.load(path, weights_only=True), key=key)
+        except Exception:  # a corrupt cache entry costs a recomputation, nothing more
+            pass
     ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), seed, 16, SpliceConfig(), None, None)
     ids = token_contexts(model.tokenizer, ctx.corpus, context_len, tokens, seed, model.bos_id)
     rows, latents, values = [], [], []
@@ -135,10 +140,7 @@ def latent_sample(model: "LoadedModel", encoder: Encoder, hookpoint, cache_dir: 
     offsets[1:] = torch.bincount(lat_t, minlength=d).cumsum(0)
     state = {"tokens": ids, "rows": rows_t[order], "values": val_t[order], "offsets": offsets}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"tmp-{path.name}")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_atomic(path, state)
     return LatentSample(**state, key=key)
 
 
@@ -290,10 +292,7 @@ def generate_explanations(sample: LatentSample, tokenizer, llm: "LLM", max_token
     answers = llm.generate(explainer_prompts(sample, tokenizer, latents), max_tokens, desc="explaining latents")
     texts = {latent: _first_sentence(a) for latent, a in zip(latents, answers) if a}
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"tmp-{out.name}")
-        tmp.write_text("".join(json.dumps({"latent": k, "explanation": v}) + "\n" for k, v in sorted(texts.items())))
-        tmp.replace(out)
+        write_atomic(out, "".join(json.dumps({"latent": k, "explanation": v}) + "\n" for k, v in sorted(texts.items())))
     return Explanations(texts, f"generate:{llm.label}")
 
 

@@ -118,6 +118,23 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def save_atomic(path: Path, state: Any) -> None:
+    """torch.save `state` to `path` through a temporary file and a rename (never half-written)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch.save names the zip archive after the file; a name starting with "." is rejected
+    # ("invalid file name"), so the temporary file must not be a dotfile.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_record(path: Path, record: RunRecord) -> None:
     data = record.to_dict()
     if (problem := schema_problem(data)) is not None:

@@ -6,9 +6,7 @@ training set; what it learned is cached under ``<cache>/fitted/`` by a hash of i
 training data, so the next run loads it instead of training again.
 """
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +14,7 @@ import torch
 from saebench.encoders.base import FITS, BuildContext, Encoder, parse_encoder_arg
 from saebench.encoders.specs import split_hookpoint
 from saebench.errors import SaebenchError, did_you_mean
-from saebench.records import config_hash
+from saebench.records import config_hash, save_atomic
 from saebench.registry import ENCODER_GROUP, available, load_plugin
 
 
@@ -55,12 +53,4 @@ def fit_cached(enc: Encoder, build: BuildContext) -> None:
         print(f"saebench: fitting {enc.spec.label} (once; cached in {path})", file=sys.stderr, flush=True)
     enc.fit(data, build.progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save(enc.fitted_state(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic(path, enc.fitted_state())

@@ -46,6 +46,7 @@ from saebench.encoders.base import (
 )
 from saebench.encoders.dictionary import family_options, split_inner
 from saebench.errors import SaebenchError
+from saebench.records import config_hash
 from saebench.explanations import (
     WINDOW,
     Explanations,
@@ -159,8 +160,8 @@ class LLMSimEncoder(Encoder):
         elif source == "tokens":
             explanations = token_explanations(sample, tokenizer)
         else:
-            out = None if build.cache_dir is None else (
-                Path(build.cache_dir) / "explanations" / f"{sample_hash(sample)}-{_slug(llm.cache_id)}.jsonl")
+            name = config_hash({"sample": sample.key, "explainer": llm.cache_id})
+            out = None if build.cache_dir is None else Path(build.cache_dir) / "explanations" / f"{name}.jsonl"
             explanations = generate_explanations(sample, tokenizer, llm, out=out)
             if out is not None and build.progress:
                 print(f"saebench: explanations of {inner.spec.label} by {llm.label}: {out}")
@@ -344,16 +345,6 @@ def _make_llm(cfg: LLMSimConfig, build: BuildContext):
 
     settings = LLMSettings(cfg.llm, cfg.backend, cfg.llm_url, cfg.concurrency, cfg.timeout, cfg.retries)
     return make_llm(settings, build.progress)
-
-
-def sample_hash(sample: LatentSample) -> str:
-    from saebench.records import config_hash
-
-    return config_hash(sample.key)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:]
 
 
 def _split(values: list[float], sizes: list[int]) -> list[Tensor]:

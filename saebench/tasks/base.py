@@ -1,9 +1,7 @@
 """Task interface and the context the runner hands to a task."""
 
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from abc import ABC, abstractmethod
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder, EncoderSpec
 from saebench.errors import SaebenchError
+from saebench.records import save_atomic
 from saebench.models import Hookpoint, LoadedModel
 from saebench.forward import HookpointForward, hookpoint_forward
 from saebench.splice import SpliceConfig, sink_mask
@@ -140,19 +139,8 @@ class PartialStore:
 
     @staticmethod
     def _write(path: Path | None, state: Any) -> None:
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # torch.save names the zip archive after the file; a name starting with "." is rejected
-        # ("invalid file name"), so the temporary file must not be a dotfile.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if path is not None:
+            save_atomic(path, state)
 
 
 def row_key(label: str, hookpoint: str) -> str:

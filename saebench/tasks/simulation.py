@@ -166,11 +166,19 @@ class LatentRecallTask(Task):
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx)) | {"corpus": ctx.corpus.name, "split": ctx.corpus.split}
 
+    @torch.no_grad()
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         _simulating(encoders, self.spec.name)
         data = scored_positions(ctx, self.settings(ctx))
         clean_logp = self._logp(ctx, data, None)
-        return {enc.spec.label: self._score(ctx, data, clean_logp, enc) for enc in encoders}
+        x = data.at_positions()
+        inner_kl: dict[str, Tensor] = {}  # llm_sim encoders over one SAE share its reference pass
+        for enc in encoders:
+            if enc.inner.spec.label not in inner_kl:
+                recon = enc.inner.decode(enc.inner.encode(x, data.context()))
+                inner_kl[enc.inner.spec.label] = _kl(clean_logp, self._logp(ctx, data, recon))
+        return {enc.spec.label: self._score(ctx, data, clean_logp, inner_kl[enc.inner.spec.label], enc)
+                for enc in encoders}
 
     @torch.no_grad()
     def _logp(self, ctx: TaskContext, data: Scored, patch: Tensor | None) -> Tensor:
@@ -187,7 +195,7 @@ class LatentRecallTask(Task):
             out.append(torch.log_softmax(at.float(), -1).cpu())
         return torch.cat(out)
 
-    def _score(self, ctx: TaskContext, data: Scored, clean: Tensor, enc: Encoder) -> TaskResult:
+    def _score(self, ctx: TaskContext, data: Scored, clean: Tensor, kl_sae: Tensor, enc: Encoder) -> TaskResult:
         x = data.at_positions()
         sim = enc.simulate(x, data.context(), values=enc.code_values)
         d = sim.d_latent
@@ -218,7 +226,6 @@ class LatentRecallTask(Task):
                     curve[t][k].append(c[k])
         codes = enc.codes_of(sim)
         kl = _kl(clean, self._logp(ctx, data, enc.decode(codes)))
-        kl_sae = _kl(clean, self._logp(ctx, data, enc.inner.decode(enc.inner.encode(x, data.context()))))
         for row, a, b in zip(per, kl.tolist(), kl_sae.tolist()):
             row["kl"], row["kl_sae"] = a, b
         metrics, stderr, n, iqr = {}, {}, {}, {}
