@@ -27,7 +27,8 @@ demo: setup
 	$(BIN)/saebench leaderboard --task ce_kl --out demo_leaderboards
 
 test: setup browser vllm
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's chromium through chromedriver; installed
 # here when missing and possible (root with apt-get), else that test is skipped with one line saying so.

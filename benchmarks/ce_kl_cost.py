@@ -37,7 +37,7 @@ from saebench.tasks.base import TaskContext
 from saebench.tasks.reference import remove_entries
 from saebench.corpus import CorpusSpec
 from saebench.splice import SpliceConfig
-from saebench.training import default_sae_dir
+from saebench.encoders.default_sae import default_sae_dir
 
 HOOKPOINT = "layers.15.resid_post"
 K_VARIANTS = (32, 16, 48, 8, 64, 24, 40, 12)
@@ -46,7 +46,7 @@ K_VARIANTS = (32, 16, 48, 8, 64, 24, 40, 12)
 
 def sae_variants(lm: LoadedModel, folder: Path, n: int) -> list[str]:
     """Spec strings of n encoders: the default SAE, then copies of it with another TopK k."""
-    src = default_sae_dir(BuildContext(lm, HOOKPOINT, cache_dir()))
+    src, _ = default_sae_dir(BuildContext(lm, HOOKPOINT, cache_dir()))
     specs = ["sae:default"]
     for k in K_VARIANTS[1:n]:
         dest = folder / f"k{k}"

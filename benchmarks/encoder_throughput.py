@@ -35,10 +35,10 @@ def activations(tokens: int, real: bool) -> torch.Tensor:
     """(tokens, 576) activations: the embedded model's layer 15 (held-out text) or Gaussian."""
     if real:
         from saebench.models import load_model
-        from saebench.training import corpus_training_set
+        from saebench.capture import corpus_training_set
 
         lm = load_model("smollm2-135m")
-        return corpus_training_set(lm, "layers.15.resid_post", False, tokens=tokens).activations()[:tokens]
+        return corpus_training_set(lm, "layers.15.resid_post", progress=False, tokens=tokens).activations()[:tokens]
     return torch.randn(tokens, 576, generator=torch.Generator().manual_seed(0)) * 7.0
 
 

@@ -41,7 +41,7 @@ from saebench.models import LoadedModel, cache_dir, load_model
 from saebench.runner import RunConfig, evaluate
 from saebench.splice import sink_mask
 from saebench.tasks.reference import remove_entries
-from saebench.training import default_sae_dir
+from saebench.encoders.default_sae import default_sae_dir
 
 MODEL = "smollm2-135m"
 CE_KL_KEYS = ("ce_loss_recovered", "kl", "ce_clean", "ce_spliced", "ce_zero")
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     from sae_lens.util import get_special_token_ids
 
     lm = load_model(MODEL)
-    sae_path = default_sae_dir(BuildContext(lm, None, cache_dir()))
+    sae_path, _ = default_sae_dir(BuildContext(lm, None, cache_dir()))
     tokens = draw_contexts(lm, args.tokens, args.batch_size)
     n_tokens, special = tokens.numel(), sorted(get_special_token_ids(lm.tokenizer))
     n_sub = min(-(-args.matched_tokens // 128), len(tokens))

@@ -8,8 +8,6 @@ from pathlib import Path
 from saebench.errors import SaebenchError
 
 def _run_parser(sub) -> None:
-    from saebench.models import AUTO_DTYPE_RULE
-
     p = sub.add_parser("run", help="splice encoders into a model and score them on tasks",
                        description="Splice decode(encode(x)) into MODEL at a hookpoint and score each encoder "
                                    "on each task. One JSON record per (task, encoder) goes to --output; "
@@ -37,7 +35,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--splice-bos", action="store_true",
                    help="also splice BOS/attention-sink positions (default: pass them through)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="model dtype (default: the preset's, auto for every preset; " + AUTO_DTYPE_RULE + ")")
+                   help="model dtype (default: the preset's, auto for every preset: bfloat16 where the GPU or CPU runs it "
+                        "natively, else float32; `saebench list models` says what auto picks here)")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load")
     p.add_argument("--revision", help="hub revision of --model")
@@ -64,11 +63,14 @@ def _run_parser(sub) -> None:
     p.add_argument("--llm-url", metavar="URL",
                    help="OpenAI-compatible server that llm_sim encoders ask (their llm_url= option), e.g. "
                         "http://127.0.0.1:8000/v1 from `vllm serve`")
+    p.add_argument("--max-failed", type=float, default=0.02, metavar="SHARE",
+                   help="largest share of an encoder's LLM answers in a task that may fail or be unreadable; above it "
+                        "the task writes no record (default 0.02)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _cmd_run(args) -> int:
-    from saebench.report import results_table
+    from saebench.report import feature_tables, results_table
     from saebench.runner import RunConfig, evaluate
 
     if args.quiet:
@@ -83,11 +85,10 @@ def _cmd_run(args) -> int:
         task_params={k: v for k, v in (("data_file", args.data_file), ("max_len", args.max_len),
                                         ("all_at_once", args.all_at_once or None)) if v is not None},
         encoder_options={"llm_sim": {k: v for k, v in (("llm", args.llm), ("llm_url", args.llm_url)) if v}},
+        max_failed=args.max_failed,
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
     print(results_table(recs))
-    from saebench.tasks.benchmark import feature_tables
-
     if features := feature_tables(recs):
         print("\n" + features)
     print(f"\nrecords in {args.output}/")
@@ -139,12 +140,12 @@ def _cmd_leaderboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saebench import __version__
+    from saebench.records import SAEBENCH_VERSION
 
     parser = argparse.ArgumentParser(
         prog="saebench", description="What does a model lose when its activations are replaced by an "
                                      "encoder's reconstruction? Splice, score, compare.")
-    parser.add_argument("--version", action="version", version=f"saebench {__version__}")
+    parser.add_argument("--version", action="version", version=f"saebench {SAEBENCH_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("list", help="list encoders, tasks or models", description="List what can be run.")

@@ -10,138 +10,26 @@ Sources (``llm_sim`` option ``explanations=``):
 - ``tokens``: no LLM. The explanation is the latent's most frequent activating tokens; the rule simulator
   (saebench.encoders.llm_sim) matches them, a cheap reference row for every leaderboard.
 
-Everything is drawn from `LatentSample`: how the latents fire on a sample of the training split,
-computed once per (encoder, model, hookpoint) and cached.
+Everything is drawn from `saebench.capture.LatentSample`: how the latents fire on a sample of the corpus's
+training split, computed once per (encoder, model, hookpoint, corpus) and cached.
 """
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from saebench.corpus import CorpusSpec, token_contexts
-from saebench.encoders.base import EncodeContext, Encoder, dense
+from saebench.capture import LatentSample
 from saebench.errors import SaebenchError
-from saebench.records import save_atomic, write_atomic
-from saebench.splice import sink_mask
-
-if TYPE_CHECKING:
-    from saebench.llm import LLM
-    from saebench.models import LoadedModel
+from saebench.llm import LLM, Chat
+from saebench.records import write_atomic
 
 WINDOW = 32
 """Tokens per text window shown to the explainer and the simulator."""
-SAMPLE_VERSION = 1
-"""Bumped when LatentSample's computation changes (cached samples are then recomputed)."""
-
-
-@dataclass
-class LatentSample:
-    """How each latent fires on a sample of the training split (sinks left out).
-
-    Activations are stored per latent, largest first: latent l's are ``rows[offsets[l]:offsets[l+1]]``
-    (flat indices into `tokens`) and ``values[...]``.
-    """
-
-    tokens: Tensor
-    """(n_contexts, context_len) token ids of the sample."""
-    rows: Tensor
-    """(n_active,) int64 flat token index of each (token, latent) activation, grouped by latent."""
-    values: Tensor
-    """(n_active,) float32 activation values, descending within each latent."""
-    offsets: Tensor
-    """(d_latent + 1,) int64 start of each latent's activations."""
-    key: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def d_latent(self) -> int:
-        return len(self.offsets) - 1
-
-    def of(self, latent: int) -> tuple[Tensor, Tensor]:
-        """(rows, values) of `latent`'s activations, largest first."""
-        a, b = int(self.offsets[latent]), int(self.offsets[latent + 1])
-        return self.rows[a:b], self.values[a:b]
-
-    def count(self) -> Tensor:
-        """(d_latent,) activations per latent in the sample."""
-        return self.offsets[1:] - self.offsets[:-1]
-
-    def max_value(self) -> Tensor:
-        """(d_latent,) largest activation of each latent (0 for latents never active)."""
-        first = self.values[self.offsets[:-1].clamp(max=max(len(self.values) - 1, 0))] if len(self.values) else \
-            torch.zeros(self.d_latent)
-        return torch.where(self.count() > 0, first, torch.zeros_like(first))
-
-    def bin_of(self, latent: int, value: float) -> int:
-        """Activation bin 0-9: floor(10 * value / the latent's max), as explainers normalise activations
-        (Bills et al. 2023); values above the sample's max fall in bin 9."""
-        _, vals = self.of(latent)  # largest first
-        top = float(vals[0]) if len(vals) else 0.0
-        return 0 if top <= 0 else min(9, max(0, int(10 * value / top)))
-
-    def quantile_of(self, latent: int, value: float) -> float:
-        """Share of the latent's activations in the sample that are <= `value` (its empirical CDF)."""
-        _, vals = self.of(latent)
-        if len(vals) == 0:
-            return float("nan")
-        asc = vals.flip(0)
-        return float(torch.searchsorted(asc, torch.tensor([value], dtype=asc.dtype), right=True)[0]) / len(vals)
-
-    def value_at(self, latent: int, q: float) -> float:
-        """The latent's activation at quantile q in [0, 1] of its sample activations (0 if never active)."""
-        _, vals = self.of(latent)
-        if len(vals) == 0:
-            return 0.0
-        return float(torch.quantile(vals.float(), min(max(q, 0.0), 1.0)))
-
-
-def latent_sample(model: "LoadedModel", encoder: Encoder, hookpoint, cache_dir: Path | None, tokens: int = 65_536,
-                  context_len: int = 128, seed: int = 0, progress: bool = True) -> LatentSample:
-    """`encoder`'s activations on `tokens` tokens of the training split at `hookpoint`, cached by what they are."""
-    from saebench.records import config_hash
-    from saebench.tasks.base import TaskContext
-    from saebench.splice import SpliceConfig
-
-    key = {"encoder": encoder.spec.to_dict(), "model": model.model_id, "revision": model.revision,
-           "dtype": model.dtype, "hookpoint": hookpoint.name, "tokens": tokens, "context_len": context_len,
-           "seed": seed, "version": SAMPLE_VERSION}
-    path = None if cache_dir is None else cache_dir / "latent_samples" / f"{config_hash(key)}.pt"
-    if path is not None and path.exists():
-        try:
-            return LatentSample(**torch.load(path, weights_only=True), key=key)
-        except Exception:  # a corrupt cache entry costs a recomputation, nothing more
-            pass
-    ctx = TaskContext(model, hookpoint, CorpusSpec("wiki", "train"), seed, 16, SpliceConfig(), None, None)
-    ids = token_contexts(model.tokenizer, ctx.corpus, context_len, tokens, seed, model.bos_id)
-    rows, latents, values = [], [], []
-    for start in tqdm(range(0, len(ids), ctx.batch_size), desc="latent sample", unit="batch", disable=not progress):
-        batch = ids[start:start + ctx.batch_size]
-        acts = ctx.capture(batch)
-        flat_rows = (~sink_mask(batch, model.bos_id)).reshape(-1).nonzero().squeeze(1)
-        x = acts.reshape(-1, acts.shape[-1])[flat_rows.to(acts.device)]
-        pos = flat_rows % context_len
-        with torch.no_grad():
-            codes = dense(encoder.encode(x, EncodeContext(batch.reshape(-1)[flat_rows], pos))).float().cpu()
-        r, l = codes.nonzero(as_tuple=True)
-        rows.append(flat_rows[r] + start * context_len)
-        latents.append(l)
-        values.append(codes[r, l])
-    rows_t, lat_t, val_t = torch.cat(rows), torch.cat(latents), torch.cat(values)
-    order = torch.argsort(val_t, descending=True, stable=True)
-    order = order[torch.argsort(lat_t[order], stable=True)]
-    d = encoder.spec.d_latent
-    offsets = torch.zeros(d + 1, dtype=torch.long)
-    offsets[1:] = torch.bincount(lat_t, minlength=d).cumsum(0)
-    state = {"tokens": ids, "rows": rows_t[order], "values": val_t[order], "offsets": offsets}
-    if path is not None:
-        save_atomic(path, state)
-    return LatentSample(**state, key=key)
 
 
 @dataclass
@@ -260,8 +148,6 @@ EXPLAINER_SYSTEM = (
 def explainer_prompts(sample: LatentSample, tokenizer, latents: list[int], n_top: int = 5,
                       n_sampled: int = 5):
     """The explainer's prompt for each latent: its top and quantile-sampled windows, activating tokens marked."""
-    from saebench.llm import Chat
-
     length = sample.tokens.shape[1]
     prompts = []
     for latent in latents:
@@ -284,7 +170,7 @@ def explainer_prompts(sample: LatentSample, tokenizer, latents: list[int], n_top
     return prompts
 
 
-def generate_explanations(sample: LatentSample, tokenizer, llm: "LLM", max_tokens: int = 40,
+def generate_explanations(sample: LatentSample, tokenizer, llm: LLM, max_tokens: int = 40,
                           out: Path | None = None) -> Explanations:
     """Explain every latent active in the sample with `llm` (answers cached); latents never active in the
     sample stay unexplained. Writes the explanations as JSONL to `out` when given."""

@@ -5,7 +5,8 @@ version, model id, revision and dtype, the task's effective parameters (subset, 
 checksum, limit, context length, ...), corpus, seed and splice_bos. Each such group is one table
 whose heading lists those settings and how its standard errors were computed; task versions and
 dtypes are never mixed. Encoders at different hookpoints of the same model share a table (a
-`hookpoint` column tells them apart), so a sweep over layers reads as one table. Within a table,
+`hookpoint` column tells them apart), so a sweep over layers reads as one table; rows are ordered
+by hookpoint, and ranks and trade-off frontiers stay within one hookpoint. Within a table,
 re-runs of the same encoder at the same hookpoint keep the newest record and the heading says
 how many were superseded. Rows are ranked by the task's headline
 metric in its better direction; `n` is the headline metric's n.
@@ -20,18 +21,13 @@ from pathlib import Path
 from tabulate import tabulate
 
 from saebench.errors import SaebenchError
-from saebench.records import RunRecord, scan_record_files, write_atomic
-from saebench.report import DISPLAY_PREFIX, fmt, records_frame
-from saebench.tasks.base import TaskSpec
+from saebench.records import RunRecord, TaskSpec, scan_record_files, write_atomic
+from saebench.report import DISPLAY_PREFIX, fmt, hookpoint_order, records_frame
 
 
 def task_spec_of(rec: RunRecord) -> TaskSpec:
-    """The task's spec as the record carries it; older records fall back to the installed plugin."""
-    if "metrics" in rec.task:
-        return TaskSpec.from_dict(rec.task)
-    from saebench.runner import resolve_task
-
-    return resolve_task(rec.task["name"]).spec
+    """The task's spec as the record carries it: leaderboards read records only, never a task plugin."""
+    return TaskSpec.from_dict(rec.task)
 
 
 def comparable_settings(rec: RunRecord) -> dict:
@@ -61,7 +57,7 @@ def _newest(recs: list[RunRecord]) -> tuple[list[RunRecord], int]:
     return list(best.values()), len(recs) - len(best)
 
 
-COLUMN_TITLES = {"flops_per_token": "encode FLOPs/token"}
+COLUMN_TITLES = {"flops_per_token": "encode FLOPs/token", "failed_answers": "failed answers"}
 
 
 def _text(value) -> str:
@@ -77,19 +73,6 @@ def _cell(column: str, value) -> str:
     if value is None or value != value:  # None or NaN
         return "—"
     return f"{value:.3g}" if column == "flops_per_token" else str(value)
-
-
-def _tradeoffs(spec: TaskSpec) -> tuple[tuple[str, str], ...]:
-    """The (x, y) pairs to plot: the record's, else (records written before tasks declared them) the installed
-    task's of the same version; how to draw a result never changes what it means."""
-    if spec.tradeoffs:
-        return spec.tradeoffs
-    from saebench.registry import TASK_GROUP, available, load_plugin
-
-    if spec.name not in available(TASK_GROUP):
-        return ()
-    installed = load_plugin(TASK_GROUP, spec.name).spec
-    return installed.tradeoffs if installed.version == spec.version else ()
 
 
 def _setting_text(key: str, value) -> str:
@@ -137,21 +120,25 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
         settings = comparable_settings(group[0])
         frame["settings"] = json.dumps(settings, sort_keys=True, default=str)
         ascending = spec.metric(spec.headline).direction == "lower"
-        frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last").reset_index(drop=True)
+        # ranks stay within a hookpoint: encoders at different hookpoints are not rivals (rank restarts at each)
+        frame["_at"] = [hookpoint_order(h if isinstance(h, str) else None) for h in frame["hookpoint"]]
+        frame = frame.sort_values(spec.headline, ascending=ascending, na_position="last", kind="stable")
+        frame = frame.sort_values("_at", kind="stable").drop(columns="_at").reset_index(drop=True)
+        frame.insert(0, "rank", frame.groupby(frame["hookpoint"].fillna(""), sort=False).cumcount() + 1)
         frames.append(frame)
-        # hookpoints only where there is a model; FLOPs per token where an encoder reports them
+        # hookpoints only where there is a model; FLOPs per token and failed answers where an encoder reports them
         shown = [c for c in frame.columns if c.startswith(DISPLAY_PREFIX)]  # an encoder family's own columns
-        columns = [c for c in ("hookpoint", *shown, "flops_per_token") if frame[c].notna().any()]
+        columns = [c for c in ("hookpoint", *shown, "flops_per_token", "failed_answers") if frame[c].notna().any()]
         rank_of = {(row["encoder"], _text(row["hookpoint"])): i for i, row in frame.iterrows()}
         ranked = sorted(group, key=lambda r: rank_of[(r.encoder["label"], r.hookpoint or "")])
-        rows = [[i + 1, _linked(rec.encoder["label"], (links or {}).get(id(rec))), *[_cell(c, row[c]) for c in columns],
+        rows = [[row["rank"], _linked(rec.encoder["label"], (links or {}).get(id(rec))), *[_cell(c, row[c]) for c in columns],
                  *[fmt(row[m], row[f"{m}_stderr"]) for m in names], row["n"]]
                 for (i, row), rec in zip(frame.iterrows(), ranked)]
         headers = ["rank", "encoder", *[COLUMN_TITLES.get(c, c.removeprefix(DISPLAY_PREFIX)) for c in columns],
                    *names, "n"]
         parts.append(_heading(name, version, settings, spec, superseded) + "\n\n"
                      + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
-        if out_dir is not None and (pairs := _tradeoffs(spec)):
+        if out_dir is not None and (pairs := spec.tradeoffs):
             from saebench.plots import tradeoff_section
 
             directions = {m.name: m.direction for m in spec.metrics}

@@ -22,6 +22,7 @@ from typing import Any
 from tabulate import tabulate
 
 from saebench.records import RunRecord
+from saebench.report import hookpoint_order
 
 LABELS = {"norm": "‖x‖", "mse": "MSE (mean over dims)", "fve": "FVE", "l0": "L0", "l1": "L1",
           "cos": "cos(x, x̂)", "dce": "ΔCE (nats)", "kl": "KL (nats)", "ce": "CE loss (nats)",
@@ -67,7 +68,7 @@ def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], o
             overlay = spec.get("overlay")
             for label in dict.fromkeys(rec.encoder["label"] for rec, _ in have):
                 mine = sorted([(rec, c) for rec, c in curves if c.get(name) and rec.encoder["label"] == label],
-                              key=lambda item: _layer_order(item[0].hookpoint))
+                              key=lambda item: hookpoint_order(item[0].hookpoint))
                 file = f"{task}-{index}-{name}-{_slug(label)}.png"
                 overlays = {k: c[overlay] for k, (_, c) in enumerate(mine) if overlay and c.get(overlay)}
                 _line_plot([(rec, c[name]) for rec, c in mine], spec, out_dir / file,
@@ -99,7 +100,7 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    hookpoints = sorted({rec.hookpoint for rec, _ in have}, key=_layer_order)
+    hookpoints = sorted({rec.hookpoint for rec, _ in have}, key=hookpoint_order)
     encoders = list(dict.fromkeys(rec.encoder["label"] for rec, _ in have))
     styles = ["-", "--", ":", "-."]
     series_key = spec.get("series")  # one line per value of this column (e.g. truncation's top / random)
@@ -173,12 +174,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
 
 
-def _layer_order(hookpoint: str | None) -> tuple:
-    hookpoint = hookpoint or ""
-    parts = hookpoint.split(".")
-    return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1, hookpoint)
-
-
 def _table(have, spec: dict[str, Any], metric: str) -> str:
     columns = list(dict.fromkeys(p["x"] for _, points in have for p in points))
     rows = []
@@ -199,9 +194,9 @@ def _heatmap(have, spec: dict[str, Any], metric: str, path: Path, title: str) ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    have = sorted(have, key=lambda item: _layer_order(item[0].hookpoint))
+    have = sorted(have, key=lambda item: hookpoint_order(item[0].hookpoint))
     where = {p["x"]: p.get("hookpoint", "") for _, points in have for p in points}
-    columns = sorted(where, key=lambda x: _layer_order(where[x]))
+    columns = sorted(where, key=lambda x: hookpoint_order(where[x]))
     grid = np.full((len(have), len(columns)), np.nan)
     errors = np.full_like(grid, np.nan)
     for i, (_, points) in enumerate(have):
@@ -293,10 +288,18 @@ def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: s
         ax.errorbar(px, py, xerr=rec.stderr.get(x) or None, yerr=rec.stderr.get(y) or None,
                     fmt=markers[k % len(markers)], color=colors[k % len(colors)], ms=7, capsize=2,
                     label=row_label(rec))
-    front = pareto_front(xy, direction != "lower")
-    if len(front) > 1:
-        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="gray", lw=1, ls="-", zorder=0,
-                drawstyle="steps-post", label="Pareto frontier")
+    # one frontier per hookpoint: encoders spliced at different hookpoints answer different questions
+    # (a layer-15 mlp_out SAE is no rival of a resid_post one), so none dominates across them
+    by_hookpoint: dict[str | None, list[int]] = {}
+    for k, rec in enumerate(points):
+        by_hookpoint.setdefault(rec.hookpoint, []).append(k)
+    styles = ["-", "--", ":", "-."]
+    for n, (hookpoint, members) in enumerate(sorted(by_hookpoint.items(), key=lambda kv: hookpoint_order(kv[0]))):
+        front = [members[i] for i in pareto_front([xy[k] for k in members], direction != "lower")]
+        if len(front) > 1:
+            label = "Pareto frontier" + (f" @ {hookpoint}" if len(by_hookpoint) > 1 else "")
+            ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="gray", lw=1,
+                    ls=styles[n % len(styles)], zorder=0, drawstyle="steps-post", label=label)
     ys = [v for _, v in xy]
     low, high = min(ys), max(ys)
     pad = 0.15 * (high - low) if high > low else 0.05 * (abs(high) or 1.0)

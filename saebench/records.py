@@ -19,10 +19,75 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 SCHEMA_VERSION = 1
+
+
+def _installed_version() -> str:
+    try:
+        return version("saebench")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+source"
+
+
+SAEBENCH_VERSION = _installed_version()
+"""The installed saebench's version, stamped into every record (saebench.__version__)."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric a task reports."""
+
+    name: str
+    direction: Literal["higher", "lower", "none"] = "none"
+    """Which way is better; 'none' for descriptive metrics."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Identity of a task; `version` is bumped whenever a metric's meaning changes."""
+
+    name: str
+    version: int
+    headline: str
+    """Metric leaderboards rank by."""
+    metrics: tuple[MetricSpec, ...]
+    summary: tuple[str, ...] = ()
+    """Metrics shown in printed tables and leaderboards (default: all)."""
+    stderr_method: str = "clustered by context"
+    """How the standard errors are computed (printed in leaderboard headings)."""
+    limit_unit: str = "tokens"
+    """What --limit counts for this task ('tokens', 'items' or 'samples'); stated in every record."""
+    tradeoffs: tuple[tuple[str, str], ...] = ()
+    """(x, y) metric pairs leaderboards plot against each other, one point per encoder, with the Pareto
+    frontier (lower x is better: x is a cost such as L0; y's direction is its metric's)."""
+
+    def summary_metrics(self) -> tuple[str, ...]:
+        """The metrics tables show: `summary` (default all), the headline always among them, first if added."""
+        shown = self.summary or tuple(m.name for m in self.metrics)
+        return shown if self.headline in shown else (self.headline, *shown)
+
+    def metric(self, name: str) -> MetricSpec:
+        return next(m for m in self.metrics if m.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a record carries about its task, so leaderboards need no plugin to read it."""
+        return {"name": self.name, "version": self.version, "headline": self.headline,
+                "summary": list(self.summary_metrics()), "stderr_method": self.stderr_method,
+                "limit_unit": self.limit_unit,
+                "tradeoffs": [list(pair) for pair in self.tradeoffs],
+                "metrics": {m.name: {"direction": m.direction, "description": m.description} for m in self.metrics}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
+        metrics = tuple(MetricSpec(name, m["direction"], m.get("description", "")) for name, m in data["metrics"].items())
+        return cls(data["name"], data["version"], data["headline"], metrics, tuple(data["summary"]),
+                   data["stderr_method"], data.get("limit_unit", "tokens"),
+                   tuple(tuple(pair) for pair in data.get("tradeoffs", ())))
 
 
 @dataclass
@@ -112,23 +177,6 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_atomic(path: Path, state: Any) -> None:
-    """torch.save `state` to `path` through a temporary file and a rename (never half-written)."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch.save names the zip archive after the file; a name starting with "." is rejected
-    # ("invalid file name"), so the temporary file must not be a dotfile.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
-import saebench
 from saebench import records
 from saebench.corpus import CorpusSpec
-from saebench.encoders.base import BuildContext, Encoder
-from saebench.encoders.build import encoder_class
+from saebench.encoders.base import BuildContext, Encoder, encoder_class
 from saebench.encoders.specs import expand_encoder_specs, split_hookpoint, split_options
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.models import LoadedModel, cache_dir, load_model
@@ -68,6 +66,18 @@ class RunConfig:
     encoder_options: dict[str, dict[str, str]] = field(default_factory=dict)
     """Option defaults by encoder family (e.g. {'llm_sim': {'llm_url': ...}} from --llm-url); a spec's own
     options win."""
+    # a run setting, not an llm_sim option: the runner checks it for every encoder that reports answers
+    # (FAILURE_KEYS), a plugin's too, and it changes no number, only whether one is written (so it is not hashed)
+    max_failed: float = 0.02
+    """Largest share of an encoder's answers in one task (an LLM simulator's) that may have failed or been
+    unparsed; above it the task writes no record and says why (--max-failed)."""
+
+
+FAILURE_KEYS = ("asked", "failed", "unparsed")
+"""How an encoder whose answers can fail (llm_sim's LLM) says so: Encoder.report() keys 'asked' (answers asked
+for), 'failed' (none after the retries) and 'unparsed' (unreadable), counted since it was built, and
+'first_error' / 'last_error' (in full; '' if none). The runner takes each task's part of the counts, writes it to
+the record's extra.failed_answers and writes no record where it exceeds RunConfig.max_failed."""
 
 
 def task_names() -> dict[str, str]:
@@ -96,6 +106,13 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
                             "`saebench list tasks` shows them all")
     cls = load_plugin(TASK_GROUP, plugin)
     params = {**preset.get("params", {}), **(overrides or {}), **options}
+    init = inspect.signature(cls.__init__).parameters
+    if cls.from_params.__func__ is Task.from_params.__func__ and all(p.kind != p.VAR_KEYWORD for p in init.values()):
+        accepted = [p for p in init if p != "self"]  # what Task.from_params passes them to
+        for key in params:
+            if key not in accepted:
+                raise SaebenchError(f"task {name!r} takes no parameter {key!r}{did_you_mean(key, accepted)}; "
+                                    f"its parameters are {', '.join(accepted) or 'none'}")
     try:
         return cls.from_params(params)
     except TypeError as exc:
@@ -138,8 +155,10 @@ def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) 
     groups: dict[str, list[Encoder]] = {}
     memo: dict = {}  # inner encoders named by several specs are built once
     for spec, base, at in placed:
+        # training sets and latent samples follow the run's corpus and batch size, on the model's device
         build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo,
-                             option_defaults=config.encoder_options)
+                             option_defaults=config.encoder_options, corpus=config.corpus,
+                             batch_size=config.batch_size)
         enc = build.build(base)
         if enc.spec.d_in != model.d_model:
             raise SaebenchError(f"encoder {spec!r} has d_in {enc.spec.d_in} but model {model.name!r} "
@@ -180,6 +199,8 @@ def _validate(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str]) 
         raise SaebenchError(f"--batch-size must be positive, not {config.batch_size}")
     if config.context_len is not None and config.context_len < 2:
         raise SaebenchError(f"--context-len must be at least 2, not {config.context_len}")
+    if not 0.0 <= config.max_failed <= 1.0:
+        raise SaebenchError(f"--max-failed is a share of the answers, from 0 to 1, not {config.max_failed}")
     _check_writable(Path(config.output_dir))
 
 
@@ -271,6 +292,8 @@ def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Enco
         chash = records.config_hash(cfg)
         path = records.record_path(config.output_dir, task.spec.name, row.encoder.label, chash)
         existing = records.read_record(path) if config.reuse else None
+        if existing is not None and _too_many_failed(existing.extra.get("failed_answers"), config.max_failed):
+            existing = None  # written under a looser --max-failed: computed again
         if existing is not None:
             done[row.key] = existing
         else:
@@ -283,7 +306,8 @@ def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Enco
         partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
         with _exclusive(partial.with_suffix(".lock"), task.spec.name):
             finished = {row.key: rec for row, _, _, path in todo
-                        if config.reuse and (rec := records.read_record(path)) is not None}
+                        if config.reuse and (rec := records.read_record(path)) is not None
+                        and not _too_many_failed(rec.extra.get("failed_answers"), config.max_failed)}
             if len(finished) == len(todo):  # another run wrote them while this one waited
                 done |= finished
             else:
@@ -301,11 +325,23 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
         encoders = [e for key, e in by_key.items() if key in ctx.wanted]
     else:
         encoders = list(by_key.values())
+    counts_before = {key: _answer_counts(e) for key, e in by_key.items()}
     start = time.monotonic()
     results = task.run(ctx, encoders)
     seconds = time.monotonic() - start
     if per_hookpoint:
         results = {row_key(label, ctx.hookpoint.name): result for label, result in results.items()}
+    answers = {row.key: _task_answers(counts_before[row.key], _answer_counts(by_key[row.key]))
+               for row, *_ in todo if row.key in by_key}
+    for row, *_ in todo:  # every encoder checked before any record of the task is written
+        if _too_many_failed(counts := answers.get(row.key), config.max_failed):
+            ctx.partial.clear()  # its batches hold the failed answers: a rerun asks them again
+            bad = counts["failed"] + counts["unparsed"]
+            raise SaebenchError(
+                f"{task.spec.name}: {counts['failed']} failed and {counts['unparsed']} unparsed of the "
+                f"{counts['asked']} answers of encoder {row.encoder.label!r} ({bad / max(counts['asked'], 1):.1%}, "
+                f"more than --max-failed {config.max_failed:.1%}): no record written; first error: "
+                f"{counts['first_error']}")
     done = {}
     for row, cfg, chash, path in todo:
         rec = _record(task, ctx.model, row, cfg, chash, results[row.key], seconds, len(todo), config)
@@ -315,10 +351,40 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
             rec.extra["flops"] = {"encode_per_token": enc.encode_flops, "training": enc.training_flops}
         if enc is not None and (report := enc.report()):
             rec.extra["encoder_report"] = report
+        if answers.get(row.key) is not None:
+            rec.extra["failed_answers"] = answers[row.key]
+        if enc is not None and enc.data_used:
+            rec.extra["encoder_data"] = enc.data_used
         _write(path, rec, results[row.key])
         done[row.key] = rec
     ctx.partial.clear()
     return done
+
+
+def _answer_counts(enc: Encoder) -> dict[str, Any] | None:
+    """An encoder's answer counts and errors (FAILURE_KEYS) since it was built; None when it reports none."""
+    report = enc.report()
+    if not all(isinstance(report.get(k), int) for k in FAILURE_KEYS):
+        return None
+    return {k: report[k] for k in FAILURE_KEYS} | {k: str(report.get(k) or "") for k in ("first_error", "last_error")}
+
+
+def _task_answers(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One task's part of an encoder's answer counts, and its first error in full (None if none): the encoder's
+    first, or when an earlier task of the run had failures already, the latest (counters are kept per encoder)."""
+    if after is None:
+        return None
+    before = before or {"asked": 0, "failed": 0, "unparsed": 0}
+    out: dict[str, Any] = {k: after[k] - before[k] for k in FAILURE_KEYS}
+    earlier = before["failed"] + before["unparsed"] > 0
+    out["first_error"] = ((after["last_error"] if earlier else after["first_error"]) or None
+                          if out["failed"] + out["unparsed"] else None)
+    return out
+
+
+def _too_many_failed(counts: dict[str, Any] | None, max_failed: float) -> bool:
+    """Whether failed plus unparsed answers (a record's extra.failed_answers) exceed `max_failed` of those asked."""
+    return counts is not None and counts["failed"] + counts["unparsed"] > max_failed * counts["asked"]
 
 
 @contextmanager
@@ -357,7 +423,7 @@ def _record(task: Task, model: LoadedModel | None, row: Row, cfg: dict, chash: s
         hookpoint=row.hookpoint, config=cfg, config_hash=chash,
         metrics=result.metrics, stderr=result.stderr, n=result.n,
         seconds=round(seconds, 3), seed=config.seed,
-        saebench_version=saebench.__version__, git_sha=records.git_sha(),
+        saebench_version=records.SAEBENCH_VERSION, git_sha=records.git_sha(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # `seconds` is the wall time of the whole task run, shared by the encoders run together
         extra=result.extra | {"device": device, "torch": torch.__version__, "encoders_in_run": n_run},

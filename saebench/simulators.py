@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from saebench.explanations import Explanations, LatentSample
+from saebench.capture import LatentSample
+from saebench.explanations import Explanations
 
 ACTIVE_SYSTEM = (
     "You simulate one feature of a language model from an explanation of it. You see a text whose last "
@@ -47,6 +48,7 @@ class LLMSimulator(Simulator):
     def __init__(self, llm, explanations: Explanations):
         self.llm, self.explanations, self.label = llm, explanations, llm.label
         self.stats = type(llm.stats)()
+        self.last_error = ""
 
     def _prompts(self, system: str, queries, question: str):
         from saebench.llm import Chat
@@ -62,8 +64,11 @@ class LLMSimulator(Simulator):
             if f.name == "errors":
                 for k, v in after["errors"].items():
                     self.stats.errors[k] = self.stats.errors.get(k, 0) + v - before["errors"].get(k, 0)
-            else:
+            elif f.name != "first_error":
                 setattr(self.stats, f.name, getattr(self.stats, f.name) + after[f.name] - before[f.name])
+        if after["failed"] + after["unparsed"] > before["failed"] + before["unparsed"]:
+            self.last_error = self.llm.last_error  # the LLM may be shared: its latest error is this call's
+            self.stats.first_error = self.stats.first_error or self.last_error
         return out
 
     def p_active(self, queries):
@@ -77,7 +82,9 @@ class LLMSimulator(Simulator):
         return [None if p is None else sum(i * q for i, q in enumerate(p)) for p in probs]
 
     def report(self):
-        return {"llm": self.stats.to_dict()}
+        # answers that can fail, under the keys the runner checks against RunConfig.max_failed (FAILURE_KEYS)
+        return {"llm": self.stats.to_dict(), "asked": self.stats.prompts, "failed": self.stats.failed,
+                "unparsed": self.stats.unparsed, "first_error": self.stats.first_error, "last_error": self.last_error}
 
 
 class TokenRuleSimulator(Simulator):

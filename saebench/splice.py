@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saebench.encoders.base import Codes, EncodeContext, Encoder
+from saebench.codes import Codec, Codes, EncodeContext
 from saebench.errors import SaebenchError
 from saebench.models import Hookpoint
 
@@ -93,7 +93,7 @@ def check_finite(x: Tensor, what: str) -> None:
         raise SaebenchError(f"NaN or inf in {what}; try --dtype float32, or check the model and encoder weights")
 
 
-def reconstruct(encoder: Encoder, acts: Tensor, token_ids: Tensor, positions: Tensor,
+def reconstruct(encoder: Codec, acts: Tensor, token_ids: Tensor, positions: Tensor,
                 chunk_elements: int, on_chunk: ChunkCallback | None = None,
                 rows: Tensor | None = None, sequences: Tensor | None = None) -> Tensor:
     """decode(encode(acts)) in chunks small enough that tokens x d_latent stays bounded.
@@ -126,7 +126,7 @@ def reconstruct(encoder: Encoder, acts: Tensor, token_ids: Tensor, positions: Te
     return out
 
 
-def splice_activations(hidden: Tensor, token_ids: Tensor, keep: Tensor, encoder: Encoder, config: SpliceConfig,
+def splice_activations(hidden: Tensor, token_ids: Tensor, keep: Tensor, encoder: Codec, config: SpliceConfig,
                        on_chunk: ChunkCallback | None = None, where: str = "the hookpoint") -> Tensor:
     """(batch, seq, d) activations with every position not in `keep` replaced by decode(encode(x)).
 
@@ -155,7 +155,7 @@ class Splice:
     `keep` is True (attention sinks, by default) pass through unspliced and unencoded.
     """
 
-    def __init__(self, hookpoint: Hookpoint, encoder: Encoder, config: SpliceConfig,
+    def __init__(self, hookpoint: Hookpoint, encoder: Codec, config: SpliceConfig,
                  on_chunk: ChunkCallback | None = None):
         self.hookpoint, self.encoder, self.config, self.on_chunk = hookpoint, encoder, config, on_chunk
         self.token_ids: Tensor | None = None

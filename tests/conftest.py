@@ -1,12 +1,18 @@
-"""Shared fixtures: a tiny tokenizer and tiny random-weight models built locally (no hub)."""
+"""Shared fixtures: a tiny tokenizer and tiny random-weight models built locally (no hub); a guard that fails a
+test which leaves a thread running."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from saebench.models import LoadedModel
+from tests.unit.llm_server import THREAD_PREFIX
+
+LEAK_GRACE_SECONDS = 2.0
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Anarchism is a political philosophy. "
         "Sparse autoencoders decompose activations into features. ") * 20
@@ -18,6 +24,23 @@ def saebench_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("SAEBENCH_TEST_CACHE") or tmp_path_factory.mktemp("saebench-cache"))
     os.environ["SAEBENCH_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail the test that leaves a thread running: a non-daemon one, or any of the fake LLM server's (daemon,
+    but a leaked one once wrote a BrokenPipeError traceback into a later test's captured stderr). Threads
+    started by session or module fixtures are there before the test and are not counted."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate()
+              if t not in before and (not t.daemon or t.name.startswith(THREAD_PREFIX))]
+    deadline = time.monotonic() + LEAK_GRACE_SECONDS  # one grace period for all of them: a thread may be ending
+    for thread in leaked:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if alive := [t.name for t in leaked if t.is_alive()]:
+        pytest.fail(f"the test left threads running: {', '.join(alive)}; stop them in the test or its fixture",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

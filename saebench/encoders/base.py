@@ -1,23 +1,50 @@
-"""The encoder interface: small, typed, and not shaped like any one kind of encoder.
+"""The encoder interface: small, typed, and not shaped like any one kind of encoder; and the one way an
+encoder is built from its spec string.
 
 No encoder has to expose W_enc or W_dec; one with a decoder dictionary says so through the
 ``decoder_dictionary`` capability, one whose codes are latents (so L0, density, ... mean
 something) through ``latents``. An LLM-simulated encoder reads text, so ``encode`` gets the
 token ids and positions of the activations it encodes.
+
+An encoder with the FITS capability is fitted right after it is built, on the build context's
+training set; what it learned is cached under ``<cache>/fitted/`` by a hash of its spec and of the
+training data, so the next run loads it instead of training again.
+
+Plugins import everything they need from here: the codes and their context (defined one layer
+down, in saebench.codes, where splicing uses them) and training sets (saebench.capture) are
+re-exported.
 """
 
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from saebench.errors import SaebenchError
+from saebench.capture import DEFAULT_CORPUS, TensorTrainingSet, TrainingSet, corpus_training_set
+from saebench.checkpoints import save_atomic
+from saebench.codes import (
+    Codec,
+    Codes,
+    EncodeContext,
+    EncoderSpec,
+    SparseCodes,
+    dense,
+    latent_stats,
+    unknown_text,
+)
+from saebench.encoders.specs import split_hookpoint
+from saebench.errors import SaebenchError, did_you_mean
+from saebench.models import LoadedModel
+from saebench.records import config_hash
+from saebench.registry import ENCODER_GROUP, available, load_plugin
 
-if TYPE_CHECKING:
-    from saebench.models import LoadedModel
+__all__ = ["DECODER_DICTIONARY", "FITS", "LATENTS", "BuildContext", "Codec", "Codes", "EncodeContext", "Encoder",
+           "EncoderSpec", "EvalData", "SparseCodes", "TensorTrainingSet", "TrainingSet", "build_from_spec", "dense",
+           "encoder_class", "fit_cached", "latent_stats", "parse_encoder_arg", "unknown_text"]
 
 LATENTS = "latents"
 """Capability: codes are latent activations (L0, L1, density metrics apply)."""
@@ -29,117 +56,12 @@ FITS = "fits"
 fits it when it is built and caches what it learned by a hash of its spec and of the training data."""
 
 
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything that identifies an encoder and changes its outputs (hashed into records)."""
-
-    name: str
-    """Registry key, e.g. 'sae'."""
-    arg: str | None
-    """What followed the colon in the spec string, e.g. 'default'."""
-    hookpoint: str | None
-    """Canonical hookpoint the encoder reads and writes; None means 'the run's hookpoint'."""
-    d_in: int
-    d_latent: int | None
-    """Width of the codes; None when the codes are not latents."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Every further parameter that changes outputs (architecture, k, weights digest, ...)."""
-
-    @property
-    def label(self) -> str:
-        """The spec string a user would type: 'name', 'name:arg' or 'name?options'."""
-        if self.arg is None:
-            return self.name
-        return f"{self.name}{self.arg}" if self.arg.startswith("?") else f"{self.name}:{self.arg}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"label": self.label}
-
-
-@dataclass(frozen=True)
-class EncodeContext:
-    """Where the activations being encoded come from.
-
-    An encoder that reads text (an LLM-simulated one) gets each row's whole sequence: `sequences`
-    holds the token ids of the batch's sequences and `sequence` says which one each row is from, so
-    ``prefix(i)`` is the text up to row i's token; chunking slices the rows, never the sequences.
-    """
-
-    token_ids: Tensor
-    """(tokens,) id of the token at each activation."""
-    positions: Tensor
-    """(tokens,) position of each activation in its context."""
-    sequences: Tensor | None = None
-    """(batch, seq) token ids of the sequences the rows come from; None when there is no text."""
-    sequence: Tensor | None = None
-    """(tokens,) index into `sequences` of each row's sequence."""
-
-    def __getitem__(self, rows: slice | Tensor) -> "EncodeContext":
-        """The context of a subset of the rows (the same sequences)."""
-        seq = None if self.sequence is None else self.sequence[rows]
-        return EncodeContext(self.token_ids[rows], self.positions[rows], self.sequences, seq)
-
-    @property
-    def has_text(self) -> bool:
-        return self.sequences is not None and self.sequence is not None
-
-    def prefix(self, row: int, window: int | None = None) -> Tensor:
-        """Token ids of row `row`'s sequence up to and including its token (the last `window` of them)."""
-        if not self.has_text:
-            raise ValueError("this EncodeContext carries no text (sequences)")
-        end = int(self.positions[row]) + 1
-        start = 0 if window is None else max(0, end - window)
-        return self.sequences[int(self.sequence[row]), start:end]
-
-
-def unknown_text(n: int, device: torch.device | str = "cpu") -> EncodeContext:
-    """Context of `n` activations that come without text (training sets, synthetic data)."""
-    return EncodeContext(torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.long, device=device))
-
-
-@dataclass(frozen=True)
-class SparseCodes:
-    """Codes as (indices, values) of the active latents, for wide dictionaries."""
-
-    indices: Tensor  # (tokens, k) int64; an index listed twice in a row means the sum of its values
-    values: Tensor  # (tokens, k)
-    d_latent: int
-
-
-Codes = Tensor | SparseCodes
-"""Dense (tokens, d_latent) or sparse codes."""
-
-
 class EvalData(Protocol):
     """What an encoder may ask of the evaluation data before it runs (see Encoder.prepare)."""
 
     def activation_mean(self) -> Tensor:
         """(d_in,) mean activation at the hookpoint over the evaluation tokens (sinks excluded)."""
         ...
-
-
-class TrainingSet(ABC):
-    """Activations an encoder may learn from, and what identifies them (hashed into cached fits)."""
-
-    key: dict[str, Any]
-    """What the activations are (model, hookpoint, corpus split, count, ... or a synthetic config)."""
-    codes: Tensor | None = None
-    """(n, d_latent) true codes of the activations, when a task knows them (synthetic, known-codes regime):
-    encoders that learn then regress them, and fit their dictionary to them by least squares."""
-
-    @abstractmethod
-    def activations(self) -> Tensor:
-        """(n, d_in) float32 training activations (computed once, then kept)."""
-
-
-class TensorTrainingSet(TrainingSet):
-    """Training activations already in memory (a task's synthetic data)."""
-
-    def __init__(self, acts: Tensor, key: dict[str, Any], codes: Tensor | None = None):
-        self._acts, self.key, self.codes = acts.float(), key, codes
-
-    def activations(self) -> Tensor:
-        return self._acts
 
 
 @dataclass(frozen=True)
@@ -150,7 +72,7 @@ class BuildContext:
     `width` and its own `training` set, and may give a known `dictionary`.
     """
 
-    model: "LoadedModel | None"
+    model: LoadedModel | None
     hookpoint: str | None
     """The --hookpoint the user asked for, if any."""
     cache_dir: Path | None
@@ -172,6 +94,11 @@ class BuildContext:
     """Option values a task sets for the encoders it builds, by family name ('*': every family), e.g.
     synthetic's full-batch steps; a spec's own options win, and keys a family does not have are ignored."""
 
+    corpus: str = DEFAULT_CORPUS
+    """The run's --corpus: training sets and latent samples come from its training split."""
+    batch_size: int = 16
+    """Contexts per forward pass when capturing training sets and latent samples (the run's --batch-size)."""
+
     memo: dict[tuple[str, str | None], "Encoder"] = field(default_factory=dict, compare=False, repr=False)
     """Encoders built so far in this run, by (spec, hookpoint): an inner encoder named twice (``sae:default``
     and ``ito:sae:default``) is built and fitted once."""
@@ -187,8 +114,6 @@ class BuildContext:
 
     def build(self, spec: str) -> "Encoder":
         """Build (and fit, if it learns) the encoder `spec`, e.g. the inner SAE of ``ito:sae:default``."""
-        from saebench.encoders.build import build_from_spec
-
         key = (spec, self.hookpoint)
         if key not in self.memo:
             self.memo[key] = build_from_spec(spec, self)
@@ -201,10 +126,9 @@ class BuildContext:
             return self.training
         if self.model is None:
             raise SaebenchError("this encoder learns from training activations, which this task does not give")
-        from saebench.training import corpus_training_set
-
         extra = {"tokens": tokens} if tokens else {}
-        return corpus_training_set(self.model, hookpoint or self.hookpoint, self.progress, **extra)
+        return corpus_training_set(self.model, hookpoint or self.hookpoint, self.corpus, self.batch_size,
+                                   self.progress, **extra)
 
 
 class Encoder(ABC):
@@ -223,6 +147,10 @@ class Encoder(ABC):
     training_flops: float | None = None
     """FLOPs saebench spent training the encoder (forward and backward; an ITO or sparse-coding encoder on an
     inner encoder's dictionary reports the inner's), when known."""
+    data_used: dict[str, dict[str, Any]] | None = None
+    """What corpus data saebench trained or sampled the encoder on, by use ('fit', 'latent_sample'): the key of
+    each training set or latent sample (model, hookpoint, corpus, tokens, ...); records keep it as
+    extra.encoder_data."""
 
     @classmethod
     @abstractmethod
@@ -271,20 +199,40 @@ def parse_encoder_arg(spec: str) -> tuple[str, str | None]:
     return name.strip(), (arg if sep else None)
 
 
-def dense(codes: Codes) -> Tensor:
-    """Codes as a dense (tokens, d_latent) tensor."""
-    if isinstance(codes, SparseCodes):
-        out = torch.zeros(codes.values.shape[0], codes.d_latent, dtype=codes.values.dtype, device=codes.values.device)
-        return out.scatter_add_(1, codes.indices, codes.values)  # an index given twice adds (a pursuit's)
-    return codes
+def encoder_class(spec: str) -> type[Encoder]:
+    """The registered class of `spec`'s family; an unknown name gets a 'did you mean'."""
+    name, _ = parse_encoder_arg(split_hookpoint(spec)[0])
+    if name not in available(ENCODER_GROUP):
+        raise SaebenchError(f"unknown encoder {name!r}{did_you_mean(name, available(ENCODER_GROUP))}; "
+                            "`saebench list encoders` shows them all")
+    return load_plugin(ENCODER_GROUP, name)
 
 
-def latent_stats(codes: Codes, d_latent: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token L0, per-token L1, and per-latent firing counts of a chunk of codes."""
-    if isinstance(codes, SparseCodes):
-        active = codes.values != 0
-        fired = torch.zeros(d_latent, dtype=torch.float64, device=codes.values.device)
-        fired.scatter_add_(0, codes.indices[active], torch.ones_like(codes.values[active], dtype=torch.float64))
-        return active.sum(1).double(), codes.values.abs().double().sum(1), fired
-    active = codes != 0
-    return active.sum(1).double(), codes.abs().double().sum(1), active.sum(0).double()
+def build_from_spec(spec: str, build: BuildContext) -> Encoder:
+    """Build the encoder `spec` ('name[:arg][?options]', no '@hookpoint') and fit it if it learns."""
+    name, arg = parse_encoder_arg(spec)
+    enc = encoder_class(spec).from_arg(arg, build)
+    if FITS in enc.capabilities:
+        fit_cached(enc, build)
+    return enc
+
+
+def fit_cached(enc: Encoder, build: BuildContext) -> None:
+    """Fit `enc` on the build's training set, or load what an earlier run with the same spec and data learned."""
+    data = build.training_set(enc.spec.hookpoint, enc.train_tokens)
+    enc.data_used = {**(enc.data_used or {}), "fit": data.key}
+    path = None
+    if build.cache_dir is not None:
+        key = config_hash({"encoder": enc.spec.to_dict(), "data": data.key, "fit_version": enc.fit_version})
+        path = Path(build.cache_dir) / "fitted" / f"{enc.spec.name}-{key}.pt"
+        if path.exists():
+            try:
+                enc.load_fitted(torch.load(path, weights_only=False))
+                return
+            except Exception as exc:  # a corrupt cache entry costs a refit, nothing more
+                print(f"saebench: cached fit {path} is unreadable ({exc}); fitting again", file=sys.stderr)
+    if build.progress and path is not None:
+        print(f"saebench: fitting {enc.spec.label} (once; cached in {path})", file=sys.stderr, flush=True)
+    enc.fit(data, build.progress)
+    if path is not None:
+        save_atomic(path, enc.fitted_state())

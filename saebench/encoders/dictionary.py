@@ -119,7 +119,7 @@ def adam_steps(params: list[Tensor], loss_of: Callable[[Tensor], Tensor], acts: 
 
     Written here rather than with sae-lens's SAETrainer: these fits are small (a synthetic problem is
     1024 x 8 activations for 20k full-batch steps) and the trainer's per-step bookkeeping would cost
-    more than the step; sae-lens still trains the SAEs saebench ships (saebench.training).
+    more than the step; sae-lens still trains the SAEs saebench ships (saebench.encoders.default_sae).
     """
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)

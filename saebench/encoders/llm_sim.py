@@ -12,7 +12,8 @@ probable (``predict=top``, |A| the true count). Values:
   measures which latents are found, not what wrongly added ones would do;
 - ``values=oracle_fp``: the same, but a false positive gets the latent's median activation in the training
   sample, so false positives cost what they would;
-- ``values=predicted``: the simulator's 0-9 value mapped through the latent's activation quantiles (q = v/9).
+- ``values=predicted``: the simulator's 0-9 value mapped through the latent's activation quantiles (q = v/9);
+  a predicted latent whose value answer failed is left out of the codes (counted: ``failed_values``).
 
 Only candidates count: a latent outside them is predicted inactive, which is exactly right for the
 inactive latents it stands for only in expectation; the tasks scale counts to the full dictionary.
@@ -47,12 +48,11 @@ from saebench.encoders.base import (
 from saebench.encoders.dictionary import family_options, split_inner
 from saebench.errors import SaebenchError
 from saebench.records import config_hash
+from saebench.capture import LatentSample, latent_sample
 from saebench.explanations import (
     WINDOW,
     Explanations,
-    LatentSample,
     generate_explanations,
-    latent_sample,
     load_jsonl,
     marked_window,
     token_explanations,
@@ -130,8 +130,9 @@ class LLMSimEncoder(Encoder):
         self.median = torch.tensor([sample.value_at(i, 0.5) for i in range(sample.d_latent)])
         self.explained = torch.zeros(sample.d_latent, dtype=torch.bool)
         self.explained[list(explanations.texts)] = True
-        self.counts = {"rows": 0, "candidates": 0, "failed_candidates": 0, "skipped_active": 0}
+        self.counts = {"rows": 0, "candidates": 0, "failed_candidates": 0, "failed_values": 0, "skipped_active": 0}
         self.training_context = inner.training_context
+        self.data_used = {**(inner.data_used or {}), "latent_sample": sample.key}
 
     @classmethod
     def from_arg(cls, arg: str | None, build: BuildContext) -> "Encoder":
@@ -152,8 +153,8 @@ class LLMSimEncoder(Encoder):
         if loaded is not None:
             _check_missing(loaded, d, cfg)
         llm = None if cfg.llm == "rules" else _make_llm(cfg, build)
-        sample = latent_sample(build.model, inner, hookpoint, build.cache_dir, cfg.sample_tokens,
-                               progress=build.progress)
+        sample = latent_sample(build.model, inner, hookpoint, build.cache_dir, build.corpus, build.batch_size,
+                               cfg.sample_tokens, progress=build.progress)
         tokenizer = build.model.tokenizer
         if loaded is not None:
             explanations = loaded
@@ -241,7 +242,9 @@ class LLMSimEncoder(Encoder):
     def _values(self, sim: Simulation, queries, which: str) -> list[Tensor]:
         wanted = [t > 0 if which == "active" else self.predicted(sim, i) for i, t in enumerate(sim.true)]
         asked = [q for qs, w in zip(queries, wanted) for q, keep in zip(qs, w.tolist()) if keep]
-        answers = iter(self.simulator.value(asked))
+        values = self.simulator.value(asked)
+        self.counts["failed_values"] += sum(a is None for a in values)
+        answers = iter(values)
         out = []
         for w in wanted:
             v = torch.full((len(w),), float("nan"))
@@ -277,7 +280,9 @@ class LLMSimEncoder(Encoder):
             latents = sim.candidates[i][keep]
             true = sim.true[i][keep]
             if self.cfg.values == "predicted":
-                v = sim.value[i][keep].nan_to_num(0.0)  # a failed value answer: the latent's lowest activation
+                v = sim.value[i][keep]
+                answered = ~v.isnan()  # a failed value answer is missing, never a value: the latent is left out
+                latents, v = latents[answered], v[answered]
                 vals = torch.tensor([self.sample.value_at(int(l), float(x) / 9) for l, x in zip(latents, v)])
             elif self.cfg.values == "oracle_fp":
                 vals = torch.where(true > 0, true, self.median[latents])

@@ -12,7 +12,7 @@ Spec forms (options after '?', see saebench.encoders.dictionary for the syntax):
 The encoder is hidden layers of ReLU(Linear) then a Linear to d_latent and ReLU (TopK when k > 0);
 the loss is MSE (mean over dimensions) + l1 * mean |code| (the paper's loss; no L1 term with TopK).
 Training runs Adam on the corpus's training split at the hookpoint (or a task's training set) and
-is cached by saebench.encoders.build.
+is cached by saebench.encoders.base.fit_cached.
 """
 
 from dataclasses import asdict, dataclass, replace

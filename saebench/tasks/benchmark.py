@@ -341,27 +341,3 @@ def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: E
         n={k: (n_tokens if k.startswith("ce_prompt") else n) if v[0] is not None else None for k, v in out.items()},
         details=details, extra=extra,
     )
-
-
-def feature_tables(recs) -> str:
-    """The most helpful / harmful latents of each benchmark record that has them (for `saebench run`)."""
-    from tabulate import tabulate
-
-    from saebench.report import fmt
-
-    out = []
-    for rec in recs:
-        top = (rec.extra or {}).get("features")
-        if not top:
-            continue
-        if top.get("ranked_by") != "controlled_delta_logp":
-            continue  # a record from before the controlled score: its ranking is the count score's
-        for kind in ("most_helpful", "most_harmful"):
-            rows = [(r["feature"], fmt(r["controlled_delta_logp"], r["controlled_se"]), r["score"], r["n_prompts"],
-                     f"{r['mean_delta_logp']:.3f}") for r in top[kind]]
-            out.append(f"{rec.task['name']} / {rec.encoder['label']}: {len(rows)} {kind.replace('_', ' ')} latents, "
-                       "ranked by Δlog p where active minus where not (frequency-controlled), among latents "
-                       f"active on at least {top.get('min_prompts', 1)} prompts\n"
-                       + tabulate(rows, headers=("latent", "controlled Δlog p", "count score", "prompts",
-                                                 "mean Δlog p where active"), tablefmt="github"))
-    return "\n\n".join(out)

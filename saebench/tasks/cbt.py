@@ -96,7 +96,8 @@ def load_questions(subset: str, data_file: str | None) -> list[CBTQuestion]:
 
         rows = load_dataset("cbt", subset.upper(), split="test")
     except Exception as exc:  # offline, or the hub refused: say what to do instead
-        raise SaebenchError(f"could not load the HF dataset cbt/{subset.upper()} ({type(exc).__name__}); "
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]  # one line, the message kept
+        raise SaebenchError(f"could not load the HF dataset cbt/{subset.upper()} ({reason}); "
                             f"pass --data-file with a CBTest file (cbtest_{subset.upper()}_test_2500ex.txt)") from exc
     return [CBTQuestion(tuple(r["sentences"]), r["question"], r["answer"], tuple(r["options"])) for r in rows]
 

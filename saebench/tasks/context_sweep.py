@@ -172,11 +172,14 @@ class ContextSweepTask(Task):
 
     def __init__(self, max_len: int | None = ContextSweepConfig.max_len,
                  sequences: int = ContextSweepConfig.sequences):
+        if max_len is not None and int(max_len) < 2:  # before the model loads or another task writes a record
+            raise SaebenchError(f"--max-len must be at least 2, not {max_len}")
         self.defaults = ContextSweepConfig(max_len, sequences)
 
     def settings(self, ctx: TaskContext) -> ContextSweepConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
-        max_len = checked_length(ctx, self.defaults.max_len or min(1024, ctx.model.max_positions or 1024))
+        given = self.defaults.max_len  # 0 is a bad --max-len, not "unset"
+        max_len = checked_length(ctx, given if given is not None else min(1024, ctx.model.max_positions or 1024))
         return ContextSweepConfig(max_len, ctx.limit or self.defaults.sequences)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """lm-eval tasks with an encoder in the loop: `lm_eval:<task>`, `lambada`, `lambada_first_token`.
 
 lm-eval builds the requests and scores the responses (its own `process_results` and
-aggregations); saebench's `SaebenchLM` answers them, once clean, once zero-ablated and once
+aggregations); saebench's `SplicedLM` answers them, once clean, once zero-ablated and once
 per encoder, on the same requests. A `_RequestObserver` rides along each forward pass to find
 which item each (reordered, right-padded) batch row holds, for prompt CE and active latents.
 """
@@ -52,8 +52,9 @@ def file_sha256(path: str | None) -> str | None:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def check_json_data_file(path: str | None) -> None:
-    """A JSON or JSON-lines --data-file parses, or one clear error naming the bad line."""
+def check_json_data_file(path: str | None, fields: tuple[str, ...] = ()) -> None:
+    """A JSON or JSON-lines --data-file parses, holds rows, and each JSON-lines row has `fields`; or one clear
+    error naming the bad line (lm-eval would fail later with a traceback: StopIteration, jinja2 UndefinedError)."""
     if path is None:
         return
     p = Path(path)
@@ -62,10 +63,13 @@ def check_json_data_file(path: str | None) -> None:
     text = p.read_text(encoding="utf-8", errors="replace")
     if p.suffix == ".json":
         try:
-            json.loads(text)
+            data = json.loads(text)
         except ValueError as exc:
             raise SaebenchError(f"--data-file {path!r} is not valid JSON ({exc})") from exc
+        if not data:
+            raise SaebenchError(f"--data-file {path!r} holds no rows")
         return
+    rows = 0
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -76,6 +80,13 @@ def check_json_data_file(path: str | None) -> None:
                                 "a JSON-lines file holds one JSON object per line") from exc
         if not isinstance(row, dict):
             raise SaebenchError(f"--data-file {path!r} line {number} is not a JSON object")
+        if missing := [f for f in fields if f not in row]:
+            raise SaebenchError(f"--data-file {path!r} line {number} has no {missing[0]!r} field (it has "
+                                f"{', '.join(map(repr, row)) or 'none'}); every line needs "
+                                f"{', '.join(map(repr, fields))}")
+        rows += 1
+    if not rows:
+        raise SaebenchError(f"--data-file {path!r} is empty; a JSON-lines file holds one JSON object per line")
 
 
 def load_lm_eval_task(name: str, include_path: str | None, data_file: str | None):
@@ -97,8 +108,13 @@ def load_lm_eval_task(name: str, include_path: str | None, data_file: str | None
                       "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
                       "test_split": split if cfg.get("test_split") else None,
                       "validation_split": split if not cfg.get("test_split") else None}
+    from jinja2.exceptions import UndefinedError
+
     try:
         tasks = manager.load(spec)["tasks"]
+    except UndefinedError as exc:  # a document lacks a field the task's prompt template reads
+        raise SaebenchError(f"lm-eval task {name!r}: a document lacks a field its prompt template uses ({exc}); "
+                            "check --data-file's fields") from exc
     except (OSError, ConnectionError, ValueError) as exc:
         raise SaebenchError(f"could not load lm-eval task {name!r} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); offline, pass --data-file") from exc
@@ -209,6 +225,8 @@ class LMEvalTask(Task):
 
     spec = TaskSpec("lm_eval", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
     protocol = "lm_eval"
+    data_fields: tuple[str, ...] = ()
+    """Fields every row of a --data-file must have, checked before any model work."""
 
     def __init__(self, lm_eval_task: str | None = None, include_path: str | None = None,
                  data_file: str | None = None, arg: str | None = None):
@@ -223,7 +241,7 @@ class LMEvalTask(Task):
         name = arg or lm_eval_task
         if not name:
             raise SaebenchError("lm_eval needs a task name: --task lm_eval:<lm-eval task>")
-        check_json_data_file(data_file)
+        check_json_data_file(data_file, self.data_fields)
         self.lm_eval_task, self.include_path, self.data_file = name, include_path, data_file
         if type(self) is LMEvalTask:
             self.spec = replace(LMEvalTask.spec, name=f"lm_eval:{name}")
@@ -235,7 +253,7 @@ class LMEvalTask(Task):
                                    file_sha256(self.data_file), ctx.limit, self.protocol, lm_eval.__version__))
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        from saebench.lm_eval_model import SaebenchLM
+        from saebench.tasks.spliced_lm import SplicedLM
 
         task = load_lm_eval_task(self.lm_eval_task, self.include_path, self.data_file)
         task.build_all_requests(limit=ctx.limit, rank=0, world_size=1)
@@ -248,7 +266,7 @@ class LMEvalTask(Task):
         rows_of: dict[int, list[int]] = {}
         for r, inst in enumerate(instances):
             rows_of.setdefault(inst.doc_id, []).append(r)
-        lm = SaebenchLM(ctx.model, batch_size=ctx.batch_size)
+        lm = SplicedLM(ctx.model, batch_size=ctx.batch_size)
         lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
         # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
@@ -355,6 +373,7 @@ class LambadaTask(LMEvalTask):
         MetricSpec("perplexity", "lower", "lm-eval's perplexity of the last word, spliced"),
         MetricSpec("perplexity_clean", "none", "lm-eval's perplexity of the last word, clean"),
     ), BENCHMARK_SUMMARY + ("perplexity",), BENCHMARK_STDERR, "items")
+    data_fields = ("text",)  # lambada_openai's templates read doc["text"]
 
     def __init__(self, data_file: str | None = None, include_path: str | None = None):
         """

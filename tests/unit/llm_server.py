@@ -7,9 +7,30 @@ answers "1" with probability 0.9 (value digit 7), any other answers "1" with pro
 
 import json
 import math
+import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# A client that gave up (a timeout, a stopped test) closed its socket: writing the answer then fails, and
+# that is expected, not an error worth a traceback on stderr.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+THREAD_PREFIX = "FakeOpenAIServer"  # every thread of the server is named so; tests/conftest.py looks for it
+STOP_SECONDS = 10.0
+
+
+class _Server(ThreadingHTTPServer):
+    # server_close() joins the per-request threads (daemon ones too, on Python >= 3.10), so no handler,
+    # slow or not, outlives stop() and writes into a later test's captured output
+    daemon_threads = True
+    block_on_close = True
+
+    def process_request_thread(self, request, client_address):
+        threading.current_thread().name = f"{THREAD_PREFIX}-request-{client_address[1]}"
+        super().process_request_thread(request, client_address)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], CLIENT_GONE):  # socketserver prints a traceback here
+            super().handle_error(request, client_address)
 
 
 class FakeOpenAIServer:
@@ -21,6 +42,7 @@ class FakeOpenAIServer:
         self.requests = 0
         self.lock = threading.Lock()
         self.slow_seconds = slow_seconds
+        self.closing = threading.Event()  # set by stop(): wakes the 'slow' handlers at once
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,8 +53,11 @@ class FakeOpenAIServer:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.end_headers()
+                    self.wfile.write(body)
+                except CLIENT_GONE:
+                    pass
 
             def do_GET(self):
                 self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-sim", "object": "model",
@@ -48,12 +73,13 @@ class FakeOpenAIServer:
                 if fault == "malformed":
                     return self._send(200, b"{not json")
                 if fault == "slow":
-                    time.sleep(server.slow_seconds)
+                    server.closing.wait(server.slow_seconds)
                 self._send(200, json.dumps(_answer(body, fault == "no_logprobs")).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"{THREAD_PREFIX}-serve", daemon=True)
+        self.stopped = False
 
     def __enter__(self) -> "FakeOpenAIServer":
         self.thread.start()
@@ -63,7 +89,15 @@ class FakeOpenAIServer:
         self.stop()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        """Stop serving, wait for the serving thread and every request thread, close the socket; safe to
+        call twice or on a server never started."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.closing.set()
+        if self.thread.ident is not None:  # shutdown() waits for serve_forever: only once it was started
+            self.httpd.shutdown()
+            self.thread.join(STOP_SECONDS)
         self.httpd.server_close()
 
 

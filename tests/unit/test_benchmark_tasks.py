@@ -302,6 +302,23 @@ def _child_args(tiny, task, data, output, kill_after=0, release: Path | None = N
             "env": env, "cwd": Path(__file__).resolve().parents[2], "text": True}
 
 
+@pytest.fixture
+def popen():
+    """subprocess.Popen whose children are killed at teardown if still running: a failed test (a timeout,
+    an assertion before the release file exists) leaves no run behind holding for 600 s."""
+    procs: list[subprocess.Popen] = []
+
+    def start(**kwargs) -> subprocess.Popen:
+        procs.append(subprocess.Popen(**kwargs))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def _child(tiny, task, data, output, kill_after=0):
     return subprocess.run(**_child_args(tiny, task, data, output, kill_after), capture_output=True, timeout=600)
 
@@ -339,19 +356,18 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tiny, tmp_path, 
     assert max(abs(x - y) for x, y in zip(a, b)) == 0.0
 
 
-def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path):
+def test_two_runs_writing_into_one_output_folder_at_once(tiny, tmp_path, popen):
     """A second run of the same records waits for the first and reuses them; another task runs alongside."""
     lambada, cbt = write_lambada(tmp_path / "lambada.jsonl", 24), write_cbt(tmp_path / "cbt.txt", 8)
     out = tmp_path / "shared"
     release = tmp_path / "release"  # the first run holds after its first checkpoint until this exists
-    first = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out, release=release), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+    first = popen(**_child_args(tiny, "lambada", lambada, out, release=release), stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not list(out.rglob("*.pieces/*.pt")) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
-    same = subprocess.Popen(**_child_args(tiny, "lambada", lambada, out), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    other = subprocess.Popen(**_child_args(tiny, "cbt_cn", cbt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    same = popen(**_child_args(tiny, "lambada", lambada, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    other = popen(**_child_args(tiny, "cbt_cn", cbt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     said = []  # the second run's stderr, read as it comes; the first is released once it says it waits
     reader = threading.Thread(target=lambda: said.extend(iter(same.stderr.readline, "")), daemon=True)
     reader.start()

@@ -113,3 +113,16 @@ def test_pareto_front_keeps_the_points_nothing_beats():
     assert pareto_front(points, higher_is_better=True) == [5, 1, 0, 2]
     kl = [(32, 0.4), (16, 0.6), (64, 0.5)]
     assert pareto_front(kl, higher_is_better=False) == [1, 0]
+
+
+def test_ranks_stay_within_a_hookpoint(tiny_llama, tmp_path):
+    """Encoders at two hookpoints share a table, ordered by hookpoint, each ranked among its own hookpoint's."""
+    evaluate(tiny_llama, ["zero@layers.1.resid_pre", "identity@layers.1.resid_pre", "zero@layers.0.resid_post",
+                          "identity@layers.0.resid_post"], ["ce_kl"],
+             RunConfig(limit=128, context_len=16, output_dir=tmp_path / "runs", progress=False))
+    assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
+    cells = [[c.strip() for c in line.split("|")[1:4]] for line in (tmp_path / "lb" / "ce_kl.md").read_text().splitlines()
+             if line.startswith("|") and line.split("|")[1].strip().isdigit()]
+    assert [(rank, hp) for rank, _, hp in cells] == [("1", "layers.0.resid_post"), ("2", "layers.0.resid_post"),
+                                                     ("1", "layers.1.resid_pre"), ("2", "layers.1.resid_pre")]
+    assert [re.match(r"\[(\w+)", enc).group(1) for _, enc, _ in cells] == ["identity", "zero", "identity", "zero"]

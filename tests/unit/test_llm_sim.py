@@ -96,21 +96,21 @@ def test_server_backend_reads_log_probs_and_counts_every_fault(tmp_path):
     with FakeOpenAIServer(slow_seconds=1.5) as server:
         llm = ServerLLM(server.url, concurrency=1, timeout=0.5, retries=2, backoff=0.01,
                         cache=ResponseCache(None), progress=False)
-        assert llm.model == "fake-sim"
+        assert llm.served_model == "fake-sim"
         on, off = Chat("s", "Feature explanation: ALWAYS"), Chat("s", "Feature explanation: x")
         assert llm.choice_probs([on, off], ("1", "0")) == [pytest.approx([0.9, 0.1]), pytest.approx([0.1, 0.9])]
         server.faults = ["500", "500"]  # two 5xx, then an answer: retried
         assert llm.choice_probs([on], ("1", "0")) == [pytest.approx([0.9, 0.1])] and llm.stats.retries == 2
-        server.faults = ["malformed"] * 3  # a body that is not JSON, every attempt: a failed request
-        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.failed == 1
+        server.faults = ["malformed"]  # a body that is not JSON: an answer, unreadable (unparsed, not retried)
+        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.unparsed == 1 and llm.stats.failed == 0
+        assert llm.stats.first_error.startswith("malformed answer (JSONDecodeError")
         server.faults = ["no_logprobs"]  # an answer without log-probs: unparsed, not 0
-        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.unparsed == 1
+        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.unparsed == 2
         server.faults = ["slow"] * 3  # slower than the timeout every time
-        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.failed == 2
-        assert llm.stats.errors == {"APIConnectionError": 1, "no expected answer token among the log-probs": 1,
-                                    "APITimeoutError": 1} or "APITimeoutError" in llm.stats.errors
+        assert llm.choice_probs([on], ("1", "0")) == [None] and llm.stats.failed == 1
+        assert llm.stats.errors == {"malformed answer": 1, "no log-probs in the answer": 1, "APITimeoutError": 1}
         server.stop()  # the server goes away mid-run: retried, then counted
-        assert llm.choice_probs([Chat("s", "new")], ("1", "0")) == [None] and llm.stats.failed == 3
+        assert llm.choice_probs([Chat("s", "new")], ("1", "0")) == [None] and llm.stats.failed == 2
 
 
 def test_an_unreachable_server_is_one_clear_error():
@@ -118,12 +118,13 @@ def test_an_unreachable_server_is_one_clear_error():
         ServerLLM("http://127.0.0.1:9/v1", timeout=1, retries=0)
 
 
-def test_the_in_process_backend_reads_the_answer_tokens_next_token_probabilities(tmp_path, tiny_tokenizer):
+def test_the_in_process_backend_reads_the_answer_tokens_next_token_probabilities(tmp_path, tiny_tokenizer,
+                                                                                 monkeypatch):
     from saebench.llm.local import TransformersLLM
     from tests.conftest import make_tiny
 
-    tok = tiny_tokenizer
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok = tiny_tokenizer  # shared by the session: the chat template is undone after this test
+    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
     model = make_tiny("llama", tok)
     path = tmp_path / "chat-llama"
     model.model.save_pretrained(path)
@@ -255,7 +256,7 @@ def test_missing_skip_leaves_unexplained_latents_out_and_counts_them(tiny_llama,
 def test_predicted_codes_are_valued_as_the_values_option_says(values):
     from saebench.encoders.base import EncoderSpec, dense
     from saebench.encoders.llm_sim import LLMSimConfig, LLMSimEncoder, Simulation
-    from saebench.explanations import LatentSample
+    from saebench.capture import LatentSample
 
     # latent 0 fires 2.0 and 4.0 in the sample, latent 1 fires 1.0, 3.0 and 5.0 (median 3.0)
     sample = LatentSample(torch.zeros(1, 8, dtype=torch.long), torch.tensor([1, 2, 3, 4, 5]),
@@ -268,5 +269,5 @@ def test_predicted_codes_are_valued_as_the_values_option_says(values):
                      [torch.tensor([float("nan"), 9.0, float("nan")])], 3, [0])
     got = dense(enc.codes_of(sim))[0].tolist()
     expected = {"oracle": [2.5, 0.0, 0.0], "oracle_fp": [2.5, 3.0, 0.0],
-                "predicted": [2.0, 5.0, 0.0]}[values]  # an unanswered value: the latent's lowest activation
+                "predicted": [0.0, 5.0, 0.0]}[values]  # an unanswered value is missing: the latent is left out
     assert got == pytest.approx(expected)

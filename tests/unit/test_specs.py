@@ -5,7 +5,7 @@ import pytest
 from saebench import RunConfig, evaluate
 from saebench.encoders.specs import apply_options, expand_braces, expand_encoder_specs, split_hookpoint, split_options
 from saebench.errors import SaebenchError
-from saebench.training import DefaultSAEConfig
+from saebench.encoders.default_sae import DefaultSAEConfig
 
 
 def test_braces_expand_lists_and_ranges():
