@@ -33,10 +33,8 @@ from saebench.encoders.base import BuildContext
 from saebench.forward import HookpointForward
 from saebench.models import LoadedModel, cache_dir, load_model
 from saebench.runner import RunConfig, evaluate
-from saebench.tasks.base import TaskContext
+from saebench.tasks.base import EvalText, RunSettings
 from saebench.tasks.reference import remove_entries
-from saebench.corpus import CorpusSpec
-from saebench.splice import SpliceConfig
 from saebench.encoders.default_sae import default_sae_dir
 
 HOOKPOINT = "layers.15.resid_post"
@@ -72,8 +70,7 @@ def median_time(fn, repeats: int) -> float:
 def unit_costs(lm: LoadedModel, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Median seconds per batch of: a clean forward pass (to logits), the prefix to the hookpoint, the
     LM head alone, and the suffix from the hookpoint (to logits)."""
-    ctx = TaskContext(lm, lm.hookpoint(HOOKPOINT), CorpusSpec(), 0, batch_size, SpliceConfig(), None, None)
-    fwd = HookpointForward(lm, ctx.hookpoint)
+    fwd = HookpointForward(lm, lm.hookpoint(HOOKPOINT))
     batch = tokens[:batch_size]
     acts = fwd.capture(batch)
     normed = fwd.resume(acts, batch).normed
@@ -125,8 +122,7 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     work = Path(tempfile.mkdtemp(prefix="ce_kl_cost-"))
     specs = sae_variants(lm, work, max(counts))
-    tokens = TaskContext(lm, lm.hookpoint(HOOKPOINT), CorpusSpec(), 0, args.batch_size, SpliceConfig(),
-                         None, None).contexts(args.tokens, 128)
+    tokens = EvalText(lm, RunSettings(batch_size=args.batch_size)).contexts(args.tokens, 128)
     n_batches = -(-len(tokens) // args.batch_size)
     unit = unit_costs(lm, tokens, args.batch_size)
     h = unit["head"] / unit["forward"]

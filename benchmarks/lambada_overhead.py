@@ -12,7 +12,7 @@ import time
 from saebench.lm_eval_model import SaebenchLM
 from saebench.models import load_model
 from saebench.runner import RunConfig, build_encoder
-from saebench.tasks.lm_eval_task import load_lm_eval_task
+from saebench.tasks.lm_eval_data import load_lm_eval_task
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def _cmd_list(args) -> int:
             print(tabulate([(name, " ".join(p["encoders"]), p.get("description", "")) for name, p in presets.items()],
                            headers=("preset", "encoders", "description"), maxcolwidths=[None, 40, 60]))
     else:
-        from saebench.runner import task_names
+        from saebench.tasks.names import task_names
 
         print(tabulate(sorted(task_names().items()), headers=("task", "description")))
     return 0

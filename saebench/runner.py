@@ -1,7 +1,6 @@
 """evaluate(): the one entry point the CLI and the tests both call."""
 
 import fcntl
-import inspect
 import json
 import sys
 import tempfile
@@ -18,13 +17,13 @@ import torch
 from saebench import records
 from saebench.corpus import CorpusSpec
 from saebench.encoders.base import BuildContext, Encoder, encoder_class
-from saebench.encoders.specs import expand_encoder_specs, split_hookpoint, split_options
-from saebench.errors import SaebenchError, did_you_mean
+from saebench.encoders.specs import expand_encoder_specs, split_hookpoint
+from saebench.errors import SaebenchError
 from saebench.models import LoadedModel, cache_dir, load_model
-from saebench.presets import load_presets
-from saebench.registry import ENCODER_GROUP, TASK_GROUP, available, distribution_of, load_plugin
+from saebench.registry import ENCODER_GROUP, distribution_of
 from saebench.splice import SpliceConfig
-from saebench.tasks.base import PartialStore, Row, Task, TaskContext, TaskResult, row_key
+from saebench.tasks.base import PartialStore, Row, RunSettings, Task, TaskContext, TaskResult, row_key
+from saebench.tasks.names import params_for, resolve_task
 
 
 @dataclass(frozen=True)
@@ -78,66 +77,6 @@ FAILURE_KEYS = ("asked", "failed", "unparsed")
 for), 'failed' (none after the retries) and 'unparsed' (unreadable), counted since it was built, and
 'first_error' / 'last_error' (in full; '' if none). The runner takes each task's part of the counts, writes it to
 the record's extra.failed_answers and writes no record where it exceeds RunConfig.max_failed."""
-
-
-def task_names() -> dict[str, str]:
-    """Every runnable task name -> its description (entry points and tasks/*.yaml presets)."""
-    out = {name: "" for name in available(TASK_GROUP)}
-    for name, preset in load_presets("tasks", "*").items():
-        out[name] = preset.get("description", "")
-    return out
-
-
-def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
-    """A task by entry-point name or preset name, with preset parameters applied.
-
-    'plugin:arg' (e.g. 'lm_eval:hellaswag') passes `arg` to the plugin as the parameter 'arg';
-    'name?key=value&...' passes parameters (e.g. 'synthetic?n_sources=32&k_active=5').
-    """
-    name, options = split_options(name)
-    presets = load_presets("tasks", "*")
-    preset = presets.get(name, {})
-    plugin = preset.get("task", name)
-    base, sep, arg = plugin.partition(":")
-    if sep and plugin not in available(TASK_GROUP) and base in available(TASK_GROUP):
-        plugin, preset = base, preset | {"params": {**preset.get("params", {}), "arg": arg}}
-    if plugin not in available(TASK_GROUP):
-        raise SaebenchError(f"unknown task {name!r}{did_you_mean(name, task_names())}; "
-                            "`saebench list tasks` shows them all")
-    cls = load_plugin(TASK_GROUP, plugin)
-    params = {**preset.get("params", {}), **(overrides or {}), **options}
-    init = inspect.signature(cls.__init__).parameters
-    if cls.from_params.__func__ is Task.from_params.__func__ and all(p.kind != p.VAR_KEYWORD for p in init.values()):
-        accepted = [p for p in init if p != "self"]  # what Task.from_params passes them to
-        for key in params:
-            if key not in accepted:
-                raise SaebenchError(f"task {name!r} takes no parameter {key!r}{did_you_mean(key, accepted)}; "
-                                    f"its parameters are {', '.join(accepted) or 'none'}")
-    try:
-        return cls.from_params(params)
-    except TypeError as exc:
-        raise SaebenchError(f"task {name!r}: bad parameters {params}: {exc}") from exc
-
-
-def _accepted_params(name: str) -> set[str]:
-    """Parameter names the task behind `name` (entry point or preset) takes."""
-    presets = load_presets("tasks", "*")
-    plugin = presets.get(split_options(name)[0], {}).get("task", split_options(name)[0])
-    base = plugin if plugin in available(TASK_GROUP) else plugin.partition(":")[0]
-    if base not in available(TASK_GROUP):
-        return set()  # resolve_task reports the unknown name
-    return set(inspect.signature(load_plugin(TASK_GROUP, base).__init__).parameters) - {"self"}
-
-
-def _params_for(name: str, params: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """The run-wide task parameters (e.g. --data-file) that task `name` takes; each must fit some task."""
-    for key in params:
-        if not any(key in _accepted_params(t) for t in tasks):
-            option = "--" + key.replace("_", "-")
-            takers = sorted(n for n in available(TASK_GROUP) if key in _accepted_params(n))
-            raise SaebenchError(f"{option} applies to none of the tasks given ({', '.join(tasks)}); "
-                                f"tasks that take it: {', '.join(takers)}")
-    return {k: v for k, v in params.items() if k in _accepted_params(name)}
 
 
 def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> dict[str, list[Encoder]]:
@@ -240,7 +179,7 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
         The records, in task-major, encoder order.
     """
     _validate(config, encoders, tasks)
-    task_objs = [(name, resolve_task(name, _params_for(name, config.task_params, tasks))) for name in tasks]
+    task_objs = [(name, resolve_task(name, params_for(name, config.task_params, tasks))) for name in tasks]
     specs = expand_encoder_specs(encoders)
     for spec in specs:
         encoder_class(spec)  # fail on unknown names before loading anything
@@ -269,16 +208,19 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
     return out
 
 
+def run_settings(config: RunConfig) -> RunSettings:
+    """What a task reads of the run's configuration."""
+    return RunSettings(config.seed, config.batch_size, config.limit, config.context_len, CorpusSpec(config.corpus),
+                       SpliceConfig(config.splice_bos), config.progress, config.reuse_prefix, config.cache_references)
+
+
 def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Encoder]],
               config: RunConfig, specs: tuple[str, ...] = ()) -> list[records.RunRecord]:
     """Run `task` on the encoders of `groups` (one hookpoint, or several for a multi-hookpoint task),
     or, for a task without a model, on the encoder `specs`."""
     corpus = CorpusSpec(config.corpus)
-    single = None if task.multi_hookpoint or model is None else model.hookpoint(next(iter(groups)))
-    ctx = TaskContext(model, single, corpus, config.seed, config.batch_size,
-                      SpliceConfig(config.splice_bos), config.limit, config.context_len, progress=config.progress,
-                      reuse_prefix=config.reuse_prefix, cache_references=config.cache_references, groups=groups,
-                      specs=specs)
+    single = None if task.multi_hookpoint or model is None else next(iter(groups))
+    ctx = TaskContext.create(model, single, run_settings(config), groups=groups, specs=specs)
     base: dict[str, Any] = {"task": {"name": task.spec.name, "version": task.spec.version, "params": task.config(ctx)}}
     if model is None:
         base |= {"model": None, "seed": config.seed}
@@ -317,7 +259,7 @@ def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Enco
 
 def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: RunConfig) -> dict[str, records.RunRecord]:
     """Run the task for the rows in `todo` and write their records."""
-    ctx.partial = PartialStore(partial)
+    ctx.store = PartialStore(partial)
     ctx.wanted = frozenset(row.key for row, *_ in todo)
     by_key = {row_key(e.spec.label, hp): e for hp, group in ctx.groups.items() for e in group}
     per_hookpoint = task.needs_model and not task.multi_hookpoint  # results keyed by label, not Row.key
@@ -330,12 +272,12 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
     results = task.run(ctx, encoders)
     seconds = time.monotonic() - start
     if per_hookpoint:
-        results = {row_key(label, ctx.hookpoint.name): result for label, result in results.items()}
+        results = {row_key(label, ctx.hook.name): result for label, result in results.items()}
     answers = {row.key: _task_answers(counts_before[row.key], _answer_counts(by_key[row.key]))
                for row, *_ in todo if row.key in by_key}
     for row, *_ in todo:  # every encoder checked before any record of the task is written
         if _too_many_failed(counts := answers.get(row.key), config.max_failed):
-            ctx.partial.clear()  # its batches hold the failed answers: a rerun asks them again
+            ctx.store.clear()  # its batches hold the failed answers: a rerun asks them again
             bad = counts["failed"] + counts["unparsed"]
             raise SaebenchError(
                 f"{task.spec.name}: {counts['failed']} failed and {counts['unparsed']} unparsed of the "
@@ -357,7 +299,7 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
             rec.extra["encoder_data"] = enc.data_used
         _write(path, rec, results[row.key])
         done[row.key] = rec
-    ctx.partial.clear()
+    ctx.store.clear()
     return done
 
 

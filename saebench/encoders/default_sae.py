@@ -10,6 +10,8 @@ training, as they are passed through at evaluation.
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,6 +119,23 @@ def training_set(build: BuildContext, hookpoint: str, cfg: DefaultSAEConfig) -> 
                                cfg.train_tokens, cfg.context_len, cfg.seed, cfg.outlier_factor)
 
 
+@contextmanager
+def _trainer_progress(shown: bool) -> Iterator[None]:
+    """sae-lens's trainer always draws a progress bar and has no setting to hide it; under --quiet its module's
+    tqdm is swapped for a disabled one while it trains."""
+    if shown:
+        yield
+        return
+    from sae_lens.training import sae_trainer
+
+    original = sae_trainer.tqdm
+    sae_trainer.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        sae_trainer.tqdm = original
+
+
 def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Shuffled minibatches, reshuffled every epoch, forever (the trainer counts samples)."""
     gen = torch.Generator().manual_seed(seed)
@@ -160,7 +179,8 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, data: CorpusTr
         n_batches_for_norm_estimate=20, dead_feature_window=cfg.dead_window, feature_sampling_window=2000,
     )
     sae = sae_cls(sae_cfg)
-    SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed)).fit()
+    with _trainer_progress(build.progress):
+        SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed)).fit()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     try:

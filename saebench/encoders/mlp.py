@@ -6,8 +6,8 @@ Spec forms (options after '?', see saebench.encoders.dictionary for the syntax):
   at equal sparsity;
 - ``mlp``: with a task's known dictionary (synthetic data), trained against it; else trained jointly
   with a new decoder (unit-norm atoms, as in the paper's code).
-- ``sae`` on a task without a model (synthetic data) is the paper's SAE: this family with no hidden
-  layer, i.e. codes = ReLU(W x + b).
+- ``linear_sae`` is the paper's SAE: this family with no hidden layer, i.e. codes = ReLU(W x + b)
+  (LinearSAEEncoder; on synthetic data, trained on the task's samples).
 
 The encoder is hidden layers of ReLU(Linear) then a Linear to d_latent and ReLU (TopK when k > 0);
 the loss is MSE (mean over dimensions) + l1 * mean |code| (the paper's loss; no L1 term with TopK).
@@ -148,14 +148,6 @@ class MLPEncoder(Encoder):
         _, options = split_inner(arg)
         return cls("mlp", arg, family_options(MLPConfig(), options, build, "mlp"), build)
 
-    @classmethod
-    def amortised_sae(cls, arg: str | None, build: BuildContext) -> "MLPEncoder":
-        """The paper's SAE on a task's own data: no hidden layer, codes = ReLU(W x + b)."""
-        _, options = split_inner(arg)
-        if "hidden" in options:
-            raise SaebenchError("an SAE has no hidden layer; use mlp?hidden=... for an MLP encoder")
-        cfg = family_options(MLPConfig(), options, build, "sae")
-        return cls("sae", arg, replace(cfg, hidden="none"), build)
 
     @property
     def W_dec(self) -> Tensor:
@@ -242,3 +234,17 @@ class MLPEncoder(Encoder):
         self.W, self.b, self.scale = state["W"], state["b"], state["scale"]
         self.training_flops = state["training_flops"]
 
+
+class LinearSAEEncoder(MLPEncoder):
+    """``linear_sae``: an SAE that saebench trains itself, codes = ReLU(W_enc x + b_enc) (TopK when k > 0) and a
+    learned linear decoder: the SAE of O'Neill, Gumran & Klindt's amortisation-gap study, an MLP encoder with no
+    hidden layer. On a task without a model (synthetic) it trains on the task's samples; sae-lens's SAEs are
+    ``sae``."""
+
+    @classmethod
+    def from_arg(cls, arg: str | None, build: BuildContext) -> "LinearSAEEncoder":
+        _, options = split_inner(arg)
+        if "hidden" in options:
+            raise SaebenchError("linear_sae has no hidden layer; use mlp?hidden=... for an MLP encoder")
+        cfg = family_options(MLPConfig(), options, build, "linear_sae")
+        return cls("linear_sae", arg, replace(cfg, hidden="none"), build)

@@ -66,7 +66,7 @@ class ITOEncoder(Encoder):
         if not inner_arg:
             if build.model is not None:
                 raise SaebenchError("ito needs the encoder whose dictionary it searches: e.g. ito:sae:default")
-            inner_arg = "sae"  # a task's own data: the SAE trained there (its dictionary, or the known one)
+            inner_arg = "linear_sae"  # a task's own data: the SAE trained there (its dictionary, or the known one)
         if cfg.method not in METHODS:
             raise SaebenchError(f"ito option method={cfg.method!r}: use one of {', '.join(METHODS)}")
         if cfg.init not in ("zero", "encoder"):

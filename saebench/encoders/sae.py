@@ -6,8 +6,8 @@ Spec forms:
   saebench.encoders.default_sae.DefaultSAEConfig); ``@layers.5.resid_post`` places it at another hookpoint;
 - ``sae:<path>``: a directory in sae-lens format (cfg.json + sae_weights.safetensors);
 - ``sae:<release>/<sae_id>``: sae-lens's pretrained registry (downloads from the hub);
-- ``sae`` (options allowed, e.g. ``sae?l1=0.05``) on a task without a model: an SAE trained on the
-  task's own data (see saebench.encoders.mlp).
+On a task without a model, an SAE trained on the task's own samples is ``linear_sae``
+(saebench.encoders.mlp.LinearSAEEncoder), not this family.
 """
 
 import hashlib
@@ -108,9 +108,8 @@ class SAELensEncoder(Encoder):
     @classmethod
     def from_arg(cls, arg: str | None, build: BuildContext) -> "Encoder":
         if build.model is None and (not arg or arg.startswith("?")):
-            from saebench.encoders.mlp import MLPEncoder
-
-            return MLPEncoder.amortised_sae(arg, build)  # trained on the task's own data (synthetic)
+            raise SaebenchError("'sae' loads or trains sae-lens SAEs on a language model's activations, and this "
+                                "task has no model; an SAE trained on the task's own samples is 'linear_sae'")
         if not arg or arg.startswith("?"):
             raise SaebenchError(f"encoder 'sae' needs an argument: {USAGE}")
         if build.model is None and arg.split("?")[0] == "default":

@@ -1,28 +1,27 @@
-"""Task interface and the context the runner hands to a task.
+"""Task interface. The context the runner hands a task is in saebench.tasks.context and re-exported here.
 
 A task's identity (TaskSpec, MetricSpec) is defined with the records that carry it (saebench.records), so
 leaderboards read it without importing tasks; it is re-exported here for task plugins.
 """
 
-import sys
-import time
-from collections.abc import Iterator
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-from torch import Tensor
-from tqdm.auto import tqdm
-
 from saebench.checkpoints import PartialStore
-from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder, EncoderSpec
-from saebench.errors import SaebenchError
 from saebench.records import MetricSpec, TaskSpec
-from saebench.models import Hookpoint, LoadedModel
-from saebench.forward import HookpointForward, hookpoint_forward
-from saebench.splice import SpliceConfig, sink_mask
+from saebench.tasks.context import (
+    EvalText,
+    HookpointRun,
+    RunSettings,
+    TaskContext,
+    checked_length,
+    checkpointed_batches,
+)
+
+__all__ = ["EvalText", "HookpointRun", "MetricSpec", "PartialStore", "Row", "RunSettings", "Task", "TaskContext",
+           "TaskResult", "TaskSpec", "checked_length", "checkpointed_batches", "row_key"]
 
 
 @dataclass
@@ -52,126 +51,6 @@ class Row:
     hookpoint: str | None
     """A hookpoint name, or for a combination its hookpoints ('layers.{5,15,25}.resid_post'); None for a task
     without a model."""
-
-
-@dataclass
-class TaskContext:
-    """The model, hookpoint, data and settings a task runs with."""
-
-    model: LoadedModel | None
-    """The language model; None for a task that needs none (Task.needs_model False)."""
-    hookpoint: Hookpoint | None
-    """The hookpoint of a single-hookpoint task; None for a multi-hookpoint task (see `at`) or without a model."""
-    corpus: CorpusSpec
-    seed: int
-    batch_size: int
-    splice: SpliceConfig
-    limit: int | None
-    """The user's --limit (tokens or items, in the task's own unit); None for the task default."""
-    context_len: int | None
-    """The user's --context-len; None for the task default."""
-    partial: PartialStore = field(default_factory=lambda: PartialStore(None))
-    progress: bool = True
-    reuse_prefix: bool = True
-    """Run the layers below the hookpoint once per batch and only the layers above it per encoder."""
-    cache_references: bool = True
-    """Store the reference passes (clean, zero, mean) in saebench's cache and reuse them."""
-    warnings: list[str] = field(default_factory=list)
-    """Warnings raised while the task ran; stored in each record's extra.warnings."""
-    groups: dict[str, list[Encoder]] = field(default_factory=dict)
-    """The run's encoders by hookpoint name (a single-hookpoint task sees its own hookpoint only)."""
-    wanted: frozenset[str] | None = None
-    """Keys of the rows the runner needs (the others have finished records); None: every row."""
-    specs: tuple[str, ...] = ()
-    """The encoder spec strings of a task without a model, which builds (and fits) them on its own data."""
-    _forward: HookpointForward | None = None
-    _contexts: dict[tuple[int, int], Tensor] = field(default_factory=dict)
-    _mean: Tensor | None = None
-
-    def contexts(self, n_tokens: int, context_len: int) -> Tensor:
-        """(n_contexts, context_len) evaluation contexts (cached per size)."""
-        key = (n_tokens, context_len)
-        if key not in self._contexts:
-            tokens = token_contexts(self.model.tokenizer, self.corpus, context_len, n_tokens, self.seed,
-                                    self.model.bos_id)
-            if tokens.numel() < n_tokens:
-                self.warn(f"the {self.corpus.split} split of corpus {self.corpus.name!r} holds {tokens.numel()} "
-                          f"tokens in {context_len}-token contexts, fewer than the {n_tokens} asked for; "
-                          "evaluating all of them")
-            self._contexts[key] = tokens
-        return self._contexts[key]
-
-    def at(self, hookpoint: str) -> "TaskContext":
-        """This context at one hookpoint: its own forward passes and checkpoint store; the same data,
-        settings and warnings."""
-        return replace(self, hookpoint=self.model.hookpoint(hookpoint), partial=self.partial.sub(hookpoint),
-                       groups={hookpoint: self.groups.get(hookpoint, [])}, _forward=None, _mean=None)
-
-    def warn(self, message: str) -> None:
-        """Print a warning now and keep it for the records of this run (extra.warnings)."""
-        print(f"saebench: warning: {message}", file=sys.stderr)
-        self.warnings.append(message)
-
-    def keep_mask(self, tokens: Tensor) -> Tensor:
-        """(batch, seq) positions passed through unspliced: sinks unless --splice-bos."""
-        if self.splice.splice_bos:
-            return torch.zeros_like(tokens, dtype=torch.bool)
-        return sink_mask(tokens, self.model.bos_id)
-
-    @property
-    def forward(self) -> HookpointForward:
-        """Clean captures at the hookpoint and passes resumed from it (built on first use)."""
-        if self.hookpoint is None:
-            raise RuntimeError("a multi-hookpoint task has no single forward; use ctx.at(hookpoint).forward")
-        if self._forward is None:
-            self._forward = hookpoint_forward(self.model, self.hookpoint, self.reuse_prefix)
-        return self._forward
-
-    def capture(self, tokens: Tensor) -> Tensor:
-        """(batch, seq, d_in) activations at the hookpoint; the layers above it are not run."""
-        return self.forward.capture(tokens)
-
-    def set_activation_mean(self, mean: Tensor) -> None:
-        """Declare the (d_in,) mean activation over the task's evaluation tokens (sinks excluded)."""
-        self._mean = mean
-
-    def activation_mean(self) -> Tensor:
-        """(d_in,) float32 mean activation over the evaluation tokens, sinks excluded."""
-        if self._mean is None:
-            raise SaebenchError("the 'mean' encoder needs a mean activation over the task's evaluation tokens, "
-                                "which this task does not measure; use it with ce_kl")
-        return self._mean
-
-
-def checked_length(ctx: TaskContext, length: int) -> int:
-    """`length` (--max-len) if the model can take sequences that long; else one clear error."""
-    limit = ctx.model.max_positions
-    if length < 2:
-        raise SaebenchError(f"--max-len must be at least 2, not {length}")
-    if limit and length > limit:
-        raise SaebenchError(f"--max-len {length} is longer than model {ctx.model.name!r} supports ({limit} positions)")
-    return length
-
-
-def checkpointed_batches(ctx: TaskContext, n_items: int, state: dict, desc: str, seconds: float,
-                         store: PartialStore | None = None) -> Iterator[slice]:
-    """Batches of ctx.batch_size over `n_items`, with a progress bar, resuming after the state["done"]
-    batches an interrupted run finished, and saving `state` to `store` (default ctx.partial) at most
-    every `seconds` once the caller has added a batch to it."""
-    store = store or ctx.partial
-    starts = range(0, n_items, ctx.batch_size)
-    bar = tqdm(starts, desc=desc, unit="batch", disable=not ctx.progress, initial=state["done"])
-    last_save = time.monotonic()
-    for i, start in enumerate(starts):
-        if i < state["done"]:
-            continue
-        yield slice(start, start + ctx.batch_size)
-        state["done"] = i + 1
-        bar.update()
-        if time.monotonic() - last_save > seconds:
-            store.save(state)
-            last_save = time.monotonic()
-    bar.close()
 
 
 class Task(ABC):

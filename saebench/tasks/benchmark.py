@@ -105,7 +105,7 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
                    score_chunk: Callable[[range, Callable[[int], object]], ItemScores], desc: str,
                    chunks: list[range] | None = None) -> ItemScores:
     """One pass over n items in chunks (default: CHECKPOINT_ITEMS items each), each saved to
-    ctx.partial once done.
+    ctx.store once done.
 
     Args:
         name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
@@ -118,14 +118,14 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
     if chunks is None:
         chunks = [range(s, min(s + CHECKPOINT_ITEMS, n_items)) for s in range(0, n_items, CHECKPOINT_ITEMS)]
     parts = []
-    with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.progress) as bar:
+    with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.settings.progress) as bar:
         for items in chunks:
             piece_name = f"{key}-{items.start}-{items.stop}"
-            part = ctx.partial.load_piece(piece_name)
+            part = ctx.store.load_piece(piece_name)
             before = bar.n
             if part is None:
                 part = score_chunk(items, bar.update)
-                ctx.partial.save_piece(piece_name, part)
+                ctx.store.save_piece(piece_name, part)
             parts.append(part)
             bar.update(len(items) - (bar.n - before))
     return concat_scores(parts)
@@ -133,11 +133,11 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
 
 def benchmark_passes(ctx: TaskContext, encoders: list[Encoder]) -> dict[str, Encoder | None]:
     """The passes to run, prepared: 'clean' (None), 'zero' (the user's zero if given), then each encoder."""
-    zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hookpoint.name))
+    zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hook.name))
     passes: dict[str, Encoder | None] = {"clean": None, "zero": zero} | {e.spec.label: e for e in encoders}
     for enc in passes.values():
         if enc is not None:
-            enc.prepare(ctx)
+            enc.prepare(ctx.hook)
     return passes
 
 

@@ -23,7 +23,7 @@ from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
                                       PromptRecorder, benchmark_passes, compare, resumable_pass)
-from saebench.tasks.lm_eval_task import file_sha256
+from saebench.tasks.lm_eval_data import file_sha256
 
 BLANK = "XXXXX"
 SUBSETS = ("cn", "ne")
@@ -118,17 +118,17 @@ class CBTTask(Task):
         self.subset, self.data_file = subset.lower(), data_file
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(CBTConfig(self.subset, self.data_file, file_sha256(self.data_file), ctx.limit))
+        return asdict(CBTConfig(self.subset, self.data_file, file_sha256(self.data_file), ctx.settings.limit))
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        questions = load_questions(self.subset, self.data_file)[:ctx.limit]
+        questions = load_questions(self.subset, self.data_file)[:ctx.settings.limit]
         tokenized = [self._tokenize(ctx, q) for q in questions]
         scores = {label: resumable_pass(ctx, label, len(questions),
                                         partial(self._score_items, ctx, enc, questions, tokenized),
                                         f"cbt_{self.subset} {label}")
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
-        return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.seed, items)
+        return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed, items)
                 for e in encoders}
 
     def _score_items(self, ctx: TaskContext, enc: Encoder | None, questions: list[CBTQuestion],
@@ -171,7 +171,7 @@ class CBTTask(Task):
             conts[c, :len(seq)] = torch.tensor(seq)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        keep = conts == ctx.model.bos_id if not ctx.splice.splice_bos else torch.zeros_like(conts, dtype=torch.bool)
+        keep = conts == ctx.model.bos_id if not ctx.settings.splice.splice_bos else torch.zeros_like(conts, dtype=torch.bool)
         logp = torch.log_softmax(self._forward(ctx, enc, conts, keep, None, past_key_values=cache).logits.float(), -1)
         logp = logp.cpu()
         scores = torch.empty(n, dtype=torch.float64)
@@ -185,7 +185,7 @@ class CBTTask(Task):
         model = ctx.model.model
         if enc is None:
             return model(ids.to(ctx.model.device), **kwargs)
-        splice = Splice(ctx.hookpoint, enc, ctx.splice, on_chunk)
+        splice = Splice(ctx.hook.hookpoint, enc, ctx.settings.splice, on_chunk)
         splice.set_batch(ids, keep)
         with splice.installed():
             return model(ids.to(ctx.model.device), **kwargs)

@@ -114,7 +114,7 @@ class CEKLTask(Task):
 
     def settings(self, ctx: TaskContext) -> CEKLConfig:
         """Preset defaults overridden by the user's --limit / --context-len."""
-        return CEKLConfig(ctx.limit or self.defaults.tokens, ctx.context_len or self.defaults.context_len)
+        return CEKLConfig(ctx.settings.limit or self.defaults.tokens, ctx.settings.context_len or self.defaults.context_len)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
@@ -138,10 +138,10 @@ class CEKLTask(Task):
                 sub = ctx.at(hp)
                 found = self._run_hookpoint(sub, todo)
                 results |= {row_key(label, hp): result for label, result in found.items()}
-                means[hp] = sub.activation_mean()
+                means[hp] = sub.hook.activation_mean()
         if self.all_at_once:
             cfg = self.settings(ctx)
-            tokens = ctx.contexts(cfg.tokens, cfg.context_len)
+            tokens = ctx.text.contexts(cfg.tokens, cfg.context_len)
             for label, parts in joint_parts(ctx).items():
                 row = joint_row(label, parts)
                 if ctx.wanted is None or row.key in ctx.wanted:
@@ -151,7 +151,7 @@ class CEKLTask(Task):
                     # the single-hookpoint run of the lowest hookpoint stored the clean pass: reuse it
                     low = _stored_references(ctx.at(parts[0][0]), cfg, tokens)
                     clean = (low["acts"], low["normed"]) if low is not None and "normed" in low else None
-                    result = run_joint(ctx, tokens, parts, means, ctx.partial.sub(f"joint-{len(results)}"), clean)
+                    result = run_joint(ctx, tokens, parts, means, ctx.store.sub(f"joint-{len(results)}"), clean)
                     for metric in self.spec.metrics:  # activation metrics stay on the single rows
                         for field in (result.metrics, result.stderr, result.n):
                             field.setdefault(metric.name, None)
@@ -159,29 +159,29 @@ class CEKLTask(Task):
         return results
 
     def _mean_of(self, ctx: TaskContext, cfg: CEKLConfig, tokens: Tensor) -> Tensor:
-        """(d_in,) mean activation at ctx.hookpoint over the evaluation tokens: from the reference cache when
+        """(d_in,) mean activation at ctx.hook.hookpoint over the evaluation tokens: from the reference cache when
         an earlier run stored it, else captured now."""
         if (stored := _stored_references(ctx, cfg, tokens)) is not None:
             return stored["mean"]
-        acts = torch.cat([ctx.capture(tokens[s:s + ctx.batch_size]).cpu()
-                          for s in tqdm(range(0, len(tokens), ctx.batch_size), desc=f"mean {ctx.hookpoint.name}",
-                                        unit="batch", disable=not ctx.progress)])
+        acts = torch.cat([ctx.hook.capture(tokens[s:s + ctx.settings.batch_size]).cpu()
+                          for s in tqdm(range(0, len(tokens), ctx.settings.batch_size), desc=f"mean {ctx.hook.name}",
+                                        unit="batch", disable=not ctx.settings.progress)])
         return mean_activation(acts, tokens, ctx.model.bos_id)
 
     def _run_hookpoint(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        """The encoders of one hookpoint (ctx.hookpoint), keyed by label."""
+        """The encoders of one hookpoint (ctx.hook.hookpoint), keyed by label."""
         cfg = self.settings(ctx)
-        tokens = ctx.contexts(cfg.tokens, cfg.context_len)
-        hp = ctx.hookpoint.name
+        tokens = ctx.text.contexts(cfg.tokens, cfg.context_len)
+        hp = ctx.hook.name
         zero, mean = ZeroEncoder(ctx.model.d_model, hp), MeanEncoder(ctx.model.d_model, hp)
         passes = _unique([zero, mean, *encoders], hp)
-        cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.cache_references else None
+        cache = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)) if ctx.settings.cache_references else None
         stored = cache.load(tokens) if cache is not None else None
         if stored is not None and not _same_model_state(ctx, tokens, stored["acts"]):
             cache.discard("the model's activations on the first batch differ from the stored ones (same "
                           "model id, other weights or kernels)")
             stored = None
-        state = ctx.partial.load() or {"done": 0, "acts": [], "normed": [], "neg_entropy": [],
+        state = ctx.store.load() or {"done": 0, "acts": [], "normed": [], "neg_entropy": [],
                                        "sums": {k: PassSums(e.spec.d_latent) for k, e in passes.items()},
                                        "clean": {k: [] for k in CLEAN_SUMS}}
         refs = {_key(zero, hp): "zero", _key(mean, hp): "mean"}
@@ -191,11 +191,11 @@ class CEKLTask(Task):
         else:
             acts = self._capture_all(ctx, tokens, state)
             mean_vec = mean_activation(acts, tokens, ctx.model.bos_id)
-        ctx.set_activation_mean(mean_vec)
+        ctx.hook.set_activation_mean(mean_vec)
         for enc in passes.values():
-            enc.prepare(ctx)
+            enc.prepare(ctx.hook)
         todo = {k: e for k, e in passes.items() if stored is None or k not in refs}
-        batches = checkpointed_batches(ctx, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS)
+        batches = checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS)
         for sl in batches:
             cached = None if stored is None else {k: stored[k][sl] for k in ("clean.ce", "neg_entropy", "normed")
                                                   if k in stored}
@@ -211,13 +211,13 @@ class CEKLTask(Task):
     def _capture_all(self, ctx: TaskContext, tokens: Tensor, state: dict) -> Tensor:
         """(contexts, seq, d_model) clean activations at the hookpoint, run to the hookpoint only."""
         last_save = time.monotonic()
-        starts = range(0, len(tokens), ctx.batch_size)
+        starts = range(0, len(tokens), ctx.settings.batch_size)
         done = len(state["acts"])
-        for start in tqdm(starts[done:], desc=f"activations {ctx.hookpoint.name}", unit="batch",
-                          disable=not ctx.progress):
-            state["acts"].append(ctx.capture(tokens[start:start + ctx.batch_size]).cpu())
+        for start in tqdm(starts[done:], desc=f"activations {ctx.hook.name}", unit="batch",
+                          disable=not ctx.settings.progress):
+            state["acts"].append(ctx.hook.capture(tokens[start:start + ctx.settings.batch_size]).cpu())
             if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                ctx.partial.save(state)
+                ctx.store.save(state)
                 last_save = time.monotonic()
         return torch.cat(state["acts"])
 
@@ -241,13 +241,13 @@ class CEKLTask(Task):
         for key, enc in passes.items():
             sums: PassSums = state["sums"][key]
             sums.start_batch(len(batch))
-            spliced = splice_activations(acts, batch, keep, enc, ctx.splice,
-                                         sums.on_chunk(batch.shape[1], act_mask.reshape(-1)), ctx.hookpoint.name)
+            spliced = splice_activations(acts, batch, keep, enc, ctx.settings.splice,
+                                         sums.on_chunk(batch.shape[1], act_mask.reshape(-1)), ctx.hook.name)
             if torch.equal(spliced, acts):
                 # the reconstruction is exact: the spliced pass is the clean pass
                 sums.end_batch(clean_ce.clone(), torch.zeros(len(batch), dtype=torch.float64))
                 continue
-            logits = ctx.forward.resume(spliced, batch).logits
+            logits = ctx.hook.forward.resume(spliced, batch).logits
             # KL(clean || spliced) = sum_v p log p - sum_v p log q: the first term once per batch
             # (cached with the clean pass), the second per pass
             _, cross, nll = next_token_stats(logits, targets, p_clean)
@@ -262,10 +262,10 @@ class CEKLTask(Task):
         the LM head is not used, the pass from the clean activations). Otherwise computed from the suffix and recorded.
         """
         out = None
-        if stored is not None and "normed" in stored and ctx.forward.head is not None:
-            logits = ctx.forward.logits_from_normed(stored["normed"])
+        if stored is not None and "normed" in stored and ctx.hook.forward.head is not None:
+            logits = ctx.hook.forward.logits_from_normed(stored["normed"])
         else:
-            out = ctx.forward.resume(acts, batch)
+            out = ctx.hook.forward.resume(acts, batch)
             logits = out.logits
         if stored is not None:
             p_clean = probabilities(logits)
@@ -334,14 +334,14 @@ def _reference_key(ctx: TaskContext, cfg: CEKLConfig) -> dict[str, Any]:
 
     model = ctx.model
     return {"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
-            "device": torch.device(model.device).type, "hookpoint": ctx.hookpoint.name, "corpus": ctx.corpus.name,
-            "seed": ctx.seed, "context_len": cfg.context_len, "tokens": cfg.tokens,
-            "splice_bos": ctx.splice.splice_bos, "torch": torch.__version__, "transformers": transformers.__version__}
+            "device": torch.device(model.device).type, "hookpoint": ctx.hook.name, "corpus": ctx.settings.corpus.name,
+            "seed": ctx.settings.seed, "context_len": cfg.context_len, "tokens": cfg.tokens,
+            "splice_bos": ctx.settings.splice.splice_bos, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _stored_references(ctx: TaskContext, cfg: CEKLConfig, tokens: Tensor) -> dict[str, Tensor] | None:
-    """The reference cache's entry for ctx.hookpoint and these tokens, if there is a valid one."""
-    if not ctx.cache_references:
+    """The reference cache's entry for ctx.hook.hookpoint and these tokens, if there is a valid one."""
+    if not ctx.settings.cache_references:
         return None
     stored = ReferenceCache(cache_dir(), "ce_kl", _reference_key(ctx, cfg)).load(tokens)
     return stored if stored is not None and _same_model_state(ctx, tokens, stored["acts"]) else None
@@ -354,10 +354,10 @@ def _same_model_state(ctx: TaskContext, tokens: Tensor, stored_acts: Tensor) -> 
     attention kernel changed under the same id (an in-process edit, a bridged copy) would
     otherwise get another model's reference passes. Costs one pass to the hookpoint.
     """
-    fresh = ctx.capture(tokens[:ctx.batch_size]).cpu()
+    fresh = ctx.hook.capture(tokens[:ctx.settings.batch_size]).cpu()
     # exact: the same model gives the same activations for the same batch; another attention
     # kernel differs by rounding only, and that is enough to change the reference passes
-    return torch.equal(fresh, stored_acts[:ctx.batch_size])
+    return torch.equal(fresh, stored_acts[:ctx.settings.batch_size])
 
 
 def _key(enc: Encoder, hookpoint: str) -> str:

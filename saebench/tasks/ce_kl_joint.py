@@ -82,7 +82,7 @@ def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]]
                                                                  *[f"kl_{p}" for p in PASSES])}}
     label = parts[0][1].spec.label
     desc = f"ce_kl {label} at {hookpoint_pattern(list(subs))} at once"
-    for sl in checkpointed_batches(ctx, len(tokens), state, desc, CHECKPOINT_SECONDS, store):
+    for sl in checkpointed_batches(ctx.settings, store, len(tokens), state, desc, CHECKPOINT_SECONDS):
         cached = None if clean is None or head is None else (clean[0][sl], clean[1][sl])
         _batch(ctx, subs, head, tokens[sl], passes, state["sums"], cached)
     sums = {k: torch.cat(v) for k, v in state["sums"].items()}
@@ -101,7 +101,7 @@ def _batch(ctx: TaskContext, subs: dict[str, TaskContext], head: LMHead | None, 
     """One batch: the clean pass (from `cached` (activations at the lowest hookpoint, final norm's output)
     where given), then each pass from the lowest hookpoint with the splices above it as hooks."""
     hps = list(subs)
-    low = subs[hps[0]].forward
+    low = subs[hps[0]].hook.forward
     if cached is not None:
         act0, clean_src = cached[0].to(ctx.model.device), (cached[1].to(ctx.model.device), True)
     else:
@@ -112,10 +112,10 @@ def _batch(ctx: TaskContext, subs: dict[str, TaskContext], head: LMHead | None, 
     low.ensure_shape(batch)  # before the splice hooks go in: the shape's recording pass must stay clean
     outputs = {}
     for name, encoders in passes.items():
-        first = splice_activations(act0, batch, keep, encoders[0], ctx.splice, None, hps[0])
+        first = splice_activations(act0, batch, keep, encoders[0], ctx.settings.splice, None, hps[0])
         with ExitStack() as stack:
             for hp, enc in zip(hps[1:], encoders[1:]):
-                splice = Splice(subs[hp].hookpoint, enc, ctx.splice)
+                splice = Splice(subs[hp].hook.hookpoint, enc, ctx.settings.splice)
                 splice.set_batch(batch.to(act0.device), keep)
                 stack.enter_context(splice.installed())
             outputs[name] = head_input(low.resume(first, batch, logits=head is None), head)

@@ -179,8 +179,8 @@ class ContextSweepTask(Task):
     def settings(self, ctx: TaskContext) -> ContextSweepConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
         given = self.defaults.max_len  # 0 is a bad --max-len, not "unset"
-        max_len = checked_length(ctx, given if given is not None else min(1024, ctx.model.max_positions or 1024))
-        return ContextSweepConfig(max_len, ctx.limit or self.defaults.sequences)
+        max_len = checked_length(ctx.model, given if given is not None else min(1024, ctx.model.max_positions or 1024))
+        return ContextSweepConfig(max_len, ctx.settings.limit or self.defaults.sequences)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
@@ -199,21 +199,21 @@ class ContextSweepTask(Task):
         hps = list(dict.fromkeys(hp for _, _, hp in rows))
         subs = {hp: ctx.at(hp) for hp in hps}
         for _, enc, hp in rows:
-            enc.prepare(subs[hp])
-        seqs = long_sequences(ctx.model.tokenizer, ctx.corpus, length, cfg.sequences, ctx.seed, ctx.model.bos_id)
+            enc.prepare(subs[hp].hook)
+        seqs = long_sequences(ctx.model.tokenizer, ctx.settings.corpus, length, cfg.sequences, ctx.settings.seed, ctx.model.bos_id)
         print(f"saebench: context_sweep: {seqs.provenance()}", file=sys.stderr)
         if len(seqs.documents) < cfg.sequences:
-            ctx.warn(f"the {ctx.corpus.split} split of corpus {ctx.corpus.name!r} gives {len(seqs.documents)} "
+            ctx.text.warn(f"the {ctx.settings.corpus.split} split of corpus {ctx.settings.corpus.name!r} gives {len(seqs.documents)} "
                      f"sequences of {length} tokens, fewer than the {cfg.sequences} asked for; evaluating all of them")
         spans = buckets(length)
         member = self._member(length, spans, encoders)
-        state = ctx.partial.load() or {
+        state = ctx.store.load() or {
             "done": 0,
             "sums": {key: _Sums(length, member[enc.training_context], ctx.model.d_model) for key, enc, _ in rows},
             "clean": {hp: _Clean(length, ctx.model.d_model) for hp in hps}}
         head = LMHead.of(ctx.model.model, ctx.model.layers())
         tokens = seqs.tokens
-        for sl in checkpointed_batches(ctx, len(tokens), state, f"context_sweep ({len(rows)} encoder(s), {length} "
+        for sl in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"context_sweep ({len(rows)} encoder(s), {length} "
                                        "tokens)", CHECKPOINT_SECONDS):
             self._batch(ctx, subs, head, tokens[sl], rows, state)
         extra = {"sequences": seqs.provenance(), "documents_per_sequence": seqs.documents,
@@ -241,7 +241,7 @@ class ContextSweepTask(Task):
                rows: list[tuple[str, Encoder, str]], state: dict) -> None:
         """One batch: a clean pass capturing every hookpoint, then each encoder spliced from its hookpoint."""
         hps = list(subs)
-        clean, acts = capture_all([subs[hp].forward for hp in hps], batch)
+        clean, acts = capture_all([subs[hp].hook.forward for hp in hps], batch)
         clean_src = head_input(clean, head)
         del clean  # the (batch, seq, vocab) logits are not kept when the final norm's output is
         sinks = sink_mask(batch, ctx.model.bos_id)
@@ -254,7 +254,7 @@ class ContextSweepTask(Task):
         for key, enc, hp in rows:
             x = acts[hps.index(hp)]
             per_token = {k: torch.zeros(batch.numel(), dtype=torch.float64) for k in ("sse", "cos", "l0", "l1")}
-            spliced = splice_activations(x, batch, keep, enc, ctx.splice, self._on_chunk(per_token, enc), hp)
+            spliced = splice_activations(x, batch, keep, enc, ctx.settings.splice, self._on_chunk(per_token, enc), hp)
             sums: _Sums = state["sums"][key]
             norm = x.float().norm(dim=-1).double().cpu()
             sums.add("norm", norm, act_mask)
@@ -264,7 +264,7 @@ class ContextSweepTask(Task):
             if torch.equal(spliced, x):  # exact: the spliced pass is the clean pass
                 outputs[key] = None
                 continue
-            outputs[key] = head_input(subs[hp].forward.resume(spliced, batch, logits=head is None), head)
+            outputs[key] = head_input(subs[hp].hook.forward.resume(spliced, batch, logits=head is None), head)
         _, dce, kl = next_token_losses(head, clean_src, outputs, batch)
         for key, _, _ in rows:
             sums = state["sums"][key]

@@ -104,7 +104,7 @@ class ErrorPropagationTask(Task):
 
     def settings(self, ctx: TaskContext) -> ErrorPropagationConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
-        return ErrorPropagationConfig(checked_length(ctx, self.defaults.max_len), ctx.limit or self.defaults.sequences)
+        return ErrorPropagationConfig(checked_length(ctx.model, self.defaults.max_len), ctx.settings.limit or self.defaults.sequences)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
@@ -138,8 +138,8 @@ class ErrorPropagationTask(Task):
         hps = [hp for hp in downstream if any(h == hp for _, _, h in [*sources, *targets])]
         subs = {hp: ctx.at(hp) for hp in hps}
         for _, enc, hp in {key: (key, e, hp) for key, e, hp in [*sources, *targets]}.values():
-            enc.prepare(subs[hp])
-        tokens = ctx.contexts(cfg.sequences * cfg.max_len, cfg.max_len)  # (n_seq, max_len)
+            enc.prepare(subs[hp].hook)
+        tokens = ctx.text.contexts(cfg.sequences * cfg.max_len, cfg.max_len)  # (n_seq, max_len)
         n_seq = len(tokens)
 
         def sums() -> dict[str, Tensor]:
@@ -147,12 +147,12 @@ class ErrorPropagationTask(Task):
 
         # per-context sums over the scored tokens: of each target on clean activations, and of each
         # (source, target) pair on the activations the spliced source leads to
-        state = ctx.partial.load() or {
+        state = ctx.store.load() or {
             "done": 0, "tokens": torch.zeros(n_seq, dtype=torch.float64),
             "clean": {key: sums() for key, _, _ in targets},
             "spliced": {src: {key: sums() for key, _, _ in downstream[hp]} for src, _, hp in sources}}
         desc = f"error_propagation ({len(sources)} source(s), {len(targets)} downstream)"
-        for seqs in checkpointed_batches(ctx, n_seq, state, desc, CHECKPOINT_SECONDS):
+        for seqs in checkpointed_batches(ctx.settings, ctx.store, n_seq, state, desc, CHECKPOINT_SECONDS):
             self._batch(ctx, subs, tokens[seqs], seqs, sources, targets, downstream, state)
         return {src: self._result(state, state["spliced"][src], downstream[hp]) for src, _, hp in sources}
 
@@ -164,25 +164,25 @@ class ErrorPropagationTask(Task):
         from its hookpoint, capturing the later ones. `seqs` indexes the batch's contexts; their sums are
         assigned, not added (a batch rerun after a resume overwrites, never double-counts)."""
         hps = list(subs)
-        _, acts = capture_all([subs[hp].forward for hp in hps], batch)
+        _, acts = capture_all([subs[hp].hook.forward for hp in hps], batch)
         clean = dict(zip(hps, acts))
         scored = ~sink_mask(batch, ctx.model.bos_id)  # (B, L): positions 1.. that are not sinks
         keep = ctx.keep_mask(batch)
         state["tokens"][seqs] = scored.double().sum(1)
-        clean_sums = {key: self._measure(enc, clean[hp], batch, scored, ctx.splice.chunk_elements, hp)
+        clean_sums = {key: self._measure(enc, clean[hp], batch, scored, ctx.settings.splice.chunk_elements, hp)
                       for key, enc, hp in targets}
         for key, got in clean_sums.items():
             for q, value in got.items():
                 state["clean"][key][q][seqs] = value
         for src, enc, hp in sources:
             x = clean[hp]
-            spliced = splice_activations(x, batch, keep, enc, ctx.splice, where=hp)
+            spliced = splice_activations(x, batch, keep, enc, ctx.settings.splice, where=hp)
             later = downstream[hp]
             if torch.equal(spliced, x):  # exact: every later activation is the clean one
                 got = {key: clean_sums[key] for key, _, _ in later}
             else:
                 seen = self._resume_capturing(subs, hp, spliced, batch, {h for _, _, h in later})
-                got = {key: self._measure(e, seen[h], batch, scored, ctx.splice.chunk_elements, h)
+                got = {key: self._measure(e, seen[h], batch, scored, ctx.settings.splice.chunk_elements, h)
                        for key, e, h in later}
             for key, values in got.items():
                 for q, value in values.items():
@@ -193,7 +193,7 @@ class ErrorPropagationTask(Task):
                           later: set[str]) -> dict[str, Tensor]:
         """(batch, seq, d_model) activations at each of `later` when the model resumes from `spliced` at
         `source`."""
-        fwd = subs[source].forward
+        fwd = subs[source].hook.forward
         # a first pass of this shape is a full clean one: run it before the hooks, so they see only
         # the resumed pass (each keeps the last value written anyway)
         fwd.ensure_shape(batch)
@@ -206,7 +206,7 @@ class ErrorPropagationTask(Task):
 
         with ExitStack() as stack:
             for name in later:
-                stack.enter_context(hook_at(subs[name].hookpoint, keeper(name)))
+                stack.enter_context(hook_at(subs[name].hook.hookpoint, keeper(name)))
             fwd.resume(spliced, batch, logits=False)
         missing = later - set(seen)
         if missing:

@@ -6,19 +6,17 @@ per encoder, on the same requests. A `_RequestObserver` rides along each forward
 which item each (reordered, right-padded) batch row holds, for prompt CE and active latents.
 """
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from saebench.encoders.base import Encoder
-from saebench.errors import SaebenchError, did_you_mean
+from saebench.errors import SaebenchError
 from saebench.lm_eval_plugin import lm_eval_version_problem
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.lm_eval_data import check_json_data_file, file_sha256, load_lm_eval_task
 from saebench.tasks import benchmark
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
                                       PromptRecorder, benchmark_passes, compare, resumable_pass)
@@ -40,87 +38,6 @@ class LMEvalConfig:
     protocol: str
     """'lm_eval' (the task's own acc) or 'first_token' (argmax at the last prompt position)."""
     lm_eval_version: str
-
-
-def file_sha256(path: str | None) -> str | None:
-    """Hex sha256 of a data file (None for None); a missing file is a user error."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise SaebenchError(f"--data-file {path!r} does not exist")
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def check_json_data_file(path: str | None, fields: tuple[str, ...] = ()) -> None:
-    """A JSON or JSON-lines --data-file parses, holds rows, and each JSON-lines row has `fields`; or one clear
-    error naming the bad line (lm-eval would fail later with a traceback: StopIteration, jinja2 UndefinedError)."""
-    if path is None:
-        return
-    p = Path(path)
-    if not p.is_file():
-        raise SaebenchError(f"--data-file {path!r} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise SaebenchError(f"--data-file {path!r} is not valid JSON ({exc})") from exc
-        if not data:
-            raise SaebenchError(f"--data-file {path!r} holds no rows")
-        return
-    rows = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise SaebenchError(f"--data-file {path!r} line {number} is not valid JSON ({exc}); "
-                                "a JSON-lines file holds one JSON object per line") from exc
-        if not isinstance(row, dict):
-            raise SaebenchError(f"--data-file {path!r} line {number} is not a JSON object")
-        if missing := [f for f in fields if f not in row]:
-            raise SaebenchError(f"--data-file {path!r} line {number} has no {missing[0]!r} field (it has "
-                                f"{', '.join(map(repr, row)) or 'none'}); every line needs "
-                                f"{', '.join(map(repr, fields))}")
-        rows += 1
-    if not rows:
-        raise SaebenchError(f"--data-file {path!r} is empty; a JSON-lines file holds one JSON object per line")
-
-
-def load_lm_eval_task(name: str, include_path: str | None, data_file: str | None):
-    """Build one lm-eval task by name or YAML path; `data_file` replaces its evaluation split."""
-    from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    manager = TaskManager(include_path=include_path)
-    entry = manager.task_index.get(name)
-    if entry is None and not Path(name).is_file():
-        raise SaebenchError(f"unknown lm-eval task {name!r}{did_you_mean(name, manager.all_tasks)}; "
-                            "`lm_eval ls tasks` lists them")
-    spec: str | dict = name
-    if data_file is not None:
-        cfg = dict(entry.cfg) if entry is not None and entry.cfg else load_yaml(
-            entry.yaml_path if entry is not None else Path(name), resolve_func=True)
-        split = cfg.get("test_split") or cfg.get("validation_split") or "test"
-        spec = cfg | {"dataset_path": "json", "dataset_name": None,
-                      "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
-                      "test_split": split if cfg.get("test_split") else None,
-                      "validation_split": split if not cfg.get("test_split") else None}
-    from jinja2.exceptions import UndefinedError
-
-    try:
-        tasks = manager.load(spec)["tasks"]
-    except UndefinedError as exc:  # a document lacks a field the task's prompt template reads
-        raise SaebenchError(f"lm-eval task {name!r}: a document lacks a field its prompt template uses ({exc}); "
-                            "check --data-file's fields") from exc
-    except (OSError, ConnectionError, ValueError) as exc:
-        raise SaebenchError(f"could not load lm-eval task {name!r} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); offline, pass --data-file") from exc
-    if len(tasks) != 1:
-        raise SaebenchError(f"lm-eval {name!r} is a group of {len(tasks)} tasks; pass one task at a time")
-    return next(iter(tasks.values()))
 
 
 class _RequestObserver(PromptRecorder):
@@ -250,13 +167,13 @@ class LMEvalTask(Task):
         import lm_eval
 
         return asdict(LMEvalConfig(self.lm_eval_task, self.include_path, self.data_file,
-                                   file_sha256(self.data_file), ctx.limit, self.protocol, lm_eval.__version__))
+                                   file_sha256(self.data_file), ctx.settings.limit, self.protocol, lm_eval.__version__))
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         from saebench.tasks.spliced_lm import SplicedLM
 
         task = load_lm_eval_task(self.lm_eval_task, self.include_path, self.data_file)
-        task.build_all_requests(limit=ctx.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=ctx.settings.limit, rank=0, world_size=1)
         instances = sorted(task.instances, key=lambda i: (i.doc_id, i.idx))
         bad = {i.request_type for i in instances} - {"loglikelihood"}
         if bad:
@@ -266,12 +183,12 @@ class LMEvalTask(Task):
         rows_of: dict[int, list[int]] = {}
         for r, inst in enumerate(instances):
             rows_of.setdefault(inst.doc_id, []).append(r)
-        lm = SplicedLM(ctx.model, batch_size=ctx.batch_size)
-        lm.hookpoint, lm.splice_config = ctx.hookpoint, ctx.splice
+        lm = SplicedLM(ctx.model, batch_size=ctx.settings.batch_size)
+        lm.hookpoint, lm.splice_config = ctx.hook.hookpoint, ctx.settings.splice
         first = self._first_tokens(lm, task, instances, doc_ids)
         # chunks hold whole lm-eval batches, so a single-request task (lambada) runs in exactly the
         # batches lm-eval's own `hf` model makes (bf16 logits depend on a batch's padded shape)
-        order, chunks = _batching_plan(lm, instances, doc_ids, ctx.batch_size, benchmark.CHECKPOINT_ITEMS)
+        order, chunks = _batching_plan(lm, instances, doc_ids, ctx.settings.batch_size, benchmark.CHECKPOINT_ITEMS)
 
         def score_chunk(chunk: range, enc: Encoder | None) -> ItemScores:
             """One pass over the documents in `chunk`: lm-eval answers their requests in one call
@@ -296,7 +213,7 @@ class LMEvalTask(Task):
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}
-        return {e.spec.label: self._lift(compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.seed,
+        return {e.spec.label: self._lift(compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed,
                                                  items), metric_names)
                 for e in encoders}
 

@@ -67,13 +67,13 @@ def scored_positions(ctx: TaskContext, cfg: ScoredConfig) -> Scored:
     """One non-sink position per context, drawn with the run's seed."""
     if cfg.context_len <= cfg.min_position:
         raise SaebenchError(f"context_len {cfg.context_len} leaves no position at or after min_position {cfg.min_position}")
-    tokens = ctx.contexts(cfg.positions * cfg.context_len, cfg.context_len)
+    tokens = ctx.text.contexts(cfg.positions * cfg.context_len, cfg.context_len)
     keep = ~ctx.keep_mask(tokens)
     keep[:, :cfg.min_position] = False
-    gen = torch.Generator().manual_seed(ctx.seed)
+    gen = torch.Generator().manual_seed(ctx.settings.seed)
     weights = keep.float() + 1e-12 * (keep.sum(1, keepdim=True) == 0)
     positions = torch.multinomial(weights, 1, generator=gen).squeeze(1)
-    acts = torch.cat([ctx.capture(tokens[s:s + ctx.batch_size]) for s in range(0, len(tokens), ctx.batch_size)])
+    acts = torch.cat([ctx.hook.capture(tokens[s:s + ctx.settings.batch_size]) for s in range(0, len(tokens), ctx.settings.batch_size)])
     return Scored(tokens, positions, acts)
 
 
@@ -160,11 +160,11 @@ class LatentRecallTask(Task):
         self.defaults = ScoredConfig(int(positions), int(context_len), int(min_position))
 
     def settings(self, ctx: TaskContext) -> ScoredConfig:
-        return ScoredConfig(ctx.limit or self.defaults.positions, ctx.context_len or self.defaults.context_len,
+        return ScoredConfig(ctx.settings.limit or self.defaults.positions, ctx.settings.context_len or self.defaults.context_len,
                             self.defaults.min_position)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(self.settings(ctx)) | {"corpus": ctx.corpus.name, "split": ctx.corpus.split}
+        return asdict(self.settings(ctx)) | {"corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
 
     @torch.no_grad()
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
@@ -185,12 +185,12 @@ class LatentRecallTask(Task):
         """(n, vocab) log-probs at each scored position, with `patch` (n, d_in) put at that position only."""
         out = []
         rows = torch.arange(len(data.positions))
-        for s in range(0, len(rows), ctx.batch_size):
-            sl = slice(s, s + ctx.batch_size)
+        for s in range(0, len(rows), ctx.settings.batch_size):
+            sl = slice(s, s + ctx.settings.batch_size)
             hidden = data.acts[sl].clone()
             if patch is not None:
                 hidden[torch.arange(hidden.shape[0]), data.positions[sl].to(hidden.device)] = patch[sl].to(hidden)
-            logits = ctx.forward.resume(hidden, data.tokens[sl]).logits
+            logits = ctx.hook.forward.resume(hidden, data.tokens[sl]).logits
             at = logits[torch.arange(logits.shape[0]), data.positions[sl].to(logits.device)]
             out.append(torch.log_softmax(at.float(), -1).cpu())
         return torch.cat(out)
@@ -201,7 +201,7 @@ class LatentRecallTask(Task):
         d = sim.d_latent
         per: list[dict[str, Any]] = []
         curve = {t: {"recall": [], "specificity": [], "expected_active": []} for t in THRESHOLDS}
-        gen = torch.Generator().manual_seed(ctx.seed)
+        gen = torch.Generator().manual_seed(ctx.settings.seed)
         W = enc.W_dec.detach()
         for i in range(len(sim.candidates)):
             p = sim.p_active[i]
@@ -294,7 +294,7 @@ class ValueCorrelationTask(LatentRecallTask):
         metrics, stderr, n = {}, {}, {}
         stats = {"pearson_bin": (pearsonr, 2), "spearman_bin": (spearmanr, 2),
                  "pearson_quantile": (pearsonr, 3), "spearman_quantile": (spearmanr, 3)}
-        rng = np.random.default_rng(ctx.seed)
+        rng = np.random.default_rng(ctx.settings.seed)
         groups = [np.flatnonzero(arr[:, 0] == i) for i in range(len(sim.candidates))]
         boots = [np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))]) for _ in range(200)]
         for name, (fn, col) in stats.items():

@@ -174,7 +174,7 @@ class SyntheticTask(Task):
         return asdict(cfg)
 
     def _cfg(self, ctx: TaskContext) -> SyntheticConfig:
-        return replace(self.cfg, test_samples=ctx.limit) if ctx.limit else self.cfg
+        return replace(self.cfg, test_samples=ctx.settings.limit) if ctx.settings.limit else self.cfg
 
     def check_specs(self, specs: list[str]) -> None:
         for spec in specs:
@@ -199,14 +199,14 @@ class SyntheticTask(Task):
         cells += [c for c in parse_grid(cfg.grid) if c not in cells]
         jobs = list(product(cells, regimes, range(cfg.seeds)))
         per: dict[tuple, dict[str, dict[str, float]]] = {}
-        for cell, regime, i in tqdm(jobs, desc="synthetic", unit="fit set", disable=not ctx.progress):
+        for cell, regime, i in tqdm(jobs, desc="synthetic", unit="fit set", disable=not ctx.settings.progress):
             name = f"{cell[0]}-{cell[1]}-{cell[2]}-{regime}-{i}"
-            done = ctx.partial.load_piece(name)
+            done = ctx.store.load_piece(name)
             if done is None:
                 n, m, k = cell
                 done = self._one(replace(cfg, n_sources=n, n_measurements=m, k_active=k), regime,
-                                 ctx.seed + i, ctx.specs)
-                ctx.partial.save_piece(name, done)
+                                 ctx.settings.seed + i, ctx.specs)
+                ctx.store.save_piece(name, done)
             per[(cell, regime, i)] = done
         return {row.key: self._result(row.key, per, cells, regimes, cfg) for row in rows}
 

@@ -188,13 +188,13 @@ class TruncationCurveTask(Task):
 
     def settings(self, ctx: TaskContext) -> TruncationConfig:
         """Preset defaults overridden by the user's --limit / --context-len."""
-        return TruncationConfig(ctx.limit or self.defaults.tokens, ctx.context_len or self.defaults.context_len,
+        return TruncationConfig(ctx.settings.limit or self.defaults.tokens, ctx.settings.context_len or self.defaults.context_len,
                                 self.defaults.fractions)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         cfg = self.settings(ctx)
         return {"tokens": cfg.tokens, "context_len": cfg.context_len, "fractions": list(cfg.fractions),
-                "corpus": ctx.corpus.name, "split": ctx.corpus.split}
+                "corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         for enc in encoders:
@@ -203,15 +203,15 @@ class TruncationCurveTask(Task):
                                     "has none (use an encoder with latents: sae, ito, sparse_coding, mlp, llm_sim; "
                                     "e.g. sae:default)")
         cfg = self.settings(ctx)
-        tokens = ctx.contexts(cfg.tokens, cfg.context_len)
+        tokens = ctx.text.contexts(cfg.tokens, cfg.context_len)
         fresh = {"done": 0, "ce": [], "n_pred": [], "n_act": [],
                  **{_key(e, m, f): {"kl": [], "ce": [], "l0": []} for e in encoders for m, f in _passes(cfg)}}
-        state = ctx.partial.load()
+        state = ctx.store.load()
         if state is None or state.keys() != fresh.keys():  # none, or saved by other code: start again
             state = fresh
         for enc in encoders:
-            enc.prepare(ctx)
-        for sl in checkpointed_batches(ctx, len(tokens), state, f"truncation_curve {ctx.hookpoint.name}", 60.0):
+            enc.prepare(ctx.hook)
+        for sl in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"truncation_curve {ctx.hook.name}", 60.0):
             self._batch(ctx, tokens[sl], sl.start, encoders, cfg, state)
         return {enc.spec.label: self._result(state, enc, cfg) for enc in encoders}
 
@@ -219,25 +219,25 @@ class TruncationCurveTask(Task):
     def _batch(self, ctx: TaskContext, batch: Tensor, start: int, encoders: list[Encoder], cfg: TruncationConfig,
                state: dict) -> None:
         """One batch: the clean pass, then every encoder's passes, their per-context sums added to `state`."""
-        head, hp = ctx.forward.head, ctx.hookpoint.name
-        acts = ctx.capture(batch)  # (B, T, d)
+        head, hp = ctx.hook.forward.head, ctx.hook.name
+        acts = ctx.hook.capture(batch)  # (B, T, d)
         keep = ctx.keep_mask(batch)
         sinks = sink_mask(batch, ctx.model.bos_id)
         act_mask = (~sinks).double()  # positions averaged for L0, as in ce_kl
         pred_mask = (~sinks[:, :-1] & ~sinks[:, 1:]).double()  # predictions scored, as in ce_kl
-        clean = head_input(ctx.forward.resume(acts, batch, logits=head is None), head)
+        clean = head_input(ctx.hook.forward.resume(acts, batch, logits=head is None), head)
         pending: dict[str, HeadInput] = {}
         ce_clean = None
         for enc in encoders:
             codes = _BatchCodes(batch.numel())
             for mode, f in _passes(cfg):
                 inner = enc if f == 1 else _Truncated(enc, codes, batch.shape[1], f, mode)
-                hidden = splice_activations(acts, batch, keep, inner, ctx.splice, codes.record if f == 1 else None, hp)
+                hidden = splice_activations(acts, batch, keep, inner, ctx.settings.splice, codes.record if f == 1 else None, hp)
                 if f == 1:
-                    codes.finish(torch.Generator().manual_seed(ctx.seed * 1_000_003 + start))
+                    codes.finish(torch.Generator().manual_seed(ctx.settings.seed * 1_000_003 + start))
                 key = _key(enc, mode, f)
                 state[key]["l0"].append(sum_by_row(kept_count(codes.l0, f).view(batch.shape), act_mask))
-                pending[key] = head_input(ctx.forward.resume(hidden, batch, logits=head is None), head)
+                pending[key] = head_input(ctx.hook.forward.resume(hidden, batch, logits=head is None), head)
                 if head is None:  # logits are vocabulary-sized: score them one pass at a time
                     ce_clean = _score(head, clean, pending, batch, pred_mask, state)
         if pending:  # final-norm outputs are small: scored together, the clean log-probabilities once

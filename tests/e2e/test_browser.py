@@ -51,7 +51,7 @@ def site(tmp_path_factory, tiny_tokenizer):
     config = RunConfig(output_dir=runs, limit=512, context_len=32, progress=False)
     evaluate(make_tiny("llama", tiny_tokenizer), [f"sae:{tmp / 'sae'}", f"ito:sae:{tmp / 'sae'}", "identity", "zero",
                                                    "mean"], ["ce_kl"], config)
-    evaluate(None, ["sae", "ito"], ["synthetic?seeds=2&steps=50&regimes=known_dict&train_samples=64&test_samples=64"
+    evaluate(None, ["linear_sae", "ito"], ["synthetic?seeds=2&steps=50&regimes=known_dict&train_samples=64&test_samples=64"
                                     "&grid=8,4,2"], RunConfig(output_dir=runs, progress=False))
     write_leaderboards(runs, tmp / "lb")
     return tmp / "lb"

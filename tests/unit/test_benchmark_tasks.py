@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from saebench.corpus import CorpusSpec
 from saebench.encoders.baselines import IdentityEncoder, ZeroEncoder
 from saebench.errors import SaebenchError
 from saebench.models import load_model
 from saebench.runner import resolve_task
-from saebench.splice import SpliceConfig
-from saebench.tasks.base import TaskContext
+from saebench.tasks.base import RunSettings, TaskContext
 from saebench.tasks.benchmark import feature_scores, paired_bootstrap_se, top_features
 from saebench.tasks.cbt import CBTTask, detokenize, parse_cbt
 from saebench.tasks.lm_eval_task import LambadaFirstTokenTask, LambadaTask, LMEvalTask
@@ -34,8 +32,7 @@ def tiny(tmp_path_factory):
 
 
 def _ctx(model, limit=None) -> TaskContext:
-    return TaskContext(model, model.hookpoint(HOOKPOINT), CorpusSpec("wiki"), 0, 4, SpliceConfig(), limit, None,
-                       progress=False)
+    return TaskContext.create(model, HOOKPOINT, RunSettings(batch_size=4, limit=limit, progress=False))
 
 
 def _encoders(model):

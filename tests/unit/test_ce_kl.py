@@ -8,9 +8,8 @@ import pytest
 from saebench import RunConfig, evaluate
 from saebench.encoders.base import BuildContext, EncodeContext, Encoder, EncoderSpec
 from saebench.splice import sink_mask
-from saebench.tasks.base import TaskContext
+from saebench.tasks.base import EvalText, RunSettings, TaskContext
 from saebench.corpus import CorpusSpec
-from saebench.splice import SpliceConfig
 
 
 def run(model, encoders, tmp_path, **kw):
@@ -36,8 +35,7 @@ def test_identity_recovers_everything_and_zero_nothing(tiny_llama, tmp_path):
 
 
 def _contexts(model, limit, ctx_len):
-    return TaskContext(model, model.hookpoint("layers.1.resid_pre"), CorpusSpec(), 0, 8, SpliceConfig(),
-                       None, None).contexts(limit, ctx_len)
+    return EvalText(model, RunSettings()).contexts(limit, ctx_len)
 
 
 def _scored_predictions(model, limit, ctx_len):
@@ -78,10 +76,9 @@ def test_metrics_match_hand_computation(tiny_llama, tmp_path):
     config = RunConfig(limit=256, context_len=32, output_dir=tmp_path, progress=False)
     rec = _run_task(resolve_task("ce_kl"), tiny_llama, {"layers.1.resid_pre": [enc]}, config)[0]
     # hand computation on the same tokens
-    ctx = TaskContext(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), CorpusSpec(), 0, 8, SpliceConfig(),
-                      None, None)
-    toks = ctx.contexts(256, 32)
-    x = ctx.capture(toks).double()[~sink_mask(toks, tiny_llama.bos_id)]
+    ctx = TaskContext.create(tiny_llama, "layers.1.resid_pre", RunSettings())
+    toks = ctx.text.contexts(256, 32)
+    x = ctx.hook.capture(toks).double()[~sink_mask(toks, tiny_llama.bos_id)]
     err = x / 2
     assert rec.metrics["mse"] == pytest.approx(((err**2).sum(1) / 32).mean().item(), rel=1e-5)
     assert rec.metrics["cos"] == pytest.approx(1.0, abs=1e-6)
@@ -175,7 +172,7 @@ def test_a_rerun_with_another_batch_size_does_not_misread_the_checkpoint(tiny_ll
 
 
 def test_a_corpus_shorter_than_asked_is_a_warning_kept_in_the_record(tiny_llama, tmp_path, monkeypatch, capsys):
-    from saebench.tasks import base
+    from saebench.tasks import context as base
 
     real = base.token_contexts
 

@@ -180,11 +180,11 @@ def test_an_sae_at_a_hook_saebench_cannot_splice_is_refused(tiny_llama_dir, tmp_
 
 
 def test_data_file_goes_only_to_the_tasks_that_take_it(tiny_llama_dir, tmp_path, capsys):
-    from saebench.runner import _params_for
+    from saebench.tasks.names import params_for
 
     params = {"data_file": "x.jsonl"}
-    assert _params_for("ce_kl", params, ["ce_kl", "lambada"]) == {}
-    assert _params_for("lambada", params, ["ce_kl", "lambada"]) == params
+    assert params_for("ce_kl", params, ["ce_kl", "lambada"]) == {}
+    assert params_for("lambada", params, ["ce_kl", "lambada"]) == params
     out = tmp_path / "runs"
     code, err = run_cli(["run", "--model", str(tiny_llama_dir), "--encoder", "identity", "--task", "ce_kl",
                          "--data-file", "x.jsonl"], capsys, out)

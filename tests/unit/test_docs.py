@@ -375,52 +375,18 @@ def test_encoder_example_satisfies_the_encoder_interface():
         assert codes.indices.shape == codes.values.shape and codes.d_latent == enc.spec.d_latent
 
 
-class FakeTaskContext:
-    """What the task example reads of a TaskContext, over random token contexts and a random embedding
-    standing in for the activations at the hookpoint (no model)."""
-
-    bos = 0
-    batch_size = 4
-    seed = 0
-    limit = None
-    context_len = None
-
-    def __init__(self, d_in: int = 16, vocab: int = 50):
-        self.gen = torch.Generator().manual_seed(0)
-        self.embedding = torch.randn(vocab, d_in, generator=self.gen)
-        self.vocab = vocab
-        self.mean = None
-
-    def contexts(self, n_tokens: int, context_len: int) -> torch.Tensor:
-        tokens = torch.randint(1, self.vocab, (max(1, n_tokens // context_len), context_len), generator=self.gen)
-        tokens[:, 0] = self.bos
-        return tokens
-
-    def keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens == self.bos
-
-    def capture(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding[tokens]
-
-    def set_activation_mean(self, mean: torch.Tensor) -> None:
-        self.mean = mean
-
-    def activation_mean(self) -> torch.Tensor:
-        return self.mean
-
-
-def test_task_example_declares_a_spec_and_runs_on_fake_data():
+def test_task_example_declares_a_spec_and_runs_on_a_tiny_model(tiny_llama):
     from saebench.encoders.base import BuildContext, Encoder
-    from saebench.tasks.base import Task, TaskResult, TaskSpec
+    from saebench.tasks.base import RunSettings, Task, TaskContext, TaskResult, TaskSpec
 
     cls = defined_subclass(example("task"), Task)
     assert isinstance(cls.spec, TaskSpec) and isinstance(cls.spec.version, int)
     assert cls.spec.headline in {m.name for m in cls.spec.metrics}
     task = cls.from_params({"tokens": "256", "context_len": "16"})  # ?options arrive as text
-    ctx = FakeTaskContext()
+    ctx = TaskContext.create(tiny_llama, "layers.1.resid_pre", RunSettings(batch_size=4, progress=False))
     assert isinstance(task.config(ctx), dict)
 
-    build = BuildContext(None, None, None, width=16)
+    build = BuildContext(None, None, None, width=tiny_llama.d_model)
     identity = builtin("saebench.encoders", "identity").from_arg(None, build)
     mean = builtin("saebench.encoders", "mean").from_arg(None, build)
     plugin = defined_subclass(example("encoder"), Encoder).from_arg("4", build)

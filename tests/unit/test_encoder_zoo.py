@@ -102,7 +102,7 @@ def test_learned_dictionary_and_mlp_fit_are_deterministic_given_the_seed():
 def test_ito_from_the_encoders_own_code_keeps_its_support():
     D, S, X = problem(n_atoms=32, d=16, k=3, n=16, seed=5)
     build = given(D, X, steps="200")
-    sae = build.build("sae")
+    sae = build.build("linear_sae")
     refit = build.build("ito?method=omp&k=3&init=encoder")
     assert refit.inner is sae  # built once, shared
     mine = dense(sae.encode(X, unknown_text(16)))

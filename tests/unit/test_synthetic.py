@@ -32,32 +32,32 @@ def test_problem_has_exactly_k_active_sources_and_unit_atoms():
     assert not torch.equal(make_problem(cfg, seed=2)["D"], data["D"])
 
 
-def test_synthetic_runs_without_a_model_and_ito_beats_the_sae_on_the_known_dictionary(tmp_path):
+def test_synthetic_runs_without_a_model_and_ito_beats_the_linear_sae_on_the_known_dictionary(tmp_path):
     out = tmp_path / "runs"
     config = RunConfig(output_dir=out, progress=False)
     task = "synthetic?seeds=2&steps=400&regimes=known_dict,unknown&train_samples=512&test_samples=512"
-    recs = evaluate(None, ["sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"], [task], config)
+    recs = evaluate(None, ["linear_sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"], [task], config)
     by = {r.encoder["label"]: r for r in recs}
-    assert set(by) == {"sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"}
+    assert set(by) == {"linear_sae", "ito", "sparse_coding?steps=100", "mlp?hidden=16"}
     for rec in recs:
         assert rec.model is None and rec.hookpoint is None and rec.config["task"]["params"]["steps"] == 400
         assert rec.n["latent_mcc_known_dict"] == 2 and rec.metrics["latent_mcc_known_codes"] is None
-    assert by["ito"].metrics["latent_mcc_known_dict"] > by["sae"].metrics["latent_mcc_known_dict"] + 0.1
+    assert by["ito"].metrics["latent_mcc_known_dict"] > by["linear_sae"].metrics["latent_mcc_known_dict"] + 0.1
     assert by["ito"].metrics["l0_known_dict"] == pytest.approx(3.0, abs=0.05)  # k = K
-    assert by["sae"].metrics["dict_mcc_known_dict"] == pytest.approx(1.0)  # the given dictionary
-    assert by["sae"].metrics["encode_flops"] == 2 * 8 * 16
+    assert by["linear_sae"].metrics["dict_mcc_known_dict"] == pytest.approx(1.0)  # the given dictionary
+    assert by["linear_sae"].metrics["encode_flops"] == 2 * 8 * 16
     md = (tmp_path / "lb" / "synthetic.md")
     write_leaderboards(out, tmp_path / "lb")
     text = md.read_text()
     assert "no language model" in text and "hookpoint" not in text
-    again = evaluate(None, ["sae"], [task], config)  # the finished record is reused
-    assert again[0].config_hash == by["sae"].config_hash and again[0].created == by["sae"].created
+    again = evaluate(None, ["linear_sae"], [task], config)  # the finished record is reused
+    assert again[0].config_hash == by["linear_sae"].config_hash and again[0].created == by["linear_sae"].created
 
 
 def test_synthetic_grid_draws_the_mcc_gap(tmp_path):
     out = tmp_path / "runs"
     task = "synthetic?seeds=2&steps=50&regimes=known_dict&train_samples=64&test_samples=64&grid=8,4,2;12,6,2"
-    recs = evaluate(None, ["sae", "ito"], [task], RunConfig(output_dir=out, progress=False))
+    recs = evaluate(None, ["linear_sae", "ito"], [task], RunConfig(output_dir=out, progress=False))
     details = [json.loads(line) for line in (out / "synthetic" / recs[1].details_file).read_text().splitlines()]
     gaps = [d for d in details if d.get("curve") == "grid"]
     assert [g["x"] for g in gaps] == ["N=16 M=8 K=3", "N=8 M=4 K=2", "N=12 M=6 K=2"]
@@ -75,8 +75,15 @@ def test_synthetic_grid_draws_the_mcc_gap(tmp_path):
 ])
 def test_bad_synthetic_config_is_one_line_and_exit_2(task, pattern, tmp_path, capsys):
     out = tmp_path / "runs"
-    code, err = run_cli(["run", "--task", task, "--encoder", "sae"], capsys, out)
+    code, err = run_cli(["run", "--task", task, "--encoder", "linear_sae"], capsys, out)
     assert_clean_failure(code, err, out, pattern)
+
+
+def test_sae_without_a_model_names_linear_sae(tmp_path, capsys):
+    """'sae' means sae-lens's SAEs; on a task without a model the SAE trained on the task's samples has its own name."""
+    out = tmp_path / "runs"
+    code, err = run_cli(["run", "--task", "synthetic", "--encoder", "sae"], capsys, out)
+    assert_clean_failure(code, err, out, "an SAE trained on the task's own samples is 'linear_sae'")
 
 
 def test_a_model_task_without_a_model_says_so(tmp_path, capsys):
