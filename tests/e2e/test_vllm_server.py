@@ -89,7 +89,8 @@ def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server)
     """It kills the shared server: last in the module so the tests above share one start; a later test that
     asks for `vllm_server` gets a fresh one."""
     proc, url = vllm_server
-    llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.2, cache=ResponseCache(None), progress=False)
+    # backoff 10 ms: every refused request is still retried twice and counted, without ~2 minutes of sleeping
+    llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.01, cache=ResponseCache(None), progress=False)
     answers: list = []
     worker = threading.Thread(target=lambda: answers.extend(llm.choice_probs(_prompts(400), ("1", "0"))))
     worker.start()
