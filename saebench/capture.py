@@ -24,8 +24,8 @@ from saebench.models import Hookpoint, LoadedModel
 from saebench.records import config_hash
 from saebench.splice import sink_mask
 
-DEFAULT_CORPUS = "wiki"
-"""The corpus caches were keyed without naming; any other corpus is named in a key."""
+DEFAULT_CORPUS = CorpusSpec().name
+"""The embedded text, which caches were keyed without naming; any other corpus is named in a key."""
 SAMPLE_VERSION = 1
 """Bumped when latent_sample's computation changes (cached samples are then recomputed)."""
 

@@ -16,7 +16,8 @@ def _run_parser(sub) -> None:
                                    "without a language model (synthetic)")
     p.add_argument("--encoder", action="append", default=[], metavar="SPEC",
                    help="encoder spec, repeatable: identity, zero, mean, sae:default, sae:<path>, "
-                        "sae:<release>/<sae_id>, ito:<spec>, sparse_coding[:<spec>], mlp[:<spec>], or a plugin's "
+                        "sae:<release>/<sae_id>, ito:<spec>, sparse_coding[:<spec>], mlp[:<spec>], linear_sae, "
+                        "llm_sim:<spec>, or a plugin's "
                         "name[:arg]; '?key=value&...' sets options; '@layers.5.resid_post' places it, "
                         "braces expand ('sae:default@layers.{5,15,25}.resid_post'), presets from "
                         "`saebench list encoders` stand for their lists")
