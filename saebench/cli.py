@@ -1,4 +1,4 @@
-"""saebench command line: run, list, leaderboard."""
+"""saebench command line: run, sweep, list, leaderboard."""
 
 import argparse
 import os
@@ -96,6 +96,35 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of models x encoders x tasks x seeds from a YAML file",
+                       description="Expand SWEEP.yaml (docs/sweeps.md) into jobs, each one `saebench run` of a model, "
+                                   "an encoder entry, a task and a seed, and run them one after another or on Ray. "
+                                   "All records go to --output; a rerun reuses finished records and computes only "
+                                   "the missing ones. Exit code 1 when a job failed, 2 on bad input.")
+    p.add_argument("sweep", type=Path, metavar="SWEEP.yaml", help="the sweep file")
+    p.add_argument("--output", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
+    p.add_argument("--shard", metavar="I/N", help="run only jobs k with k %% N == I (0 <= I < N), e.g. "
+                                                  "$SLURM_ARRAY_TASK_ID/N in a SLURM job array")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run each job as a Ray task: alone, a local Ray (or $RAY_ADDRESS's); with ADDRESS, that "
+                        "cluster's (auto, ray://host:10001); needs pip install 'saebench[ray]'")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_sweep(args) -> int:
+    from saebench.sweep import load_sweep, run_sweep
+
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    summary = run_sweep(load_sweep(args.sweep), args.output, shard=args.shard, ray_address=args.ray,
+                        quiet=args.quiet)
+    print(summary.line())
+    return 1 if summary.failed else 0
+
+
 def _cmd_list(args) -> int:
     from tabulate import tabulate
 
@@ -149,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"saebench {SAEBENCH_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _sweep_parser(sub)
     p = sub.add_parser("list", help="list encoders, tasks or models", description="List what can be run.")
     p.add_argument("what", choices=("encoders", "tasks", "models"))
     p = sub.add_parser("leaderboard", help="turn records into markdown, CSV and HTML leaderboards with plots",
@@ -164,15 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """' (rank N)' in the messages of a data-parallel run's ranks other than 0 (torchrun / accelerate set RANK)."""
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {rank})" if rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; user errors print one line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard}
+    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "list": _cmd_list, "leaderboard": _cmd_leaderboard}
     try:
         return commands[args.command](args)
     except SaebenchError as exc:
-        print(f"saebench: error: {exc}", file=sys.stderr)
+        print(f"saebench: error{_rank()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saebench: interrupted; finished records are kept and a rerun resumes", file=sys.stderr)

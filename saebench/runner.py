@@ -6,7 +6,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from saebench import records
+from saebench import distributed, records
 from saebench.corpus import CorpusSpec
 from saebench.encoders.base import BuildContext, Encoder, encoder_class
 from saebench.encoders.specs import expand_encoder_specs, split_hookpoint
@@ -95,7 +95,8 @@ def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) 
     memo: dict = {}  # inner encoders named by several specs are built once
     for spec, base, at in placed:
         # training sets and latent samples follow the run's corpus and batch size, on the model's device
-        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed, config.progress, memo=memo,
+        build = BuildContext(model, at or config.hookpoint, cache_dir(), config.seed,
+                             config.progress and distributed.is_main(), memo=memo,
                              option_defaults=config.encoder_options, corpus=config.corpus,
                              batch_size=config.batch_size)
         enc = build.build(base)
@@ -178,6 +179,9 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
     Returns:
         The records, in task-major, encoder order.
     """
+    distributed.init_from_env(config.device)
+    if distributed.active():
+        _check_ranks_agree(model, encoders, tasks, config)
     _validate(config, encoders, tasks)
     task_objs = [(name, resolve_task(name, params_for(name, config.task_params, tasks))) for name in tasks]
     specs = expand_encoder_specs(encoders)
@@ -195,7 +199,8 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
         _check_context_len(config, loaded)
         if config.hookpoint:
             loaded.hookpoint(config.hookpoint)
-        groups = build_encoders(encoders, loaded, config)
+        with distributed.main_first("building the encoders"):  # fits run once, on rank 0; the others load them
+            groups = build_encoders(encoders, loaded, config)
     out: list[records.RunRecord] = []
     for _, task in task_objs:
         if not task.needs_model:
@@ -205,13 +210,25 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
         else:
             for hp_name, group in groups.items():
                 out.extend(_run_task(task, loaded, {hp_name: group}, config))
+    distributed.barrier()  # every record is written when any rank returns
     return out
+
+
+def _check_ranks_agree(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Sequence[str],
+                       config: RunConfig) -> None:
+    """Every rank of a data-parallel run must be asked the same thing (else their batches would not add up)."""
+    distributed.check_agree("--output", str(Path(config.output_dir).resolve()))
+    name = model.name if isinstance(model, LoadedModel) else model
+    settings = {k: v for k, v in vars(config).items() if k not in ("output_dir", "device")}
+    distributed.check_agree("the run's model, encoders, tasks and settings",
+                            json.dumps([name, list(encoders), list(tasks), settings], sort_keys=True, default=str))
 
 
 def run_settings(config: RunConfig) -> RunSettings:
     """What a task reads of the run's configuration."""
     return RunSettings(config.seed, config.batch_size, config.limit, config.context_len, CorpusSpec(config.corpus),
-                       SpliceConfig(config.splice_bos), config.progress, config.reuse_prefix, config.cache_references)
+                       SpliceConfig(config.splice_bos), config.progress and distributed.is_main(), config.reuse_prefix,
+                       config.cache_references)
 
 
 def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Encoder]],
@@ -233,28 +250,38 @@ def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Enco
         cfg = base | {"hookpoint": row.hookpoint, "encoder": row.encoder.to_dict()}
         chash = records.config_hash(cfg)
         path = records.record_path(config.output_dir, task.spec.name, row.encoder.label, chash)
-        existing = records.read_record(path) if config.reuse else None
-        if existing is not None and _too_many_failed(existing.extra.get("failed_answers"), config.max_failed):
-            existing = None  # written under a looser --max-failed: computed again
+        existing = _finished(path, config)
         if existing is not None:
             done[row.key] = existing
         else:
             todo.append((row, cfg, chash, path))
+    if distributed.active():  # rank 0's view of the folder decides, for every rank
+        wanted = distributed.broadcast([row.key for row, *_ in todo])
+        done |= {row.key: records.read_record(path) for row, _, _, path in todo if row.key not in wanted}
+        todo = [t for t in todo if t[0].key in wanted]
     if todo:
         # checkpoints count batches and chunks of whole batches, so they are kept per batch size: a
         # rerun with another --batch-size starts afresh instead of misreading them
         run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo),
                                               "batch_size": config.batch_size})
         partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
-        with _exclusive(partial.with_suffix(".lock"), task.spec.name):
-            finished = {row.key: rec for row, _, _, path in todo
-                        if config.reuse and (rec := records.read_record(path)) is not None
-                        and not _too_many_failed(rec.extra.get("failed_answers"), config.max_failed)}
-            if len(finished) == len(todo):  # another run wrote them while this one waited
-                done |= finished
+        # in a data-parallel run rank 0 holds the lock for all ranks (the others would wait on it forever)
+        with _exclusive(partial.with_suffix(".lock"), task.spec.name) if distributed.is_main() else nullcontext():
+            finished = {row.key: rec for row, _, _, path in todo if (rec := _finished(path, config)) is not None}
+            if distributed.broadcast(len(finished) == len(todo)):  # another run wrote them while this one waited
+                done |= {row.key: records.read_record(path) for row, _, _, path in todo}
             else:
                 done |= _compute(task, ctx, todo, partial, config)
     return [done[row.key] for row in rows]
+
+
+def _finished(path: Path, config: RunConfig) -> records.RunRecord | None:
+    """The finished record at `path` to reuse, if any (none under --no-reuse, or written under a looser
+    --max-failed)."""
+    existing = records.read_record(path) if config.reuse else None
+    if existing is not None and _too_many_failed(existing.extra.get("failed_answers"), config.max_failed):
+        return None
+    return existing
 
 
 def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: RunConfig) -> dict[str, records.RunRecord]:
@@ -275,6 +302,8 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
         results = {row_key(label, ctx.hook.name): result for label, result in results.items()}
     answers = {row.key: _task_answers(counts_before[row.key], _answer_counts(by_key[row.key]))
                for row, *_ in todo if row.key in by_key}
+    if distributed.active():  # each rank asked its own batches' questions
+        answers = _sum_answers(distributed.gather(answers))
     for row, *_ in todo:  # every encoder checked before any record of the task is written
         if _too_many_failed(counts := answers.get(row.key), config.max_failed):
             ctx.store.clear()  # its batches hold the failed answers: a rerun asks them again
@@ -297,7 +326,8 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
             rec.extra["failed_answers"] = answers[row.key]
         if enc is not None and enc.data_used:
             rec.extra["encoder_data"] = enc.data_used
-        _write(path, rec, results[row.key])
+        if distributed.is_main():
+            _write(path, rec, results[row.key])
         done[row.key] = rec
     ctx.store.clear()
     return done
@@ -321,6 +351,20 @@ def _task_answers(before: dict[str, Any] | None, after: dict[str, Any] | None) -
     earlier = before["failed"] + before["unparsed"] > 0
     out["first_error"] = ((after["last_error"] if earlier else after["first_error"]) or None
                           if out["failed"] + out["unparsed"] else None)
+    return out
+
+
+def _sum_answers(per_rank: list[dict[str, dict[str, Any] | None]]) -> dict[str, dict[str, Any] | None]:
+    """The answer counts of a data-parallel run: each rank's counts added; the first error of the lowest rank
+    that has one."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for key in per_rank[0]:
+        counts = [r[key] for r in per_rank if r.get(key) is not None]
+        if not counts:
+            out[key] = None
+            continue
+        out[key] = {k: sum(c[k] for c in counts) for k in FAILURE_KEYS}
+        out[key]["first_error"] = next((c["first_error"] for c in counts if c["first_error"]), None)
     return out
 
 

@@ -60,6 +60,10 @@ class RangeMeans:
         self.sums += torch.stack([a.sum(0), c.sum(0), (a * a).sum(0), (c * c).sum(0), (a * c).sum(0),
                                   (c > 0).double().sum(0)])
 
+    def merge(self, other: "RangeMeans") -> None:
+        """Add another batch's sums (sequences it holds are clusters of their own)."""
+        self.sums += other.sums
+
     def count(self) -> Tensor:
         """(ranges,) scored positions in each range."""
         return self.sums[1]

@@ -117,6 +117,13 @@ class Simulation:
     skipped_active: list[int] | None = None
     """Per row: truly active latents left out because they have no explanation (missing=skip)."""
 
+    @classmethod
+    def concat(cls, parts: list["Simulation"]) -> "Simulation":
+        """The simulations of consecutive chunks of rows as one."""
+        skipped = None if any(p.skipped_active is None for p in parts) else [n for p in parts for n in p.skipped_active]
+        return cls(*([x for p in parts for x in getattr(p, name)] for name in ("candidates", "true", "p_active", "value")),
+                   d_latent=parts[0].d_latent, skipped_active=skipped)
+
 
 class LLMSimEncoder(Encoder):
     """Predicts an inner SAE's latents with a simulator reading explanations; decodes with the SAE."""

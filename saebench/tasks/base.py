@@ -18,10 +18,11 @@ from saebench.tasks.context import (
     TaskContext,
     checked_length,
     checkpointed_batches,
+    merge_state,
 )
 
 __all__ = ["EvalText", "HookpointRun", "MetricSpec", "PartialStore", "Row", "RunSettings", "Task", "TaskContext",
-           "TaskResult", "TaskSpec", "checked_length", "checkpointed_batches", "row_key"]
+           "TaskResult", "TaskSpec", "checked_length", "checkpointed_batches", "merge_state", "row_key"]
 
 
 @dataclass

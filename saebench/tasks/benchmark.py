@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench import distributed
 from saebench.encoders.base import Codes, Encoder, SparseCodes, dense
 from saebench.encoders.baselines import ZeroEncoder
 from saebench.splice import sink_mask
@@ -79,10 +80,12 @@ class ItemScores:
                           dict(self.aggregates), {k: [v[i] for i in index] for k, v in self.per_item.items()})
 
 
-CHECKPOINT_ITEMS = 256
+CHECKPOINT_ITEMS = 64
 """Items per checkpoint of a benchmark pass: each chunk of a pass is saved once finished, and an
 interrupted run recomputes only unfinished chunks. Uninterrupted runs use the same chunks, so
-a resumed run's numbers equal an uninterrupted one's exactly."""
+a resumed run's numbers equal an uninterrupted one's exactly. The chunks are also what the ranks of a
+data-parallel run share out (one each per round), so they stay small enough to go round: Lambada's 1,000
+questions make 16."""
 
 
 def concat_scores(parts: list[ItemScores]) -> ItemScores:
@@ -117,17 +120,22 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
     if chunks is None:
         chunks = [range(s, min(s + CHECKPOINT_ITEMS, n_items)) for s in range(0, n_items, CHECKPOINT_ITEMS)]
+    size, me = distributed.world_size(), distributed.rank()
     parts = []
     with tqdm(total=n_items, desc=desc, unit="item", disable=not ctx.settings.progress) as bar:
-        for items in chunks:
-            piece_name = f"{key}-{items.start}-{items.stop}"
-            part = ctx.store.load_piece(piece_name)
+        # in rounds of one chunk per rank (one process: one chunk per round); every rank ends with every part
+        for first in range(0, len(chunks), size):
+            names = [f"{key}-{items.start}-{items.stop}" for items in chunks[first:first + size]]
+            stored = [ctx.store.load_piece(piece) for piece in names]  # collective: the same order on every rank
             before = bar.n
-            if part is None:
-                part = score_chunk(items, bar.update)
-                ctx.store.save_piece(piece_name, part)
-            parts.append(part)
-            bar.update(len(items) - (bar.n - before))
+            mine = None
+            if me < len(names) and stored[me] is None:
+                mine = score_chunk(chunks[first + me], bar.update)
+            for j, computed in enumerate(distributed.gather(mine)[:len(names)]):
+                if stored[j] is None:
+                    ctx.store.save_piece(names[j], computed)  # rank 0 writes
+                parts.append(stored[j] if stored[j] is not None else computed)
+            bar.update(sum(len(items) for items in chunks[first:first + size]) - (bar.n - before))
     return concat_scores(parts)
 
 

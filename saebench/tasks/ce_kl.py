@@ -23,7 +23,6 @@ data costs one pass per new encoder plus the LM head for the clean distribution.
 """
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -181,7 +180,7 @@ class CEKLTask(Task):
             cache.discard("the model's activations on the first batch differ from the stored ones (same "
                           "model id, other weights or kernels)")
             stored = None
-        state = ctx.store.load() or {"done": 0, "acts": [], "normed": [], "neg_entropy": [],
+        state = ctx.store.load() or {"done": 0, "captured": 0, "acts": [], "normed": [], "neg_entropy": [],
                                        "sums": {k: PassSums(e.spec.d_latent) for k, e in passes.items()},
                                        "clean": {k: [] for k in CLEAN_SUMS}}
         refs = {_key(zero, hp): "zero", _key(mean, hp): "mean"}
@@ -195,11 +194,17 @@ class CEKLTask(Task):
         for enc in passes.values():
             enc.prepare(ctx.hook)
         todo = {k: e for k, e in passes.items() if stored is None or k not in refs}
-        batches = checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS)
-        for sl in batches:
+
+        def fresh() -> dict:
+            return {"normed": [], "neg_entropy": [], "clean": {k: [] for k in CLEAN_SUMS},
+                    "sums": {k: PassSums(e.spec.d_latent) for k, e in todo.items()}}
+
+        batches = checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS,
+                                       fresh)
+        for sl, part in batches:
             cached = None if stored is None else {k: stored[k][sl] for k in ("clean.ce", "neg_entropy", "normed")
                                                   if k in stored}
-            self._batch(ctx, tokens[sl], acts[sl], cached, todo, state)
+            self._batch(ctx, tokens[sl], acts[sl], cached, todo, part)
         if stored is None and cache is not None:
             cache.save(reference_tensors(state, refs, tokens, acts, mean_vec))
         results = {}
@@ -210,36 +215,33 @@ class CEKLTask(Task):
 
     def _capture_all(self, ctx: TaskContext, tokens: Tensor, state: dict) -> Tensor:
         """(contexts, seq, d_model) clean activations at the hookpoint, run to the hookpoint only."""
-        last_save = time.monotonic()
-        starts = range(0, len(tokens), ctx.settings.batch_size)
-        done = len(state["acts"])
-        for start in tqdm(starts[done:], desc=f"activations {ctx.hook.name}", unit="batch",
-                          disable=not ctx.settings.progress):
-            state["acts"].append(ctx.hook.capture(tokens[start:start + ctx.settings.batch_size]).cpu())
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                ctx.store.save(state)
-                last_save = time.monotonic()
+        state.setdefault("captured", len(state["acts"]))  # a checkpoint written before the counter existed
+        batches = checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"activations {ctx.hook.name}",
+                                       CHECKPOINT_SECONDS, lambda: {"acts": []}, counter="captured")
+        for sl, part in batches:
+            part["acts"].append(ctx.hook.capture(tokens[sl]).cpu())
         return torch.cat(state["acts"])
 
     @torch.no_grad()
     def _batch(self, ctx: TaskContext, batch: Tensor, acts: Tensor, stored: dict[str, Tensor] | None,
-               passes: dict[str, Encoder], state: dict) -> None:
-        """One batch: the clean next-token distribution, then every pass in `passes` from the hookpoint.
+               passes: dict[str, Encoder], part: dict) -> None:
+        """One batch: the clean next-token distribution, then every pass in `passes` from the hookpoint, their
+        sums added to `part` (this batch's share of the run's state).
 
         Args:
             acts: (B, T, d) clean activations at the hookpoint.
             stored: this batch's cached clean results ('clean.ce', 'neg_entropy', optionally
-                'normed'); None computes them and records them in `state` for the cache.
+                'normed'); None computes them and records them in `part` for the cache.
         """
         sinks = sink_mask(batch, ctx.model.bos_id)
         act_mask = ~sinks  # (B, T) positions scored for activation metrics
         pred_mask = act_mask[:, :-1] & ~sinks[:, 1:]  # (B, T-1) predictions scored for CE / KL
         targets = batch[:, 1:].to(ctx.model.device)
-        clean_ce, p_clean, neg_entropy = self._clean(ctx, batch, acts, stored, state, targets, act_mask, pred_mask)
+        clean_ce, p_clean, neg_entropy = self._clean(ctx, batch, acts, stored, part, targets, act_mask, pred_mask)
         keep = ctx.keep_mask(batch)
         acts = acts.to(ctx.model.device)
         for key, enc in passes.items():
-            sums: PassSums = state["sums"][key]
+            sums: PassSums = part["sums"][key]
             sums.start_batch(len(batch))
             spliced = splice_activations(acts, batch, keep, enc, ctx.settings.splice,
                                          sums.on_chunk(batch.shape[1], act_mask.reshape(-1)), ctx.hook.name)
@@ -254,7 +256,7 @@ class CEKLTask(Task):
             kl = neg_entropy - cross
             sums.end_batch(sum_by_row(nll.cpu(), pred_mask), sum_by_row(kl.cpu(), pred_mask))
 
-    def _clean(self, ctx: TaskContext, batch: Tensor, acts: Tensor, stored: dict[str, Tensor] | None, state: dict,
+    def _clean(self, ctx: TaskContext, batch: Tensor, acts: Tensor, stored: dict[str, Tensor] | None, part: dict,
                targets: Tensor, act_mask: Tensor, pred_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-context clean CE sums (B,), clean next-token probabilities (B, T-1, vocab) and sum p log p (B, T-1).
 
@@ -271,11 +273,11 @@ class CEKLTask(Task):
             p_clean = probabilities(logits)
             return stored["clean.ce"], p_clean, stored["neg_entropy"].to(p_clean.device)
         p_clean, neg_entropy, nll = next_token_stats(logits, targets, None)
-        add_clean_sums(state["clean"], acts, nll, act_mask, pred_mask)
-        state["neg_entropy"].append(neg_entropy.cpu())
+        add_clean_sums(part["clean"], acts, nll, act_mask, pred_mask)
+        part["neg_entropy"].append(neg_entropy.cpu())
         if out is not None and out.normed is not None:
-            state["normed"].append(out.normed.cpu())
-        return state["clean"]["ce"][-1], p_clean, neg_entropy
+            part["normed"].append(out.normed.cpu())
+        return part["clean"]["ce"][-1], p_clean, neg_entropy
 
     def _result(self, state: dict, key: str, zero_key: str, mean_key: str, enc: Encoder) -> TaskResult:
         clean = {k: torch.cat(v) for k, v in state["clean"].items()}

@@ -78,13 +78,15 @@ def run_joint(ctx: TaskContext, tokens: Tensor, parts: list[tuple[str, Encoder]]
         ablations["mean"].append(mean)
     passes = {"spliced": [enc for _, enc in parts], **ablations}
     head = LMHead.of(ctx.model.model, ctx.model.layers())
-    state = store.load() or {"done": 0, "sums": {k: [] for k in ("ce_clean", "n_pred", *[f"ce_{p}" for p in PASSES],
-                                                                 *[f"kl_{p}" for p in PASSES])}}
+    def fresh() -> dict:
+        return {"sums": {k: [] for k in ("ce_clean", "n_pred", *[f"ce_{p}" for p in PASSES], *[f"kl_{p}" for p in PASSES])}}
+
+    state = store.load() or {"done": 0, **fresh()}
     label = parts[0][1].spec.label
     desc = f"ce_kl {label} at {hookpoint_pattern(list(subs))} at once"
-    for sl in checkpointed_batches(ctx.settings, store, len(tokens), state, desc, CHECKPOINT_SECONDS):
+    for sl, part in checkpointed_batches(ctx.settings, store, len(tokens), state, desc, CHECKPOINT_SECONDS, fresh):
         cached = None if clean is None or head is None else (clean[0][sl], clean[1][sl])
-        _batch(ctx, subs, head, tokens[sl], passes, state["sums"], cached)
+        _batch(ctx, subs, head, tokens[sl], passes, part["sums"], cached)
     sums = {k: torch.cat(v) for k, v in state["sums"].items()}
     c, s, z, m, n = sums["ce_clean"], sums["ce_spliced"], sums["ce_zero"], sums["ce_mean"], sums["n_pred"]
     out = {"ce_clean": ratio_and_se(c, n), "ce_spliced": ratio_and_se(s, n), "ce_zero": ratio_and_se(z, n),

@@ -50,6 +50,12 @@ class PassSums:
         for key, value in self._batch.items():
             self.rows[key].append(value)
 
+    def merge(self, other: "PassSums") -> None:
+        """Add a later batch's sums (saebench.tasks.context.merge_state)."""
+        for key, rows in other.rows.items():
+            self.rows[key].extend(rows)
+        self.fired += other.fired
+
     def cat(self, key: str) -> Tensor:
         return torch.cat(self.rows[key]) if self.rows[key] else torch.zeros(0, dtype=torch.float64)
 

@@ -13,13 +13,14 @@
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saebench import distributed
 from saebench.checkpoints import PartialStore
 from saebench.corpus import CorpusSpec, token_contexts
 from saebench.encoders.base import Encoder
@@ -76,7 +77,8 @@ class EvalText:
 
     def warn(self, message: str) -> None:
         """Print a warning now and keep it for the records of this run (extra.warnings)."""
-        print(f"saebench: warning: {message}", file=sys.stderr)
+        if distributed.is_main():  # every rank meets it; one says it
+            print(f"saebench: warning: {message}", file=sys.stderr)
         self.warnings.append(message)
 
 
@@ -175,20 +177,49 @@ def checked_length(model: LoadedModel, length: int) -> int:
 
 
 def checkpointed_batches(settings: RunSettings, store: PartialStore, n_items: int, state: dict, desc: str,
-                         seconds: float) -> Iterator[slice]:
-    """Batches of settings.batch_size over `n_items`, with a progress bar, resuming after the state["done"]
-    batches an interrupted run finished, and saving `state` to `store` at most every `seconds` once the caller
-    has added a batch to it."""
-    starts = range(0, n_items, settings.batch_size)
-    bar = tqdm(starts, desc=desc, unit="batch", disable=not settings.progress, initial=state["done"])
+                         seconds: float, fresh: Callable[[], dict], counter: str = "done") -> Iterator[tuple[slice, dict]]:
+    """Batches of settings.batch_size over `n_items`, each with an empty `part` (made by `fresh`) for the task to
+    fill with that batch's sums; the parts are merged into `state` in batch order (`merge_state`).
+
+    A run resumes after the state[counter] batches an interrupted run merged, and `state` is saved to `store` at
+    most every `seconds`. In a data-parallel run (saebench.distributed) the ranks take the remaining batches in
+    rounds, one batch each, and after each round every rank merges every rank's part in batch order: each rank
+    ends with the state one process would have, bitwise, and rank 0 alone saves it and shows the progress bar.
+    """
+    n_batches = -(-n_items // settings.batch_size)
+    size, me = distributed.world_size(), distributed.rank()
+    done = state.setdefault(counter, 0)
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", disable=not settings.progress or not distributed.is_main(),
+               initial=done)
     last_save = time.monotonic()
-    for i, start in enumerate(starts):
-        if i < state["done"]:
-            continue
-        yield slice(start, start + settings.batch_size)
-        state["done"] = i + 1
-        bar.update()
+    for first in range(done, n_batches, size):
+        index, part = first + me, None
+        if index < n_batches:
+            part = fresh()
+            yield slice(index * settings.batch_size, (index + 1) * settings.batch_size), part
+        for other in distributed.gather(part):  # rank order is batch order within a round
+            if other is not None:
+                merge_state(state, other)
+        state[counter] = min(first + size, n_batches)
+        bar.update(state[counter] - first)
         if time.monotonic() - last_save > seconds:
             store.save(state)
             last_save = time.monotonic()
     bar.close()
+
+
+def merge_state(state: dict, part: dict) -> None:
+    """Add one batch's sums (`part`, shaped like `state`) to `state`: lists are extended, tensors and numbers
+    added, dicts merged key by key, and other objects merged by their own `merge` method."""
+    for key, value in part.items():
+        have = state[key]
+        if isinstance(value, dict):
+            merge_state(have, value)
+        elif isinstance(value, list):
+            have.extend(value)
+        elif isinstance(value, Tensor):
+            have.add_(value.to(have.device))
+        elif isinstance(value, (int, float)):
+            state[key] = have + value
+        else:
+            have.merge(value)

@@ -117,6 +117,12 @@ class _Sums:
         self.position[name].add(values, weights)
         self.ranges[name].add(values, weights)
 
+    def merge(self, other: "_Sums") -> None:
+        """Add a later batch's sums (saebench.tasks.context.merge_state)."""
+        for name in self.position:
+            self.position[name].merge(other.position[name])
+            self.ranges[name].merge(other.ranges[name])
+
 
 class _Clean:
     """Per-position sums of the clean activations at one hookpoint (for FVE's total variance)."""
@@ -131,6 +137,12 @@ class _Clean:
         self.sum_x += x.sum(0)
         self.sum_sq += (x**2).sum((0, 2))
         self.n += mask.double().sum(0)
+
+    def merge(self, other: "_Clean") -> None:
+        """Add a later batch's sums (saebench.tasks.context.merge_state)."""
+        self.sum_x += other.sum_x
+        self.sum_sq += other.sum_sq
+        self.n += other.n
 
     def total_variance(self, member: Tensor | None) -> Tensor:
         """sum ||x - mean_r||^2 over each range r (each position when member is None)."""
@@ -207,15 +219,17 @@ class ContextSweepTask(Task):
                      f"sequences of {length} tokens, fewer than the {cfg.sequences} asked for; evaluating all of them")
         spans = buckets(length)
         member = self._member(length, spans, encoders)
-        state = ctx.store.load() or {
-            "done": 0,
-            "sums": {key: _Sums(length, member[enc.training_context], ctx.model.d_model) for key, enc, _ in rows},
-            "clean": {hp: _Clean(length, ctx.model.d_model) for hp in hps}}
+        def fresh() -> dict:
+            return {"sums": {key: _Sums(length, member[enc.training_context], ctx.model.d_model) for key, enc, _ in rows},
+                    "clean": {hp: _Clean(length, ctx.model.d_model) for hp in hps}}
+
+        state = ctx.store.load() or {"done": 0, **fresh()}
         head = LMHead.of(ctx.model.model, ctx.model.layers())
         tokens = seqs.tokens
-        for sl in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"context_sweep ({len(rows)} encoder(s), {length} "
-                                       "tokens)", CHECKPOINT_SECONDS):
-            self._batch(ctx, subs, head, tokens[sl], rows, state)
+        for sl, part in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state,
+                                             f"context_sweep ({len(rows)} encoder(s), {length} tokens)",
+                                             CHECKPOINT_SECONDS, fresh):
+            self._batch(ctx, subs, head, tokens[sl], rows, part)
         extra = {"sequences": seqs.provenance(), "documents_per_sequence": seqs.documents,
                  "sink_positions_inside": int((sink_mask(tokens, ctx.model.bos_id)[:, 1:]).sum())}
         return {key: self._result(state["sums"][key], state["clean"][hp], enc, spans, length, member, len(tokens),
@@ -238,8 +252,9 @@ class ContextSweepTask(Task):
 
     @torch.no_grad()
     def _batch(self, ctx: TaskContext, subs: dict[str, TaskContext], head: LMHead | None, batch: Tensor,
-               rows: list[tuple[str, Encoder, str]], state: dict) -> None:
-        """One batch: a clean pass capturing every hookpoint, then each encoder spliced from its hookpoint."""
+               rows: list[tuple[str, Encoder, str]], part: dict) -> None:
+        """One batch: a clean pass capturing every hookpoint, then each encoder spliced from its hookpoint; the
+        sums go to `part` (this batch's share of the run's state)."""
         hps = list(subs)
         clean, acts = capture_all([subs[hp].hook.forward for hp in hps], batch)
         clean_src = head_input(clean, head)
@@ -249,13 +264,13 @@ class ContextSweepTask(Task):
         pred_mask = (~sinks[:, :-1] & ~sinks[:, 1:]).double()  # (B, L-1): prediction at p of token p+1
         keep = ctx.keep_mask(batch)
         for hp, x in zip(hps, acts):
-            state["clean"][hp].add(x, act_mask)
+            part["clean"][hp].add(x, act_mask)
         outputs: dict[str, tuple[Tensor, bool] | None] = {}
         for key, enc, hp in rows:
             x = acts[hps.index(hp)]
             per_token = {k: torch.zeros(batch.numel(), dtype=torch.float64) for k in ("sse", "cos", "l0", "l1")}
             spliced = splice_activations(x, batch, keep, enc, ctx.settings.splice, self._on_chunk(per_token, enc), hp)
-            sums: _Sums = state["sums"][key]
+            sums: _Sums = part["sums"][key]
             norm = x.float().norm(dim=-1).double().cpu()
             sums.add("norm", norm, act_mask)
             for name in ("sse", "cos", "l0", "l1"):
@@ -267,7 +282,7 @@ class ContextSweepTask(Task):
             outputs[key] = head_input(subs[hp].hook.forward.resume(spliced, batch, logits=head is None), head)
         _, dce, kl = next_token_losses(head, clean_src, outputs, batch)
         for key, _, _ in rows:
-            sums = state["sums"][key]
+            sums = part["sums"][key]
             sums.add("dce", _pad(dce[key]), _pad(pred_mask))
             sums.add("kl", _pad(kl[key]), _pad(pred_mask))
 

@@ -147,33 +147,35 @@ class ErrorPropagationTask(Task):
 
         # per-context sums over the scored tokens: of each target on clean activations, and of each
         # (source, target) pair on the activations the spliced source leads to
-        state = ctx.store.load() or {
-            "done": 0, "tokens": torch.zeros(n_seq, dtype=torch.float64),
-            "clean": {key: sums() for key, _, _ in targets},
-            "spliced": {src: {key: sums() for key, _, _ in downstream[hp]} for src, _, hp in sources}}
+        def fresh() -> dict:
+            return {"tokens": torch.zeros(n_seq, dtype=torch.float64),
+                    "clean": {key: sums() for key, _, _ in targets},
+                    "spliced": {src: {key: sums() for key, _, _ in downstream[hp]} for src, _, hp in sources}}
+
+        state = ctx.store.load() or {"done": 0, **fresh()}
         desc = f"error_propagation ({len(sources)} source(s), {len(targets)} downstream)"
-        for seqs in checkpointed_batches(ctx.settings, ctx.store, n_seq, state, desc, CHECKPOINT_SECONDS):
-            self._batch(ctx, subs, tokens[seqs], seqs, sources, targets, downstream, state)
+        for seqs, part in checkpointed_batches(ctx.settings, ctx.store, n_seq, state, desc, CHECKPOINT_SECONDS, fresh):
+            self._batch(ctx, subs, tokens[seqs], seqs, sources, targets, downstream, part)
         return {src: self._result(state, state["spliced"][src], downstream[hp]) for src, _, hp in sources}
 
     @torch.no_grad()
     def _batch(self, ctx: TaskContext, subs: dict[str, TaskContext], batch: Tensor, seqs: slice,
                sources: list[Target], targets: list[Target], downstream: dict[str, list[Target]],
-               state: dict) -> None:
+               part: dict) -> None:
         """One batch: a clean pass capturing every hookpoint, then each source spliced and the model resumed
-        from its hookpoint, capturing the later ones. `seqs` indexes the batch's contexts; their sums are
-        assigned, not added (a batch rerun after a resume overwrites, never double-counts)."""
+        from its hookpoint, capturing the later ones. `seqs` indexes the batch's contexts: their sums are
+        written there in `part` (zero elsewhere), so merging the parts puts each context's sums in its place."""
         hps = list(subs)
         _, acts = capture_all([subs[hp].hook.forward for hp in hps], batch)
         clean = dict(zip(hps, acts))
         scored = ~sink_mask(batch, ctx.model.bos_id)  # (B, L): positions 1.. that are not sinks
         keep = ctx.keep_mask(batch)
-        state["tokens"][seqs] = scored.double().sum(1)
+        part["tokens"][seqs] = scored.double().sum(1)
         clean_sums = {key: self._measure(enc, clean[hp], batch, scored, ctx.settings.splice.chunk_elements, hp)
                       for key, enc, hp in targets}
         for key, got in clean_sums.items():
             for q, value in got.items():
-                state["clean"][key][q][seqs] = value
+                part["clean"][key][q][seqs] = value
         for src, enc, hp in sources:
             x = clean[hp]
             spliced = splice_activations(x, batch, keep, enc, ctx.settings.splice, where=hp)
@@ -186,7 +188,7 @@ class ErrorPropagationTask(Task):
                        for key, e, h in later}
             for key, values in got.items():
                 for q, value in values.items():
-                    state["spliced"][src][key][q][seqs] = value
+                    part["spliced"][src][key][q][seqs] = value
 
     @staticmethod
     def _resume_capturing(subs: dict[str, TaskContext], source: str, spliced: Tensor, batch: Tensor,

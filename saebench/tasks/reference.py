@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saebench import distributed
 from saebench.models import publish_dir
 from saebench.records import config_hash, write_atomic
 
@@ -50,16 +51,27 @@ class ReferenceCache:
         self.path = Path(root) / "reference" / f"{task}-{config_hash(self.key)}"
 
     def load(self, tokens: Tensor) -> dict[str, Tensor] | None:
-        """The stored tensors, validated against the key and `tokens`; None when absent or unusable."""
-        if not self.path.exists():
+        """The stored tensors, validated against the key and `tokens`; None when absent or unusable.
+
+        In a data-parallel run rank 0 validates the entry first and says what it found; the other ranks then
+        read it only when it is good, and only rank 0 deletes a bad one.
+        """
+        tensors, problem = None, None
+        if distributed.is_main() and self.path.exists():
+            try:
+                tensors = self._validated(tokens)
+            except Exception as exc:  # any failure means the entry cannot be trusted
+                problem = str(exc) or type(exc).__name__
+        found, problem = distributed.broadcast((tensors is not None, problem))
+        if problem is not None:
+            if distributed.is_main():
+                print(f"saebench: cached reference passes in {self.path} are unusable ({problem}); recomputing them",
+                      file=sys.stderr, flush=True)
+                shutil.rmtree(self.path, ignore_errors=True)
             return None
-        try:
-            return self._validated(tokens)
-        except Exception as exc:  # any failure means the entry cannot be trusted
-            print(f"saebench: cached reference passes in {self.path} are unusable ({exc}); recomputing them",
-                  file=sys.stderr, flush=True)
-            shutil.rmtree(self.path, ignore_errors=True)
-            return None
+        if not found or distributed.is_main():
+            return tensors
+        return self._validated(tokens)
 
     def _validated(self, tokens: Tensor) -> dict[str, Tensor]:
         from safetensors.torch import load_file
@@ -80,14 +92,20 @@ class ReferenceCache:
 
     def discard(self, reason: str) -> None:
         """Delete this entry (found stale by a check the caller made), saying why in one line."""
-        print(f"saebench: cached reference passes in {self.path} are unusable ({reason}); recomputing them",
-              file=sys.stderr, flush=True)
-        shutil.rmtree(self.path, ignore_errors=True)
+        distributed.barrier()  # every rank has read it
+        if distributed.is_main():
+            print(f"saebench: cached reference passes in {self.path} are unusable ({reason}); recomputing them",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def save(self, tensors: dict[str, Tensor]) -> None:
-        """Store `tensors` (must include 'tokens') atomically; a concurrent writer's entry is kept."""
+        """Store `tensors` (must include 'tokens') atomically; a concurrent writer's entry is kept. In a
+        data-parallel run rank 0 writes it and every rank returns once it is there."""
         from safetensors.torch import save_file
 
+        if not distributed.is_main():
+            distributed.barrier()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=".tmp-"))
         try:
@@ -99,6 +117,7 @@ class ReferenceCache:
             publish_dir(tmp, self.path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
 
 
 def remove_entries(root: Path, task: str, **match: Any) -> int:

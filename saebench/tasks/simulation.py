@@ -18,6 +18,7 @@ there (median and IQR), beside the SAE's own reconstruction patched in the same 
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,7 +31,15 @@ from torch import Tensor
 
 from saebench.encoders.base import EncodeContext, Encoder
 from saebench.errors import SaebenchError
-from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.base import (
+    MetricSpec,
+    PartialStore,
+    Task,
+    TaskContext,
+    TaskResult,
+    TaskSpec,
+    checkpointed_batches,
+)
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
 
@@ -73,8 +82,25 @@ def scored_positions(ctx: TaskContext, cfg: ScoredConfig) -> Scored:
     gen = torch.Generator().manual_seed(ctx.settings.seed)
     weights = keep.float() + 1e-12 * (keep.sum(1, keepdim=True) == 0)
     positions = torch.multinomial(weights, 1, generator=gen).squeeze(1)
-    acts = torch.cat([ctx.hook.capture(tokens[s:s + ctx.settings.batch_size]) for s in range(0, len(tokens), ctx.settings.batch_size)])
-    return Scored(tokens, positions, acts)
+    state = {"acts": []}
+    for sl, part in _batches(ctx, len(tokens), state, f"activations {ctx.hook.name}", lambda: {"acts": []}):
+        part["acts"].append(ctx.hook.capture(tokens[sl]).cpu())
+    return Scored(tokens, positions, torch.cat(state["acts"]).to(ctx.model.device))
+
+
+def _batches(ctx: TaskContext, n: int, state: dict, desc: str, fresh) -> Iterator[tuple[slice, dict]]:
+    """Batches of the run's batch size over `n` rows, split over the ranks of a data-parallel run and merged in
+    order into `state`; not checkpointed (the LLM's answers are in its response cache)."""
+    return checkpointed_batches(ctx.settings, PartialStore(None), n, state, desc, math.inf, fresh)
+
+
+def simulated(ctx: TaskContext, enc: Encoder, data: Scored, values: str | None) -> Any:
+    """enc.simulate on every scored position, batch by batch (split over the ranks of a data-parallel run)."""
+    x, context = data.at_positions(), data.context()
+    state = {"sims": []}
+    for sl, part in _batches(ctx, len(x), state, f"simulating {enc.spec.label}", lambda: {"sims": []}):
+        part["sims"].append(enc.simulate(x[sl], context[sl], values=values))
+    return type(state["sims"][0]).concat(state["sims"])
 
 
 def _simulating(encoders: list[Encoder], task: str) -> None:
@@ -183,21 +209,18 @@ class LatentRecallTask(Task):
     @torch.no_grad()
     def _logp(self, ctx: TaskContext, data: Scored, patch: Tensor | None) -> Tensor:
         """(n, vocab) log-probs at each scored position, with `patch` (n, d_in) put at that position only."""
-        out = []
-        rows = torch.arange(len(data.positions))
-        for s in range(0, len(rows), ctx.settings.batch_size):
-            sl = slice(s, s + ctx.settings.batch_size)
+        state = {"logp": []}
+        for sl, part in _batches(ctx, len(data.positions), state, "log-probs", lambda: {"logp": []}):
             hidden = data.acts[sl].clone()
             if patch is not None:
                 hidden[torch.arange(hidden.shape[0]), data.positions[sl].to(hidden.device)] = patch[sl].to(hidden)
             logits = ctx.hook.forward.resume(hidden, data.tokens[sl]).logits
             at = logits[torch.arange(logits.shape[0]), data.positions[sl].to(logits.device)]
-            out.append(torch.log_softmax(at.float(), -1).cpu())
-        return torch.cat(out)
+            part["logp"].append(torch.log_softmax(at.float(), -1).cpu())
+        return torch.cat(state["logp"])
 
     def _score(self, ctx: TaskContext, data: Scored, clean: Tensor, kl_sae: Tensor, enc: Encoder) -> TaskResult:
-        x = data.at_positions()
-        sim = enc.simulate(x, data.context(), values=enc.code_values)
+        sim = simulated(ctx, enc, data, enc.code_values)
         d = sim.d_latent
         per: list[dict[str, Any]] = []
         curve = {t: {"recall": [], "specificity": [], "expected_active": []} for t in THRESHOLDS}
@@ -281,7 +304,7 @@ class ValueCorrelationTask(LatentRecallTask):
         return {enc.spec.label: self._values(ctx, data, enc) for enc in encoders}
 
     def _values(self, ctx: TaskContext, data: Scored, enc: Encoder) -> TaskResult:
-        sim = enc.simulate(data.at_positions(), data.context(), values="active")
+        sim = simulated(ctx, enc, data, "active")
         pairs, failed = [], 0  # (position, value, bin, quantile)
         for i in range(len(sim.candidates)):
             for j in (sim.true[i] > 0).nonzero().squeeze(1).tolist():

@@ -204,15 +204,18 @@ class TruncationCurveTask(Task):
                                     "e.g. sae:default)")
         cfg = self.settings(ctx)
         tokens = ctx.text.contexts(cfg.tokens, cfg.context_len)
-        fresh = {"done": 0, "ce": [], "n_pred": [], "n_act": [],
-                 **{_key(e, m, f): {"kl": [], "ce": [], "l0": []} for e in encoders for m, f in _passes(cfg)}}
+        def fresh() -> dict:
+            return {"ce": [], "n_pred": [], "n_act": [],
+                    **{_key(e, m, f): {"kl": [], "ce": [], "l0": []} for e in encoders for m, f in _passes(cfg)}}
+
         state = ctx.store.load()
-        if state is None or state.keys() != fresh.keys():  # none, or saved by other code: start again
-            state = fresh
+        if state is None or state.keys() != {"done", *fresh()}:  # none, or saved by other code: start again
+            state = {"done": 0, **fresh()}
         for enc in encoders:
             enc.prepare(ctx.hook)
-        for sl in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"truncation_curve {ctx.hook.name}", 60.0):
-            self._batch(ctx, tokens[sl], sl.start, encoders, cfg, state)
+        for sl, part in checkpointed_batches(ctx.settings, ctx.store, len(tokens), state,
+                                             f"truncation_curve {ctx.hook.name}", 60.0, fresh):
+            self._batch(ctx, tokens[sl], sl.start, encoders, cfg, part)
         return {enc.spec.label: self._result(state, enc, cfg) for enc in encoders}
 
     @torch.no_grad()

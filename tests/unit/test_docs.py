@@ -216,6 +216,8 @@ def arguments_problems(tokens: list[str], parser: argparse.ArgumentParser,
                 continue
             if action.nargs == 0:
                 continue
+            if action.nargs == "?" and not eq and (i >= len(tokens) or tokens[i].startswith("-")):
+                continue  # an optional value left out ('--ray' alone), as argparse reads it
             if not eq:
                 if i >= len(tokens):
                     if not command.fragment:
@@ -285,6 +287,7 @@ def test_the_command_checker_catches_mistakes():
     assert check("saebench run --dtype float8 --task ce_kl")
     assert check("saebench run --encoder identiy --task ce_kl")
     assert check("saebench run --encoder identity --task ce_kll")
+    assert check("saebench sweep sweep.yaml --ray") == check("saebench sweep sweep.yaml --ray auto --quiet") == []
 
 
 @functools.cache
