@@ -65,7 +65,7 @@ test-lm-eval-versions: setup
 	for v in $(OTHER_LM_EVAL); do \
 		$(BIN)/python -m pip install -q --no-deps --target $(VENV)/lm-eval-$$v lm-eval==$$v && \
 		PYTHONPATH=$(VENV)/lm-eval-$$v $(BIN)/python -m pytest -q tests/unit/test_benchmark_tasks.py \
-			tests/unit/test_lm_eval_versions.py || exit 1; \
+			tests/unit/test_lm_eval_versions.py tests/unit/test_lm_eval_parallel.py || exit 1; \
 	done
 
 clean:

@@ -89,6 +89,8 @@ def _cmd_run(args) -> int:
         max_failed=args.max_failed,
     )
     recs = evaluate(args.model, args.encoder, args.task, config)
+    if _rank():  # a data-parallel run's other ranks hold the same records: rank 0 prints them
+        return 0
     print(results_table(recs))
     if features := feature_tables(recs):
         print("\n" + features)
