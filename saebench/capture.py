@@ -52,9 +52,16 @@ class TrainingSet(ABC):
     """(n, d_latent) true codes of the activations, when a task knows them (synthetic, known-codes regime):
     encoders that learn then regress them, and fit their dictionary to them by least squares."""
 
+    device: str = "cpu"
+    """Where an encoder fits on these activations: the model's device (a GPU where the run has one)."""
+
     @abstractmethod
     def activations(self) -> Tensor:
         """(n, d_in) float32 training activations (computed once, then kept)."""
+
+    def on_device(self) -> Tensor:
+        """The activations on `device`, where fits run."""
+        return self.activations().to(self.device)
 
 
 class TensorTrainingSet(TrainingSet):
@@ -62,6 +69,7 @@ class TensorTrainingSet(TrainingSet):
 
     def __init__(self, acts: Tensor, key: dict[str, Any], codes: Tensor | None = None):
         self._acts, self.key, self.codes = acts.float(), key, codes
+        self.device = str(acts.device)
 
     def activations(self) -> Tensor:
         return self._acts
@@ -77,6 +85,7 @@ class CorpusTrainingSet(TrainingSet):
         self.corpus = CorpusSpec(corpus, "train")
         self.tokens, self.context_len, self.seed, self.outlier_factor = tokens, context_len, seed, outlier_factor
         self.batch_size, self.progress = batch_size, progress
+        self.device = str(model.device)
         self.key = {"model": model.model_id, "revision": model.revision, "dtype": model.dtype,
                     "hookpoint": self.hookpoint.name, "corpus": f"{corpus}:train", "tokens": tokens,
                     "context_len": context_len, "seed": seed, "outlier_factor": outlier_factor}

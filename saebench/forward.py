@@ -175,14 +175,22 @@ class HookpointForward:
         """Full clean pass recording every layer's arguments above the hookpoint; checks the suffix."""
         recorded: list[tuple[tuple, dict]] = []
         seen: list[Tensor] = []
+        normed: list[Tensor] = []
 
         def record(module, args, kwargs):
             recorded.append((args[1:], dict(kwargs)))
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers[self.start:]]
+        handles.append(self.head.norm.register_forward_hook(lambda module, args, out: normed.append(out.detach())))
         try:
             with self._keeping_layer_input(ids), hook_at(self.hookpoint, lambda h: seen.append(h.detach()) or None):
-                logits = self.model.model(ids, use_cache=False).logits
+                # the suffix is checked on the final norm's output, which the logits are a function of: the LM
+                # head runs for the last position only (transformers' logits_to_keep), so no (batch, seq, vocab)
+                # tensor is made; older models without the argument run it everywhere
+                try:
+                    self.model.model(ids, use_cache=False, logits_to_keep=1)
+                except TypeError:
+                    self.model.model(ids, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -193,15 +201,15 @@ class HookpointForward:
                           "call each decoder layer once; every spliced pass runs the full model")
             return acts
         self._layer_args[tuple(ids.shape)] = recorded
-        suffix = self._suffix(acts, ids).logits
+        full = normed[-1]
+        suffix = self._suffix(acts, ids, logits=False).normed
         assert suffix is not None
-        scale = max(1.0, logits.abs().max().item())
-        # row by row: a float32 copy of (batch, 1024, 49k) logits would take gigabytes at once
-        diff = max((suffix[b].float() - logits[b].float()).abs().max().item() for b in range(len(logits)))
-        if diff > 8 * torch.finfo(logits.dtype).eps * scale:
+        scale = max(1.0, full.abs().max().item())
+        diff = (suffix.float() - full.float()).abs().max().item()
+        if diff > 8 * torch.finfo(full.dtype).eps * scale:
             self._disable(f"prefix reuse is off for {type(self.model.model).__name__}: running only the layers above "
-                          f"{self.hookpoint.name} changed the logits by {diff:.3g}; every spliced pass runs the full "
-                          "model")
+                          f"{self.hookpoint.name} changed the final norm's output by {diff:.3g}; every spliced pass "
+                          "runs the full model")
         return acts
 
     # -- passes from a replaced activation -----------------------------------------------------

@@ -156,7 +156,7 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, data: CorpusTr
     print(f"saebench: training the default SAE for {model.name} at {hookpoint.name} on {device} "
           f"(once; cached in {dest})", flush=True)
     torch.manual_seed(cfg.seed)
-    acts = data.activations().to(device)
+    acts = data.on_device()
     total = cfg.epochs * len(acts)
     if cfg.architecture == "topk":
         config_cls, sae_cls, specific = TopKTrainingSAEConfig, TopKTrainingSAE, {"k": cfg.k}

@@ -175,7 +175,7 @@ class MLPEncoder(Encoder):
         return decode_with(self.W, self.b, self.inner, codes)
 
     def fit(self, data: TrainingSet, progress: bool = True) -> None:
-        acts = data.activations()
+        acts = data.on_device()  # the model's device: a GPU where the run has one
         if data.codes is not None and self.dictionary is None:
             return self._fit_to_codes(acts, data.codes.to(acts.device), progress)
         learn = self.dictionary is None

@@ -185,7 +185,7 @@ class SparseCodingEncoder(Encoder):
         return decode_with(self.W, self.b, self.inner, codes)
 
     def fit(self, data: TrainingSet, progress: bool = True) -> None:
-        acts = data.activations()
+        acts = data.on_device()  # the model's device: a GPU where the run has one
         if data.codes is not None:  # known codes imply the dictionary: least squares, no alternation
             self.W, self.b = least_squares_dictionary(data.codes.to(acts.device), acts)
             self.step_size = 1.0 / lipschitz(self.W)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from saebench.encoders.base import Encoder
 from saebench.encoders.baselines import MeanEncoder, ZeroEncoder
 from saebench.errors import SaebenchError
+from saebench.forward import LMHead
 from saebench.models import cache_dir
 from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
@@ -52,11 +53,11 @@ from saebench.tasks.ce_kl_sums import (
     PassSums,
     add_clean_sums,
     mean_activation,
-    next_token_stats,
-    probabilities,
+    pass_losses,
     reference_tensors,
     restore_references,
 )
+from saebench.tasks.losses import HeadInput, head_input
 from saebench.tasks.reference import ReferenceCache
 
 CHECKPOINT_SECONDS = 60.0
@@ -180,7 +181,7 @@ class CEKLTask(Task):
             cache.discard("the model's activations on the first batch differ from the stored ones (same "
                           "model id, other weights or kernels)")
             stored = None
-        state = ctx.store.load() or {"done": 0, "captured": 0, "acts": [], "normed": [], "neg_entropy": [],
+        state = ctx.store.load() or {"done": 0, "captured": 0, "acts": [], "normed": [],
                                        "sums": {k: PassSums(e.spec.d_latent) for k, e in passes.items()},
                                        "clean": {k: [] for k in CLEAN_SUMS}}
         refs = {_key(zero, hp): "zero", _key(mean, hp): "mean"}
@@ -196,13 +197,13 @@ class CEKLTask(Task):
         todo = {k: e for k, e in passes.items() if stored is None or k not in refs}
 
         def fresh() -> dict:
-            return {"normed": [], "neg_entropy": [], "clean": {k: [] for k in CLEAN_SUMS},
+            return {"normed": [], "clean": {k: [] for k in CLEAN_SUMS},
                     "sums": {k: PassSums(e.spec.d_latent) for k, e in todo.items()}}
 
         batches = checkpointed_batches(ctx.settings, ctx.store, len(tokens), state, f"ce_kl {hp}", CHECKPOINT_SECONDS,
                                        fresh)
         for sl, part in batches:
-            cached = None if stored is None else {k: stored[k][sl] for k in ("clean.ce", "neg_entropy", "normed")
+            cached = None if stored is None else {k: stored[k][sl] for k in ("clean.ce", "normed")
                                                   if k in stored}
             self._batch(ctx, tokens[sl], acts[sl], cached, todo, part)
         if stored is None and cache is not None:
@@ -225,59 +226,60 @@ class CEKLTask(Task):
     @torch.no_grad()
     def _batch(self, ctx: TaskContext, batch: Tensor, acts: Tensor, stored: dict[str, Tensor] | None,
                passes: dict[str, Encoder], part: dict) -> None:
-        """One batch: the clean next-token distribution, then every pass in `passes` from the hookpoint, their
-        sums added to `part` (this batch's share of the run's state).
+        """One batch: the clean pass, then every pass in `passes` from the hookpoint, their sums added to `part`
+        (this batch's share of the run's state).
+
+        The LM head runs on the final norm's output a few predictions at a time (ce_kl_sums.pass_losses), so
+        no (batch, positions, vocab) tensor is made; where saebench does not know the model's head, each pass's
+        logits are scored as soon as they exist, one pass at a time.
 
         Args:
             acts: (B, T, d) clean activations at the hookpoint.
-            stored: this batch's cached clean results ('clean.ce', 'neg_entropy', optionally
-                'normed'); None computes them and records them in `part` for the cache.
+            stored: this batch's cached clean results ('clean.ce', optionally 'normed'); None computes them and
+                records them in `part` for the cache.
         """
         sinks = sink_mask(batch, ctx.model.bos_id)
         act_mask = ~sinks  # (B, T) positions scored for activation metrics
         pred_mask = act_mask[:, :-1] & ~sinks[:, 1:]  # (B, T-1) predictions scored for CE / KL
-        targets = batch[:, 1:].to(ctx.model.device)
-        clean_ce, p_clean, neg_entropy = self._clean(ctx, batch, acts, stored, part, targets, act_mask, pred_mask)
+        targets = batch[:, 1:]
+        head = ctx.hook.forward.head
+        clean = self._clean(ctx, batch, acts, stored, part, head)
         keep = ctx.keep_mask(batch)
         acts = acts.to(ctx.model.device)
+        outputs: dict[str, HeadInput] = {}
+        losses: dict[str, tuple[Tensor, Tensor]] = {}
+        exact: list[str] = []
         for key, enc in passes.items():
             sums: PassSums = part["sums"][key]
             sums.start_batch(len(batch))
             spliced = splice_activations(acts, batch, keep, enc, ctx.settings.splice,
                                          sums.on_chunk(batch.shape[1], act_mask.reshape(-1)), ctx.hook.name)
-            if torch.equal(spliced, acts):
-                # the reconstruction is exact: the spliced pass is the clean pass
-                sums.end_batch(clean_ce.clone(), torch.zeros(len(batch), dtype=torch.float64))
+            if torch.equal(spliced, acts):  # the reconstruction is exact: the spliced pass is the clean pass
+                exact.append(key)
                 continue
-            logits = ctx.hook.forward.resume(spliced, batch).logits
-            # KL(clean || spliced) = sum_v p log p - sum_v p log q: the first term once per batch
-            # (cached with the clean pass), the second per pass
-            _, cross, nll = next_token_stats(logits, targets, p_clean)
-            kl = neg_entropy - cross
-            sums.end_batch(sum_by_row(nll.cpu(), pred_mask), sum_by_row(kl.cpu(), pred_mask))
+            outputs[key] = head_input(ctx.hook.forward.resume(spliced, batch, logits=head is None), head)
+            if head is None:
+                losses |= pass_losses(head, clean, {key: outputs.pop(key)}, targets)[1]
+        nll_clean, scored = pass_losses(head, clean, outputs, targets)
+        losses |= scored
+        if stored is None:
+            add_clean_sums(part["clean"], acts, nll_clean, act_mask, pred_mask)
+        ce_clean = stored["clean.ce"] if stored is not None else part["clean"]["ce"][-1]
+        for key in exact:
+            part["sums"][key].end_batch(ce_clean.clone(), torch.zeros(len(batch), dtype=torch.float64))
+        for key, (nll, kl) in losses.items():
+            part["sums"][key].end_batch(sum_by_row(nll.cpu(), pred_mask), sum_by_row(kl.cpu(), pred_mask))
 
     def _clean(self, ctx: TaskContext, batch: Tensor, acts: Tensor, stored: dict[str, Tensor] | None, part: dict,
-               targets: Tensor, act_mask: Tensor, pred_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-context clean CE sums (B,), clean next-token probabilities (B, T-1, vocab) and sum p log p (B, T-1).
-
-        From the cache: the LM head on the stored final-norm output (or, where none is stored or
-        the LM head is not used, the pass from the clean activations). Otherwise computed from the suffix and recorded.
-        """
-        out = None
-        if stored is not None and "normed" in stored and ctx.hook.forward.head is not None:
-            logits = ctx.hook.forward.logits_from_normed(stored["normed"])
-        else:
-            out = ctx.hook.forward.resume(acts, batch)
-            logits = out.logits
-        if stored is not None:
-            p_clean = probabilities(logits)
-            return stored["clean.ce"], p_clean, stored["neg_entropy"].to(p_clean.device)
-        p_clean, neg_entropy, nll = next_token_stats(logits, targets, None)
-        add_clean_sums(part["clean"], acts, nll, act_mask, pred_mask)
-        part["neg_entropy"].append(neg_entropy.cpu())
-        if out is not None and out.normed is not None:
+               head: LMHead | None) -> HeadInput:
+        """The clean pass's final-norm output (or logits, without a known LM head): the stored one, or the pass
+        from the clean activations (its norm output recorded in `part` for the reference cache)."""
+        if stored is not None and "normed" in stored and head is not None:
+            return stored["normed"].to(ctx.model.device), True
+        out = ctx.hook.forward.resume(acts, batch, logits=head is None)
+        if stored is None and out.normed is not None:
             part["normed"].append(out.normed.cpu())
-        return part["clean"]["ce"][-1], p_clean, neg_entropy
+        return head_input(out, head)
 
     def _result(self, state: dict, key: str, zero_key: str, mean_key: str, enc: Encoder) -> TaskResult:
         clean = {k: torch.cat(v) for k, v in state["clean"].items()}

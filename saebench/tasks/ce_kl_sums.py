@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from saebench.encoders.base import Codes, SparseCodes, latent_stats
+from saebench.forward import LMHead
 from saebench.splice import sink_mask
 from saebench.stats import sum_by_row
+from saebench.tasks.losses import HeadInput
 
 
 class PassSums:
@@ -77,39 +79,44 @@ def mean_activation(acts: Tensor, tokens: Tensor, bos_id: int) -> Tensor:
 
 CHUNK_ROWS = 16
 """Predictions whose vocabulary-sized float32 work is done at once. Small enough to stay in the
-CPU cache: 3.7x faster than whole 8x127-token batches for a 49k vocabulary, identical results."""
+CPU cache (3.7x faster than whole 8x127-token batches for a 49k vocabulary), and what keeps a 256k
+vocabulary's memory flat: no (batch, positions, vocab) tensor is ever made, only (16, vocab) ones."""
 
 
-def next_token_stats(logits: Tensor, targets: Tensor, p_ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Next-token probabilities, sum_v p_ref log q, and the NLL of the targets, in row chunks.
+def pass_losses(head: LMHead | None, clean: HeadInput, passes: dict[str, HeadInput],
+                targets: Tensor) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """Per-prediction NLL of the clean pass, and each pass's NLL and KL(clean || pass), CHUNK_ROWS predictions
+    at a time, the LM head applied to the final norm's output chunk by chunk.
 
     Args:
-        logits: (B, T, V) logits of q (the last position predicts nothing and is skipped);
-            targets: (B, T-1) next tokens.
-        p_ref: (B, T-1, V) float32 reference probabilities; None uses q itself (so the second
-            result is sum_v q log q, the negative entropy).
+        head: the model's LM head (None: the passes are given as logits).
+        clean, passes: (batch, T, ...) final-norm outputs or logits (saebench.tasks.losses.head_input); the last
+            position predicts nothing and is skipped.
+        targets: (batch, T-1) next tokens.
     Returns:
-        q as float32 probabilities (B, T-1, V) when p_ref is None (else p_ref), sum_v p_ref log q
-        (B, T-1), and -log q(target) (B, T-1).
+        (batch, T-1) float32 clean NLL, and per pass (NLL, KL), each (batch, T-1) float32.
     """
-    n_pred = logits.shape[1] - 1
-    probs = probabilities(logits) if p_ref is None else p_ref
-    cross = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    nll = torch.empty_like(cross)
-    for b, rows in _chunks(logits.shape[0], n_pred):  # slices of the contiguous logits: no copies
-        logq = torch.log_softmax(logits[b, rows], -1, dtype=torch.float32)
-        cross[b, rows] = torch.linalg.vecdot(probs[b, rows], logq)
-        nll[b, rows] = -logq.gather(-1, targets[b, rows, None]).squeeze(-1)
-    return probs, cross, nll
+    targets = targets.to(clean[0].device)
+    nll_clean = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+    out = {key: (torch.empty_like(nll_clean), torch.empty_like(nll_clean)) for key in passes}
+    for b, rows in _chunks(*targets.shape):
+        lp_clean = _log_probs(head, clean, b, rows)
+        tgt = targets[b, rows, None]
+        nll_clean[b, rows] = -lp_clean.gather(-1, tgt).squeeze(-1)
+        p_clean = lp_clean.exp()
+        for key, src in passes.items():
+            lp = _log_probs(head, src, b, rows)
+            nll, kl = out[key]
+            nll[b, rows] = -lp.gather(-1, tgt).squeeze(-1)
+            kl[b, rows] = torch.linalg.vecdot(p_clean, lp_clean - lp)
+    return nll_clean, out
 
 
-def probabilities(logits: Tensor) -> Tensor:
-    """(B, T-1, V) float32 softmax of the (B, T, V) logits' first T-1 positions, in row chunks."""
-    probs = torch.empty(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32,
-                        device=logits.device)
-    for b, rows in _chunks(logits.shape[0], logits.shape[1] - 1):
-        probs[b, rows] = torch.softmax(logits[b, rows], -1, dtype=torch.float32)
-    return probs
+def _log_probs(head: LMHead | None, src: HeadInput, b: int, rows: slice) -> Tensor:
+    """(rows, vocab) float32 log-probabilities of one chunk of one pass."""
+    tensor, normed = src
+    logits = head.logits(tensor[b, rows]) if normed and head is not None else tensor[b, rows]
+    return torch.log_softmax(logits, -1, dtype=torch.float32)
 
 
 def _chunks(batch: int, n_pred: int):
@@ -133,7 +140,7 @@ def add_clean_sums(clean: dict[str, list[Tensor]], acts: Tensor, nll: Tensor, ac
 def reference_tensors(state: dict, refs: dict[str, str], tokens: Tensor, acts: Tensor,
                        mean: Tensor) -> dict[str, Tensor]:
     """What the reference cache stores: the data, the clean pass, and the zero and mean passes' sums."""
-    out = {"tokens": tokens, "acts": acts, "mean": mean, "neg_entropy": torch.cat(state["neg_entropy"])}
+    out = {"tokens": tokens, "acts": acts, "mean": mean}
     normed = torch.cat(state["normed"]) if state["normed"] else None
     if normed is not None and len(normed) == len(acts):  # prefix reuse may have stopped part way
         out["normed"] = normed
@@ -150,4 +157,4 @@ def restore_references(state: dict, stored: dict[str, Tensor], refs: dict[str, s
         sums = PassSums(None)
         sums.rows = {k: [stored[f"{name}.{k}"]] for k in PASS_SUMS}
         state["sums"][key] = sums
-    state["acts"], state["normed"], state["neg_entropy"] = [], [], []
+    state["acts"], state["normed"] = [], []

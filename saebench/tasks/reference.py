@@ -25,8 +25,8 @@ from saebench import distributed
 from saebench.models import publish_dir
 from saebench.records import config_hash, write_atomic
 
-FORMAT_VERSION = 1
-"""Bump when what an entry holds changes meaning."""
+FORMAT_VERSION = 2
+"""Bump when what an entry holds changes meaning (2: ce_kl keeps no per-prediction negative entropy)."""
 
 
 def _sha256(path: Path) -> str:

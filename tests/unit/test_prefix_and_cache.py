@@ -157,14 +157,14 @@ def test_a_suffix_that_disagrees_with_the_full_pass_is_switched_off(tiny_llama, 
     fwd = HookpointForward(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"), notice=notices.append)
     real = fwd._suffix
 
-    def wrong(hidden, ids):  # as if a layer needed an input the recorded arguments do not carry
-        out = real(hidden, ids)
-        return type(out)(out.logits + 1.0, out.normed)
+    def wrong(hidden, ids, logits=True):  # as if a layer needed an input the recorded arguments do not carry
+        out = real(hidden, ids, logits)
+        return type(out)(None if out.logits is None else out.logits + 1.0, out.normed + 1.0)
 
     monkeypatch.setattr(fwd, "_suffix", wrong)
     ids = torch.randint(0, 100, (2, 12))
     acts = fwd.capture(ids)
-    assert not fwd.reuse_prefix and "changed the logits" in notices[0]
+    assert not fwd.reuse_prefix and "changed the final norm's output" in notices[0]
     assert torch.equal(fwd.resume(acts, ids).logits, tiny_llama.model(ids, use_cache=False).logits)
 
 
