@@ -70,14 +70,19 @@ def _run_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _hide_loading_bars(quiet: bool) -> None:
+    """Under --quiet, transformers' own bars (loading checkpoint shards) go too."""
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _cmd_run(args) -> int:
     from saebench.report import feature_tables, results_table
     from saebench.runner import RunConfig, evaluate
 
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+    _hide_loading_bars(args.quiet)
     config = RunConfig(
         hookpoint=args.hookpoint, limit=args.limit, context_len=args.context_len, batch_size=args.batch_size,
         seed=args.seed, corpus=args.corpus, splice_bos=args.splice_bos, dtype=args.dtype, device=args.device,
@@ -117,10 +122,7 @@ def _sweep_parser(sub) -> None:
 def _cmd_sweep(args) -> int:
     from saebench.sweep import load_sweep, run_sweep
 
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+    _hide_loading_bars(args.quiet)
     summary = run_sweep(load_sweep(args.sweep), args.output, shard=args.shard, ray_address=args.ray,
                         quiet=args.quiet)
     print(summary.line())

@@ -33,7 +33,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device: str | None = None) -> None:
+def init_from_env(device: "str | torch.device | None" = None) -> None:
     """Join the process group torchrun / accelerate launch describe in the environment (once).
 
     Args:
@@ -42,7 +42,7 @@ def init_from_env(device: str | None = None) -> None:
     """
     if not launched() or dist.is_initialized():
         return
-    cuda = (device is None or device.startswith("cuda")) and torch.cuda.is_available()
+    cuda = (device is None or str(device).startswith("cuda")) and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
@@ -82,6 +82,14 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if active() else "cuda"
     return "cpu"
+
+
+def rank_device(device: str | None) -> str | None:
+    """The device this rank runs on: in a data-parallel run on GPUs each rank has its own, GPU LOCAL_RANK,
+    whatever CUDA device the (shared) command line names; otherwise `device` itself."""
+    if active() and device is not None and device.startswith("cuda"):
+        return default_device()
+    return device
 
 
 def barrier() -> None:

@@ -63,10 +63,9 @@ class SaebenchLM(SplicedLM):
             dtype, device: passed to saebench's model loader ('auto' means saebench's auto rule).
         """
         distributed.init_from_env(device)  # before loading, so that a launched rank's model goes to its own GPU
-        if distributed.active() and str(device).startswith("cuda"):
-            # each rank runs on GPU LOCAL_RANK whatever --device says, as lm-eval's `hf` model does under
-            # accelerate ("device ... will be overridden when placing model")
-            device = distributed.default_device()
+        # each rank runs on GPU LOCAL_RANK whatever --device says, as lm-eval's `hf` model does under accelerate
+        # ("device ... will be overridden when placing model")
+        device = distributed.rank_device(None if device is None else str(device))
         loaded = pretrained if isinstance(pretrained, LoadedModel) else load_model(
             pretrained, None if dtype in (None, "auto") else str(dtype), device)
         if isinstance(encoder, str):

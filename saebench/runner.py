@@ -128,7 +128,9 @@ def _hookpoint_of(enc: Encoder, model: LoadedModel, asked: str | None) -> str:
     return model.hookpoint(name).name
 
 
-def _validate(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str]) -> None:
+def check_config(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str]) -> None:
+    """Bad settings, no encoder or task, or an --output that cannot be written: one SaebenchError before any
+    work (the runner's and the sweep's check)."""
     if not encoders:
         raise SaebenchError("no encoder given: pass at least one --encoder (e.g. --encoder identity)")
     if not tasks:
@@ -182,7 +184,7 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
     distributed.init_from_env(config.device)
     if distributed.active():
         _check_ranks_agree(model, encoders, tasks, config)
-    _validate(config, encoders, tasks)
+    check_config(config, encoders, tasks)
     task_objs = [(name, resolve_task(name, params_for(name, config.task_params, tasks))) for name in tasks]
     specs = expand_encoder_specs(encoders)
     for spec in specs:
@@ -195,7 +197,7 @@ def evaluate(model: str | LoadedModel | None, encoders: Sequence[str], tasks: Se
     loaded, groups = None, {}
     if needing:
         loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, config.dtype, config.device, config.gguf_file, config.revision)
+            model, config.dtype, distributed.rank_device(config.device), config.gguf_file, config.revision)
         _check_context_len(config, loaded)
         if config.hookpoint:
             loaded.hookpoint(config.hookpoint)

@@ -24,7 +24,7 @@ from saebench.encoders.base import encoder_class
 from saebench.encoders.specs import expand_encoder_specs
 from saebench.errors import SaebenchError, did_you_mean
 from saebench.models import DTYPES, LoadedModel, load_model, model_presets
-from saebench.runner import RunConfig, _validate, evaluate
+from saebench.runner import RunConfig, check_config, evaluate
 from saebench.tasks.names import accepted_params, params_for, resolve_task
 
 SWEEP_KEYS = ("models", "encoders", "tasks", "seeds", "settings", "resources")
@@ -186,7 +186,7 @@ def check_sweep(sweep: Sweep, output_dir: Path) -> None:
                                 f"({', '.join(presets)}), a Hugging Face hub id, or a local path")
     # the runner's own checks of the numbers (and that records can be written), made once for all jobs
     config = RunConfig(**(sweep.settings | {"task_params": {}}), output_dir=output_dir)
-    _validate(config, sweep.encoders[0], sweep.tasks)
+    check_config(config, sweep.encoders[0], sweep.tasks)
 
 
 def _fits(value: Any, annotation: Any) -> bool:
