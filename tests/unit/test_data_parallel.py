@@ -73,13 +73,24 @@ def cases(files: dict) -> dict[str, list[str]]:
         # 24 items in 3 chunks of 8 (the child's chunk size): rank 0 scores two, rank 1 one
         "lambada": ["--model", str(files["trained"]), "--hookpoint", HOOK, "--batch-size", "4", "--quiet",
                     "--encoder", sae, "--task", "lambada", "--data-file", str(files["lambada"])],
+        # 5 sequences in 2-sequence batches: every source's resumed passes and later captures
+        "error_propagation": [*tiny, "--encoder", f"{sae}@layers.0.resid_pre", "--encoder",
+                              f"{sae}@layers.1.resid_pre", "--task", "error_propagation", "--limit", "5",
+                              "--max-len", "24", "--batch-size", "2"],
+        # 20 contexts: 5 batches of top and random truncations
+        "truncation_curve": [*tiny, "--encoder", sae, "--task", "truncation_curve?fractions=0.25,0.5,1", "--limit",
+                             "640", "--context-len", "32"],
+        # one encoder at two hookpoints: its single rows and the joint row
+        "all_at_once": [*tiny, "--encoder", f"{sae}@layers.{{0,1}}.resid_pre", "--task", "ce_kl", "--all-at-once",
+                        "--limit", "640", "--context-len", "32", "--no-reference-cache"],
         # one batch for two ranks: the second has nothing to do and says nothing
         "one_batch": [*tiny, "--encoder", sae, "--task", "ce_kl", "--limit", "128", "--context-len", "64",
                       "--no-reference-cache"],
     }
 
 
-@pytest.mark.parametrize("case", ["ce_kl", "context_sweep", "latent_recall", "lambada", "one_batch"])
+@pytest.mark.parametrize("case", ["ce_kl", "context_sweep", "latent_recall", "lambada", "error_propagation",
+                                  "truncation_curve", "all_at_once", "one_batch"])
 def test_two_ranks_write_bitwise_the_records_of_one_process(files, tmp_path, case):
     args = cases(files)[case]
     code, err, _ = launch(tmp_path, "one", 1, [*args, "--output", str(tmp_path / "one")])
