@@ -45,7 +45,12 @@ K_VARIANTS = (32, 16, 48, 8, 64, 24, 40, 12)
 def sae_variants(lm: LoadedModel, folder: Path, n: int) -> list[str]:
     """Spec strings of n encoders: the default SAE, then copies of it with another TopK k."""
     src, _ = default_sae_dir(BuildContext(lm, HOOKPOINT, cache_dir()))
-    specs = ["sae:default"]
+    return ["sae:default", *k_copies(src, folder, n)[1:]]
+
+
+def k_copies(src: Path, folder: Path, n: int) -> list[str]:
+    """Spec strings of n encoders: the sae-lens TopK SAE at `src`, then copies of it (in `folder`) at other k."""
+    specs = [f"sae:{src}"]
     for k in K_VARIANTS[1:n]:
         dest = folder / f"k{k}"
         if not dest.exists():

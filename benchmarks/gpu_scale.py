@@ -21,7 +21,6 @@ Usage:
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,9 +30,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-K_VARIANTS = (32, 16, 48, 8, 64, 24, 40, 12)
-
 
 def peak_reset(device: str) -> None:
     if device.startswith("cuda"):
@@ -71,27 +67,13 @@ def train_rate(lm, hookpoint, acts: torch.Tensor, device: str, dest: Path) -> fl
     return len(acts) / seconds
 
 
-def k_copies(src: Path, folder: Path, n: int) -> list[str]:
-    """Spec strings of n encoders: the trained SAE, then copies of it at other TopK k."""
-    specs = [f"sae:{src}"]
-    for k in K_VARIANTS[1:n]:
-        dest = folder / f"k{k}"
-        if not dest.exists():
-            shutil.copytree(src, dest)
-            cfg = json.loads((dest / "cfg.json").read_text())
-            cfg["k"] = k
-            (dest / "cfg.json").write_text(json.dumps(cfg))
-        specs.append(f"sae:{dest}")
-    return specs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="random-gemma-2-2b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=65_536, help="ce_kl evaluation tokens")
     parser.add_argument("--train-tokens", type=int, default=200_000, help="the default SAE's training set")
-    parser.add_argument("--cpu-samples", type=int, default=20_000, help="activations for the GPU-vs-CPU trainer rate")
+    parser.add_argument("--cpu-samples", type=int, default=20_000, help="activations for the GPU-vs-CPU trainer rate (at least one batch: 1024)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--encoders", default="1,4,8")
     args = parser.parse_args(argv)
@@ -103,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     from saebench.encoders.default_sae import DefaultSAEConfig, default_sae_dir
     from saebench.models import load_model
     from saebench.runner import RunConfig, evaluate
+
+    sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmarks' helpers
+    import vs_saelens
+    from ce_kl_cost import k_copies
 
     dev = args.device
     build_s, lm = timed(lambda: load_model(args.shape, "auto", dev), dev)
@@ -139,16 +125,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{recs[0].metrics['ce_loss_recovered']:.4f}", flush=True)
 
     try:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import vs_saelens
-
         vs_saelens.MODEL = lm.model_id.split(":", 1)[-1]
         tokens = vs_saelens.draw_contexts(lm, args.tokens, args.batch_size)
         bridge = vs_saelens.boot_bridge(lm)
         _, sl_wall = vs_saelens.run_saelens(bridge, Path(sae_dir), tokens.to(lm.device), args.batch_size,
                                             vs_saelens.Tap())
         print(f"sae-lens run_evals on the same model, SAE and {tokens.numel()} tokens: {sl_wall:.1f} s; saebench's "
-              f"1-encoder ce_kl / run_evals = {one_s / sl_wall:.2f}", flush=True)
+              f"1-encoder ce_kl / run_evals, per token = {(one_s / args.tokens) / (sl_wall / tokens.numel()):.2f} "
+              "(run_evals reads whole batches of 128-token contexts)", flush=True)
     except Exception as exc:  # noqa: BLE001 - the other numbers stand without it
         print(f"sae-lens run_evals not measured: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     shutil.rmtree(work, ignore_errors=True)

@@ -138,6 +138,9 @@ def _trainer_progress(shown: bool) -> Iterator[None]:
 
 def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Shuffled minibatches, reshuffled every epoch, forever (the trainer counts samples)."""
+    if len(acts) < batch_size:  # no whole batch: the loop below would spin forever
+        raise SaebenchError(f"the default SAE's training set holds {len(acts)} activations, fewer than one batch of "
+                            f"{batch_size}; raise train_tokens or lower batch_size (sae:default?batch_size=...)")
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(acts), generator=gen)
