@@ -108,7 +108,8 @@ def decode_with(W: Tensor, b: Tensor, inner: Encoder | None, codes: Codes) -> Te
 
 
 def unit_rows(W: Tensor) -> Tensor:
-    """Rows scaled to unit norm (atoms of a learned dictionary, as in O'Neill et al.'s code)."""
+    """Rows scaled to unit norm (atoms of a learned dictionary: O'Neill et al. normalise every decoder's atoms,
+    section 3.3)."""
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 

@@ -1,18 +1,20 @@
-"""MLP encoders: a deeper amortised encoder in front of a dictionary (O'Neill et al. 2024, section 5).
+"""MLP encoders: a deeper amortised encoder in front of a dictionary (O'Neill et al. 2024, sections 3.3 and 5).
 
 Spec forms (options after '?', see saebench.encoders.dictionary for the syntax):
 - ``mlp:<encoder spec>``: an MLP trained against that encoder's frozen decoder dictionary, e.g.
   ``mlp:sae:default?hidden=576``; ``k`` defaults to the inner encoder's mean L0, so it is compared
   at equal sparsity;
 - ``mlp``: with a task's known dictionary (synthetic data), trained against it; else trained jointly
-  with a new decoder (unit-norm atoms, as in the paper's code).
+  with a new decoder (unit-norm atoms, the paper's section 3.3).
 - ``linear_sae`` is the paper's SAE: this family with no hidden layer, i.e. codes = ReLU(W x + b)
   (LinearSAEEncoder; on synthetic data, trained on the task's samples).
 
 The encoder is hidden layers of ReLU(Linear) then a Linear to d_latent and ReLU (TopK when k > 0);
-the loss is MSE (mean over dimensions) + l1 * mean |code| (the paper's loss; no L1 term with TopK).
-Training runs Adam on the corpus's training split at the hookpoint (or a task's training set) and
-is cached by saebench.encoders.base.fit_cached.
+the loss is MSE (mean over dimensions) + l1 * mean |code| (the paper's MSE + L1 form, section 3.3; no
+L1 term with TopK). Given a task's known codes (synthetic, known-codes regime) it regresses them
+instead, by MSE or by cosine similarity (``codes_loss``; the paper's choice, section 3.5). Training
+runs Adam on the corpus's training split at the hookpoint (or a task's training set) and is cached by
+saebench.encoders.base.fit_cached.
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from saebench.encoders.base import (
     DECODER_DICTIONARY,
@@ -55,7 +58,8 @@ class MLPConfig:
     """Active latents per token (TopK); -1: the inner encoder's mean L0 (rounded), or ReLU + L1 without one;
     0: ReLU + L1."""
     l1: float = 0.01
-    """Weight of mean |code| in the loss when k is 0 (O'Neill et al.'s 0.01)."""
+    """Weight of mean |code| in the loss when k is 0 (0.01: l1_weight of reconstruction_loss_with_l1 in the
+    authors' experiments/utils.py, github.com/charlieoneill11/sparse-inference at commit 7b3e9d4)."""
     d_latent: int = 0
     """Width of a learned dictionary; 0: the task's (synthetic N), else 4 x d_in."""
     steps: int = 1000
@@ -65,9 +69,12 @@ class MLPConfig:
     train_tokens: int = 200_000
     """Training-split activations to learn from on a model (a task's own training set wins)."""
     lr: float = 1e-3
-    """Adam learning rate (the paper's)."""
+    """Adam learning rate (1e-3: the authors' experiments/known_Z.py and known_D.py, commit 02b2109)."""
     seed: int = -1
     """Initialisation and batch order; -1: the task's seed for the fit (0 in runs on a model)."""
+    codes_loss: str = "mse"
+    """Loss against known codes (a task's training set that carries them): 'mse', or 'cosine': 1 - the mean
+    over latents of the cosine similarity of true and predicted codes across the batch's samples."""
 
 
 DEAD_STEPS = 100
@@ -117,6 +124,8 @@ class MLPEncoder(Encoder):
                 raise SaebenchError(f"{name} option {field} must be at least 1, not {getattr(cfg, field)}")
         if cfg.k < 0 or cfg.lr <= 0 or cfg.l1 < 0:
             raise SaebenchError(f"{name} options k and l1 must be non-negative and lr positive")
+        if cfg.codes_loss not in ("mse", "cosine"):
+            raise SaebenchError(f"{name} option codes_loss={cfg.codes_loss!r}: use mse or cosine")
         self.cfg, self.seed = cfg, cfg.seed if cfg.seed >= 0 else build.fit_seed
         self.train_tokens = cfg.train_tokens
         self.widths = [d_in, *hidden_widths(cfg.hidden, d_in), d_latent]
@@ -139,6 +148,8 @@ class MLPEncoder(Encoder):
         hookpoint = self.inner.spec.hookpoint if self.inner is not None else build.hookpoint
         source = self.dictionary.source if self.dictionary is not None else {"learned": True}
         params = asdict(cfg) | {"seed": self.seed, "hidden": self.widths[1:-1], "dictionary": source}
+        if build.training is None or build.training.codes is None:
+            del params["codes_loss"]  # read only when there are known codes: fits on a model keep their hash
         self.spec = EncoderSpec(name, arg, hookpoint, d_in, d_latent, params)
         self.encode_flops = _linear_flops(self.widths)
         self.training_context = self.inner.training_context if self.inner is not None else None
@@ -215,10 +226,20 @@ class MLPEncoder(Encoder):
         self.training_flops = 3.0 * (self.encode_flops + 2.0 * self.W.shape[0] * self.W.shape[1]) * samples
 
     def _fit_to_codes(self, acts: Tensor, codes: Tensor, progress: bool) -> None:
-        """Known codes: regress them (MSE), and decode with the dictionary they imply by least squares."""
+        """Known codes: regress them (MSE or cosine), and decode with the dictionary they imply by least squares."""
         self.scale = float(acts.pow(2).mean().sqrt().clamp_min(1e-8))
         self.net.to(acts.device)
-        adam_steps(list(self.net.parameters()), lambda batch: ((self._codes(acts[batch]) - codes[batch]) ** 2).mean(),
+
+        def loss_of(batch: Tensor) -> Tensor:
+            pred, true = self._codes(acts[batch]), codes[batch]
+            if self.cfg.codes_loss == "mse":
+                return ((pred - true) ** 2).mean()
+            # O'Neill et al. (section 3.5) regress known codes by cosine similarity, "more stable" than MSE; the
+            # cosine is per latent across samples, averaged over latents, as cossim in the authors'
+            # experiments/known_Z.py (commit 02b2109); 1 - cosine here, so a perfect fit is 0
+            return 1 - F.cosine_similarity(pred, true, dim=0).mean()
+
+        adam_steps(list(self.net.parameters()), loss_of,
                    torch.arange(len(acts), device=acts.device), self.cfg.steps, self.cfg.batch_size, self.cfg.lr,
                    self.seed, progress, f"fitting {self.spec.label} to known codes")
         self.W, self.b = least_squares_dictionary(codes, acts)

@@ -1,19 +1,29 @@
-"""Inference-time optimisation (ITO): greedy pursuits on an encoder's decoder dictionary.
+"""Inference-time optimisation (ITO): greedy pursuits or gradient descent on an encoder's decoder dictionary.
 
-``ito:<encoder spec>?method=mp|omp|gp&k=32&init=zero|encoder`` keeps the inner encoder's decoder
-and replaces its encoder by a pursuit (O'Neill et al. 2024 call this SAE + ITO):
+``ito:<encoder spec>?method=mp|omp|gp|gradient&k=32&init=zero|encoder`` keeps the inner encoder's
+decoder and replaces its encoder by an optimisation of the codes (O'Neill et al. 2024 call this
+SAE + ITO):
 - ``mp``, matching pursuit (Mallat & Zhang 1993): pick the atom most correlated with the residual,
   add that correlation to its code, subtract;
 - ``omp``, orthogonal matching pursuit (Pati et al. 1993): pick like MP, then refit every code on the
   support by least squares;
 - ``gp``, gradient pursuit (Blumensath & Davies 2008, "Gradient Pursuits"): pick like MP, then one
-  exact line-search gradient step on the support's codes.
-Atoms are picked by their largest *positive* correlation, as SAE latents are non-negative.
+  exact line-search gradient step on the support's codes;
+- ``gradient``: O'Neill et al.'s SAE+ITO, "gradient-based optimisation at inference time" of the
+  codes, "initialised with SAE latents" (sections 3.5 and 4.2): ``iters`` steps of projected gradient
+  descent on mean_dims((x - b - s W)^2) + l1 * mean_latents(s), s >= 0 (the MSE + L1 form of their
+  eq. 6), the dictionary fixed, from the inner encoder's code (``init=encoder``, its default). With
+  s >= 0 the L1 term is linear, so each step is a gradient step clipped at 0: ISTA (Beck & Teboulle
+  2009) with step ``lr`` / L, which never raises the objective for lr <= 1. The authors' code
+  (github.com/charlieoneill11/sparse-inference, experiments/known_D.py at commit 02b2109) instead runs
+  Adam on exp(log s) codes started at exp(-10); saebench follows the paper's text.
+Pursuits pick atoms by their largest *positive* correlation, as SAE latents are non-negative.
 
-``k`` (atoms per token) defaults to the inner encoder's mean L0 on training activations, so ITO is
-compared with the encoder at equal sparsity. ``init=encoder`` starts from the inner encoder's code:
-its k largest latents are the support, and the method refits their values (OMP: least squares;
-GP and MP: k steps restricted to the support) instead of picking new atoms.
+``k`` (atoms per token of a pursuit) defaults to the inner encoder's mean L0 on training activations,
+so ITO is compared with the encoder at equal sparsity; ``gradient`` has no k (``l1`` sets its
+sparsity). ``init=encoder`` starts from the inner encoder's code: a pursuit takes its k largest
+latents as the support and refits their values (OMP: least squares; GP and MP: k steps restricted to
+the support) instead of picking new atoms; ``gradient`` starts from the whole code.
 
 Written here, batched on torch tensors (CPU or CUDA): scikit-learn's orthogonal_mp (the reference
 the tests compare with) is numpy, one signal at a time, and picks atoms by |correlation|; no
@@ -37,9 +47,13 @@ from saebench.encoders.base import (
     dense,
 )
 from saebench.encoders.dictionary import decode_with, family_options, mean_l0, resolve_dictionary, split_inner
+from saebench.encoders.sparse_coding import SparseCodingConfig, infer, lipschitz
 from saebench.errors import SaebenchError
 
-METHODS = ("mp", "omp", "gp")
+PURSUITS = ("mp", "omp", "gp")
+METHODS = (*PURSUITS, "gradient")
+GRADIENT_OPTIONS = ("iters", "lr", "l1")
+"""Options only method=gradient reads (left out of a pursuit's spec, so its records keep their hash)."""
 CHUNK = 1024
 """Tokens per pursuit chunk: bounds the (tokens, k, d_in) support tensors."""
 
@@ -49,15 +63,24 @@ class ITOConfig:
     """Options of the ito encoder (``ito:sae:default?method=omp&k=32``)."""
 
     method: str = "omp"
-    """'mp', 'omp' or 'gp'."""
+    """'mp', 'omp', 'gp' (greedy pursuits) or 'gradient' (projected gradient descent on MSE + L1)."""
     k: int = 0
-    """Atoms per token; 0: the inner encoder's mean L0 on training activations (rounded)."""
-    init: str = "zero"
-    """'zero': pick k atoms greedily; 'encoder': refit the inner encoder's own k largest latents."""
+    """Atoms per token of a pursuit; 0: the inner encoder's mean L0 on training activations (rounded).
+    Not read by 'gradient', whose sparsity is set by l1."""
+    init: str = "auto"
+    """'zero': from no code; 'encoder': from the inner encoder's code (a pursuit refits its k largest
+    latents); 'auto': 'encoder' for gradient (O'Neill et al. section 4.2), 'zero' for pursuits."""
+    iters: int = 100
+    """Gradient steps per token (method=gradient; saebench's choice, as sparse_coding's iters)."""
+    lr: float = 1.0
+    """Step of method=gradient in units of 1/L, L the Lipschitz constant of the MSE term's gradient
+    (largest eigenvalue of W W^T): in (0, 1], where every step lowers or keeps the objective."""
+    l1: float = 0.01
+    """Weight of mean |code| against the MSE (method=gradient), as sparse_coding's and the SAE's l1."""
 
 
 class ITOEncoder(Encoder):
-    """A pursuit on the inner encoder's decoder dictionary; decodes through the inner encoder."""
+    """Codes optimised on the inner encoder's decoder dictionary; decodes through the inner encoder."""
 
     capabilities = frozenset({LATENTS, DECODER_DICTIONARY})
 
@@ -67,18 +90,14 @@ class ITOEncoder(Encoder):
             if build.model is not None:
                 raise SaebenchError("ito needs the encoder whose dictionary it searches: e.g. ito:sae:default")
             inner_arg = "linear_sae"  # a task's own data: the SAE trained there (its dictionary, or the known one)
-        if cfg.method not in METHODS:
-            raise SaebenchError(f"ito option method={cfg.method!r}: use one of {', '.join(METHODS)}")
-        if cfg.init not in ("zero", "encoder"):
-            raise SaebenchError(f"ito option init={cfg.init!r}: use zero or encoder")
+        cfg = _checked(cfg)
         self.inner, dictionary = resolve_dictionary(inner_arg, build, "ito")
         self.W, self.b = dictionary.W, dictionary.b
         d_latent, d_in = self.W.shape
-        if cfg.k < 0:
-            raise SaebenchError(f"ito option k must be positive, not {cfg.k}")
-        if cfg.k == 0:
-            l0 = mean_l0(self.inner, build)
-            cfg = replace(cfg, k=max(1, round(l0)))
+        if cfg.method == "gradient":
+            cfg = replace(cfg, k=0)
+        elif cfg.k == 0:
+            cfg = replace(cfg, k=max(1, round(mean_l0(self.inner, build))))
         if cfg.k > d_latent:
             raise SaebenchError(f"ito option k={cfg.k} is larger than the {d_latent} latents of {self.inner.spec.label!r}")
         if cfg.k > d_in and cfg.method == "omp":
@@ -87,10 +106,14 @@ class ITOEncoder(Encoder):
         self.cfg = cfg
         self.norms = self.W.norm(dim=1).clamp_min(1e-12)
         self.atoms = self.W / self.norms[:, None]  # unit-norm atoms (d_latent, d_in)
+        self.step_size = cfg.lr / lipschitz(self.W) if cfg.method == "gradient" else None
+        params = asdict(cfg)
+        for name in (("k",) if cfg.method == "gradient" else GRADIENT_OPTIONS):
+            del params[name]
         self.spec = EncoderSpec("ito", arg, self.inner.spec.hookpoint, d_in, d_latent,
-                                asdict(cfg) | {"inner": self.inner.spec.to_dict()})
+                                params | {"inner": self.inner.spec.to_dict()})
         self.encode_flops = self._flops(d_in, d_latent)
-        self.training_flops = self.inner.training_flops  # a pursuit learns nothing; its dictionary was trained
+        self.training_flops = self.inner.training_flops  # ITO learns nothing; its dictionary was trained
         self.training_context = self.inner.training_context
 
     @classmethod
@@ -105,6 +128,11 @@ class ITOEncoder(Encoder):
     def _flops(self, d: int, n: int) -> float:
         """FLOPs per token of encode() as written below (a multiply-add counts 2)."""
         k, total = self.cfg.k, 0.0
+        if self.cfg.method == "gradient":
+            # O'Neill et al. Appendix G.4: ITO costs its per-iteration FLOPs times the iterations; here
+            # s W and r W^T per step (as sparse_coding counts), after the inner encoder's code
+            start = (self.inner.encode_flops or 0.0) if self.cfg.init == "encoder" else 0.0
+            return start + 4.0 * n * d * self.cfg.iters
         if self.cfg.init == "encoder":
             total += (self.inner.encode_flops or 0.0) + 2 * k * d  # its code, then the residual
         for t in range(1, k + 1):
@@ -121,6 +149,9 @@ class ITOEncoder(Encoder):
         return total
 
     def encode(self, acts: Tensor, context: EncodeContext) -> Codes:
+        if self.cfg.method == "gradient":
+            with torch.no_grad():
+                return torch.cat([self._descend(acts[i:i + CHUNK], context, i) for i in range(0, len(acts), CHUNK)])
         with torch.no_grad():
             parts = [self._pursue(acts[i:i + CHUNK], context, i) for i in range(0, len(acts), CHUNK)]
         indices = torch.cat([p[0] for p in parts])
@@ -178,8 +209,34 @@ class ITOEncoder(Encoder):
                 residual = residual - step * direction
         return support, values
 
+    def _descend(self, x: Tensor, context: EncodeContext, start: int) -> Tensor:
+        """(tokens, d_latent) codes of method=gradient: ISTA steps on the dictionary from the start code."""
+        W, b = self.W.to(x.device), self.b.to(x.device)
+        if self.cfg.init == "encoder":
+            code = dense(self.inner.encode(x, context[start:start + len(x)])).float().clamp_min(0)
+        else:
+            code = torch.zeros(len(x), W.shape[0], device=x.device)
+        ista = SparseCodingConfig(method="ista", l1=self.cfg.l1)
+        return infer(x, W, b, ista, 0, self.cfg.iters, start=code, step_size=self.step_size)
+
     def decode(self, codes: Codes) -> Tensor:
         return decode_with(self.W, self.b, self.inner, codes)
+
+
+def _checked(cfg: ITOConfig) -> ITOConfig:
+    """`cfg` with init resolved; one clear error for an option out of range."""
+    if cfg.method not in METHODS:
+        raise SaebenchError(f"ito option method={cfg.method!r}: use one of {', '.join(METHODS)}")
+    if cfg.init not in ("auto", "zero", "encoder"):
+        raise SaebenchError(f"ito option init={cfg.init!r}: use zero, encoder or auto")
+    if cfg.k < 0:
+        raise SaebenchError(f"ito option k must be positive, not {cfg.k}")
+    if cfg.iters < 1 or not 0 < cfg.lr <= 1 or cfg.l1 < 0:
+        raise SaebenchError(f"ito options: iters must be at least 1, lr in (0, 1] (units of 1/L) and l1 "
+                            f"non-negative (got iters={cfg.iters}, lr={cfg.lr}, l1={cfg.l1})")
+    if cfg.init == "auto":
+        cfg = replace(cfg, init="encoder" if cfg.method == "gradient" else "zero")
+    return cfg
 
 
 def _least_squares(sub_atoms: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

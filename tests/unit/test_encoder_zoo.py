@@ -111,6 +111,52 @@ def test_ito_from_the_encoders_own_code_keeps_its_support():
     assert ((codes != 0).float().scatter(1, top, 0) == 0).all()  # no latent outside the encoder's top 3
 
 
+def _objective(codes, D, X, l1):
+    """Gradient ITO's loss per token: mean_dims (x - s D)^2 + l1 * mean_latents |s|."""
+    return ((codes @ D - X) ** 2).mean(1) + l1 * codes.abs().mean(1)
+
+
+def test_gradient_ito_starts_from_the_sae_and_never_raises_its_loss():
+    D, _, X = problem(n_atoms=32, d=16, k=3, n=64, seed=6)
+    build = given(D, X, steps="100")
+    sae = build.build("linear_sae")
+    start = dense(sae.encode(X, unknown_text(64)))
+    before = _objective(start, D, X, 0.01)
+    losses = [before]
+    for iters in (1, 2, 5, 20, 200):
+        ito = build.build(f"ito?method=gradient&iters={iters}")
+        assert ito.inner is sae and ito.spec.params["init"] == "encoder" and "k" not in ito.spec.params
+        assert ito.encode_flops == sae.encode_flops + 4 * 32 * 16 * iters  # per iteration x iterations (G.4)
+        codes = dense(ito.encode(X, unknown_text(64)))
+        assert (codes >= 0).all()
+        losses.append(_objective(codes, D, X, 0.01))
+    for earlier, later in zip(losses, losses[1:]):
+        assert (later <= earlier + 1e-6).all()  # per token, every step lowers or keeps the loss
+    assert losses[-1].mean() < 0.5 * before.mean()
+    assert ((codes @ D - X) ** 2).mean() < ((start @ D - X) ** 2).mean()  # and the reconstruction error
+
+
+def test_gradient_ito_from_zero_is_ista_and_pursuits_keep_their_spec():
+    D, _, X = problem(n_atoms=32, d=16, k=3, n=8, seed=7)
+    build = given(D, X, steps="20")
+    ito = build.build("ito?method=gradient&init=zero&iters=50&l1=0.05")
+    ista = build.build("sparse_coding?method=ista&iters=50&l1=0.05")
+    torch.testing.assert_close(dense(ito.encode(X, unknown_text(8))), dense(ista.encode(X, unknown_text(8))))
+    omp = build.build("ito?method=omp&k=3")
+    assert set(omp.spec.params) == {"method", "k", "init", "inner"} and omp.spec.params["init"] == "zero"
+
+
+def test_mlp_codes_loss_is_in_the_spec_only_with_known_codes():
+    D, S, X = problem(n_atoms=16, d=8, k=2, n=64, seed=8)
+    with_codes = BuildContext(None, None, None, progress=False, width=8, d_latent=16,
+                              training=TensorTrainingSet(X, {"test": 8}, S))
+    enc = with_codes.build("mlp?codes_loss=cosine&steps=30&hidden=16")
+    assert enc.spec.params["codes_loss"] == "cosine"
+    assert (dense(enc.encode(X, unknown_text(64))) >= 0).all()
+    without = BuildContext(None, None, None, progress=False, width=8, d_latent=16, training=TensorTrainingSet(X, {}))
+    assert "codes_loss" not in without.build("mlp?steps=5&hidden=16").spec.params
+
+
 def test_sparse_codes_with_a_repeated_index_add_up():
     codes = SparseCodes(torch.tensor([[1, 1, 2]]), torch.tensor([[0.5, 0.25, 1.0]]), 4)
     torch.testing.assert_close(dense(codes), torch.tensor([[0.0, 0.75, 1.0, 0.0]]))
@@ -133,6 +179,12 @@ def test_bad_encoder_options_are_one_clear_error():
         build.build("ito?method=lars&k=2")
     with pytest.raises(SaebenchError, match="ito has no option 'kk'"):
         build.build("ito?kk=2")
+    with pytest.raises(SaebenchError, match=r"lr in \(0, 1\] \(units of 1/L\)"):
+        build.build("ito?method=gradient&lr=2")
+    with pytest.raises(SaebenchError, match="iters must be at least 1"):
+        build.build("ito?method=gradient&iters=0")
+    with pytest.raises(SaebenchError, match="codes_loss='l2': use mse or cosine"):
+        build.build("mlp?codes_loss=l2")
     with pytest.raises(SaebenchError, match="hidden='a,b' must be positive widths"):
         build.build("mlp?hidden=a,b")
     with pytest.raises(SaebenchError, match="needs k"):
