@@ -3,6 +3,12 @@
 `LLMSimulator` asks an LLM, one prompt per (token, latent), and reads the answer's probability from
 the log-probs of the answer digits; `TokenRuleSimulator` is the no-LLM baseline that matches a latent's
 most frequent activating tokens.
+
+Values are asked as a digit 0-9 and answered as a distribution over the ten digits, so that a task can
+read both the most likely digit (the mode) and the mean, as EleutherAI's study of LLM-simulated
+encoders compares both. Two value prompts (VALUE_PROMPTS): 'default' says 0 means "not active";
+'active' is that study's: "We explicitly tell the model that the latent is active, but we show an
+example where the value is 0, due to rounding down."
 """
 
 from abc import ABC, abstractmethod
@@ -22,6 +28,14 @@ VALUE_SYSTEM = (
     "You simulate one feature of a language model from an explanation of it. You see a text whose last "
     "token is marked <<like this>>. Rate how strongly the feature is active on the marked token, from 0 "
     "(not active) to 9 (as strongly as on its strongest examples). Answer with one digit.")
+VALUE_ACTIVE_SYSTEM = (
+    "You simulate one feature of a language model from an explanation of it. You see a text whose last "
+    "token is marked <<like this>>. The feature is active on the marked token. Rate how strongly, from 0 to 9, "
+    "where 9 is as strongly as on its strongest examples. Ratings are rounded down: for example, a token on "
+    "which the feature is active at a twentieth of its strongest activation is rated 0. Answer with one digit.")
+VALUE_PROMPTS = {"default": VALUE_SYSTEM, "active": VALUE_ACTIVE_SYSTEM}
+"""Value prompts by name: 'default' ("0 (not active)"), 'active' (the latent is said to be active; 0 from
+rounding down, after EleutherAI's study)."""
 DIGITS = tuple("0123456789")
 
 
@@ -35,8 +49,8 @@ class Simulator(ABC):
         """queries: (marked text window, token id, latent)."""
 
     @abstractmethod
-    def value(self, queries: list[tuple[str, int, int]]) -> list[float | None]:
-        """Expected 0-9 activation value per query."""
+    def value_probs(self, queries: list[tuple[str, int, int]], prompt: str = "default") -> list[list[float] | None]:
+        """P(value = 0), ..., P(value = 9) per query (None: no answer); `prompt` names a VALUE_PROMPTS entry."""
 
     def report(self) -> dict[str, Any]:
         return {}
@@ -76,10 +90,9 @@ class LLMSimulator(Simulator):
                                         "Answer 1 or 0."), ("1", "0"), "simulating latents")
         return [None if p is None else p[0] for p in probs]
 
-    def value(self, queries):
-        probs = self._ask(self._prompts(VALUE_SYSTEM, queries, "How strongly is the feature active on the marked "
-                                        "token (0-9)?"), DIGITS, "simulating values")
-        return [None if p is None else sum(i * q for i, q in enumerate(p)) for p in probs]
+    def value_probs(self, queries, prompt="default"):
+        return self._ask(self._prompts(VALUE_PROMPTS[prompt], queries, "How strongly is the feature active on the "
+                                       "marked token (0-9)?"), DIGITS, "simulating values")
 
     def report(self):
         # answers that can fail, under the keys the runner checks against RunConfig.max_failed (FAILURE_KEYS)
@@ -89,15 +102,18 @@ class LLMSimulator(Simulator):
 
 class TokenRuleSimulator(Simulator):
     """The no-LLM baseline: P(active | token) for the latent's listed tokens, measured on the training
-    sample (share of the token's occurrences where the latent fires), else 0; value = the latent's mean
-    activation bin on that token in the sample."""
+    sample (share of the token's occurrences where the latent fires), else 0; value = the distribution of
+    the latent's activation bins on that token in the sample (its mean is the mean bin), else 0. It reads
+    no prompt: both value prompts get the same answer."""
 
     label = "rules"
+    NOTHING = (0.0, (1.0,) + (0.0,) * 9)
+    """The answer for a token the latent does not list: P(active) 0 and value 0 for certain."""
 
     def __init__(self, sample: LatentSample, explanations: Explanations):
         flat = sample.tokens.reshape(-1)
         occurrences = torch.bincount(flat, minlength=int(flat.max()) + 1)
-        self.table: dict[int, dict[int, tuple[float, float]]] = {}
+        self.table: dict[int, dict[int, tuple[float, tuple[float, ...]]]] = {}
         top = sample.max_value()
         for latent, toks in (explanations.tokens or {}).items():
             rows, vals = sample.of(latent)
@@ -105,12 +121,14 @@ class TokenRuleSimulator(Simulator):
             entry = {}
             for t in toks:
                 hit = on == t
-                bins = (10 * vals[hit] / top[latent]).floor().clamp(0, 9)
-                entry[t] = (float(hit.sum()) / float(occurrences[t]), float(bins.mean()))
+                bins = (10 * vals[hit] / top[latent]).floor().clamp(0, 9).long()
+                hist = torch.bincount(bins, minlength=10).double()
+                dist = tuple((hist / hist.sum()).tolist()) if hit.any() else self.NOTHING[1]
+                entry[t] = (float(hit.sum()) / float(occurrences[t]), dist)
             self.table[latent] = entry
 
     def p_active(self, queries):
-        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[0] for _, tok, latent in queries]
+        return [self.table.get(latent, {}).get(tok, self.NOTHING)[0] for _, tok, latent in queries]
 
-    def value(self, queries):
-        return [self.table.get(latent, {}).get(tok, (0.0, 0.0))[1] for _, tok, latent in queries]
+    def value_probs(self, queries, prompt="default"):
+        return [list(self.table.get(latent, {}).get(tok, self.NOTHING)[1]) for _, tok, latent in queries]

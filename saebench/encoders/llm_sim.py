@@ -8,12 +8,18 @@ the latent's explanation, and P(active) is read from the log-probs of its answer
 predicted active set is the candidates with P >= `threshold` (``predict=threshold``) or the |A| most
 probable (``predict=top``, |A| the true count). Values:
 - ``values=oracle`` (default): each predicted latent gets its true activation, so a false positive gets 0
-  and costs nothing: the "oracle values" (in its code, "cheat") setting of EleutherAI's study, which
-  measures which latents are found, not what wrongly added ones would do;
+  and costs nothing: the setting of EleutherAI's KL comparison, which it calls "cheating" (the model "is
+  only asked to identify active latents, not their activation values"); it measures which latents are
+  found, not what wrongly added ones would do;
 - ``values=oracle_fp``: the same, but a false positive gets the latent's median activation in the training
   sample, so false positives cost what they would;
-- ``values=predicted``: the simulator's 0-9 value mapped through the latent's activation quantiles (q = v/9);
-  a predicted latent whose value answer failed is left out of the codes (counted: ``failed_values``).
+- ``values=predicted``: the simulator's 0-9 value (the mean of its digit distribution) mapped through the
+  latent's activation quantiles (q = v/9); a predicted latent whose value answer failed is left out of the
+  codes (counted: ``failed_values``).
+
+EleutherAI's study shows each sequence's active latents and 1000 randomly selected inactive ones; the
+default `candidates` here is 200, a fifth of the inactive questions per token (the tasks latent_recall
+and value_correlation can set their own count: their parameter `candidates`).
 
 Only candidates count: a latent outside them is predicted inactive, which is exactly right for the
 inactive latents it stands for only in expectation; the tasks scale counts to the full dictionary.
@@ -57,7 +63,7 @@ from saebench.explanations import (
     marked_window,
     token_explanations,
 )
-from saebench.simulators import LLMSimulator, Simulator, TokenRuleSimulator
+from saebench.simulators import DIGITS, LLMSimulator, Simulator, TokenRuleSimulator
 
 VALUES = ("oracle", "oracle_fp", "predicted")
 SIMULATES = "simulates"
@@ -112,17 +118,21 @@ class Simulation:
     p_active: list[Tensor]
     """(n_candidates,) P(active); NaN where the simulator failed."""
     value: list[Tensor | None]
-    """(n_candidates,) predicted value on the 0-9 scale, NaN where not asked or failed; None if never asked."""
+    """(n_candidates,) predicted value on the 0-9 scale (the mean of the digit distribution), NaN where not asked
+    or failed; None if never asked."""
     d_latent: int
     skipped_active: list[int] | None = None
     """Per row: truly active latents left out because they have no explanation (missing=skip)."""
+    value_probs: list[Tensor | None] | None = None
+    """(n_candidates, 10) P(digit) of each value answer, NaN rows where not asked or failed; None if never asked."""
 
     @classmethod
     def concat(cls, parts: list["Simulation"]) -> "Simulation":
         """The simulations of consecutive chunks of rows as one."""
         skipped = None if any(p.skipped_active is None for p in parts) else [n for p in parts for n in p.skipped_active]
+        probs = None if any(p.value_probs is None for p in parts) else [x for p in parts for x in p.value_probs]
         return cls(*([x for p in parts for x in getattr(p, name)] for name in ("candidates", "true", "p_active", "value")),
-                   d_latent=parts[0].d_latent, skipped_active=skipped)
+                   d_latent=parts[0].d_latent, skipped_active=skipped, value_probs=probs)
 
 
 class LLMSimEncoder(Encoder):
@@ -195,15 +205,15 @@ class LLMSimEncoder(Encoder):
     def W_dec(self) -> Tensor:
         return self.inner.W_dec
 
-    def _candidates(self, active: Tensor, seed: int) -> Tensor:
+    def _candidates(self, active: Tensor, seed: int, candidates: str) -> Tensor:
         d = self.spec.d_latent
-        if self.cfg.candidates == "all":
+        if candidates == "all":
             rest = torch.ones(d, dtype=torch.bool)
             rest[active] = False
             pool = rest.nonzero().squeeze(1)
         else:
             gen = torch.Generator().manual_seed(seed)
-            n = min(int(self.cfg.candidates), d - len(active))
+            n = min(int(candidates), d - len(active))
             pool = torch.empty(0, dtype=torch.long)
             taken = torch.zeros(d, dtype=torch.bool)
             taken[active] = True
@@ -216,9 +226,15 @@ class LLMSimEncoder(Encoder):
         cand = torch.cat([active, pool])
         return cand[self.explained[cand]] if self.cfg.missing == "skip" else cand
 
-    def simulate(self, acts: Tensor, context: EncodeContext, values: str | None = None) -> Simulation:
+    def simulate(self, acts: Tensor, context: EncodeContext, values: str | None = None, candidates: str | None = None,
+                 value_prompt: str = "default") -> Simulation:
         """The simulator's predictions for each row's candidates, and 0-9 values of the truly active candidates
-        (`values`='active') or of the predicted active ones ('predicted'); None: no values."""
+        (`values`='active') or of the predicted active ones ('predicted'); None: no values.
+
+        Args:
+            candidates: inactive candidates per row ('all' or a count); None: the encoder's option.
+            value_prompt: which simulators.VALUE_PROMPTS entry asks the values.
+        """
         if not context.has_text:
             raise SaebenchError("llm_sim reads the text of each token, which this task does not pass")
         with torch.no_grad():
@@ -229,7 +245,7 @@ class LLMSimEncoder(Encoder):
             prefix = context.prefix(row, WINDOW).cpu()
             text = marked_window(self.tokenizer, prefix, len(prefix), {len(prefix) - 1}, 0)
             seed = zlib.crc32(f"{self.cfg.seed}:{prefix.tolist()}".encode())
-            cand = self._candidates(active, seed)
+            cand = self._candidates(active, seed, self.cfg.candidates if candidates is None else candidates)
             skipped.append(len(active) - int(self.explained[active].sum()) if self.cfg.missing == "skip" else 0)
             cands.append(cand)
             trues.append(true[row, cand])
@@ -239,27 +255,30 @@ class LLMSimEncoder(Encoder):
         probs = _split([float("nan") if p is None else p for p in p_flat], [len(c) for c in cands])
         sim = Simulation(cands, trues, probs, [None] * len(cands), self.spec.d_latent, skipped)
         if values:
-            sim.value = self._values(sim, queries, values)
+            sim.value, sim.value_probs = self._values(sim, queries, values, value_prompt)
         self.counts["rows"] += len(acts)
         self.counts["candidates"] += len(flat)
         self.counts["failed_candidates"] += sum(p is None for p in p_flat)
         self.counts["skipped_active"] += sum(skipped)
         return sim
 
-    def _values(self, sim: Simulation, queries, which: str) -> list[Tensor]:
+    def _values(self, sim: Simulation, queries, which: str, prompt: str) -> tuple[list[Tensor], list[Tensor]]:
+        """Per row: (n_candidates,) mean value and (n_candidates, 10) digit probabilities, NaN where not asked."""
         wanted = [t > 0 if which == "active" else self.predicted(sim, i) for i, t in enumerate(sim.true)]
         asked = [q for qs, w in zip(queries, wanted) for q, keep in zip(qs, w.tolist()) if keep]
-        values = self.simulator.value(asked)
-        self.counts["failed_values"] += sum(a is None for a in values)
-        answers = iter(values)
-        out = []
+        answers = self.simulator.value_probs(asked, prompt)
+        self.counts["failed_values"] += sum(a is None for a in answers)
+        it = iter(answers)
+        means, probs = [], []
         for w in wanted:
-            v = torch.full((len(w),), float("nan"))
+            p = torch.full((len(w), len(DIGITS)), float("nan"))
             for j in w.nonzero().squeeze(1).tolist():
-                a = next(answers)
-                v[j] = float("nan") if a is None else a
-            out.append(v)
-        return out
+                a = next(it)
+                if a is not None:
+                    p[j] = torch.tensor(a, dtype=torch.float32)
+            means.append((p * torch.arange(len(DIGITS))).sum(1))  # NaN rows stay NaN
+            probs.append(p)
+        return means, probs
 
     def predicted(self, sim: Simulation, row: int) -> Tensor:
         """(n_candidates,) bool: the candidates predicted active in `row` (failed answers never are)."""
@@ -322,12 +341,20 @@ def _check(cfg: LLMSimConfig) -> None:
         raise SaebenchError(f"llm_sim option values={cfg.values!r}: choose one of {', '.join(VALUES)}")
     if cfg.missing not in ("error", "skip"):
         raise SaebenchError(f"llm_sim option missing={cfg.missing!r}: choose error or skip")
-    if cfg.candidates != "all" and not (cfg.candidates.isdigit() and int(cfg.candidates) >= 0):
-        raise SaebenchError(f"llm_sim option candidates={cfg.candidates!r}: give a count of inactive latents or 'all'")
+    check_candidates(cfg.candidates, "llm_sim option")
     if not 0.0 <= cfg.threshold <= 1.0:
         raise SaebenchError(f"llm_sim option threshold={cfg.threshold}: must be between 0 and 1")
     if cfg.llm == "rules" and cfg.explanations not in ("", "tokens"):
         raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
+
+
+def check_candidates(value: Any, where: str) -> str:
+    """`value` as a candidates setting ('all' or a count of inactive latents, as text); else one clear error
+    naming `where` ('llm_sim option', 'latent_recall parameter')."""
+    text = str(value).strip()
+    if text != "all" and not text.isdigit():
+        raise SaebenchError(f"{where} candidates={value!r}: give a count of inactive latents or 'all'")
+    return text if text == "all" else str(int(text))
 
 
 def _check_missing(explanations: Explanations, d_latent: int, cfg: LLMSimConfig) -> list[int]:

@@ -50,6 +50,38 @@ def resolve_task(name: str, overrides: dict[str, Any] | None = None) -> Task:
         raise SaebenchError(f"task {name!r}: bad parameters {params}: {exc}") from exc
 
 
+RUN_SETTINGS = {"limit": "--limit", "context_len": "--context-len"}
+"""Run-wide settings a preset's protocol may fix, and the flag that would change them."""
+
+
+def check_protocol(name: str, overrides: dict[str, Any], run_settings: dict[str, Any]) -> None:
+    """A preset that follows a source's protocol (its `protocol:` list names the parameters and run settings the
+    source fixes) refuses values that change them: one SaebenchError naming the option and the plain task to use.
+
+    Args:
+        overrides: run-wide task parameters (--max-len, --data-file ...), merged under the name's own ?options.
+        run_settings: --limit and --context-len as given (None when not).
+    """
+    base, options = split_options(name)
+    preset = load_presets("tasks", "*").get(base, {})
+    fixed = preset.get("protocol") or []
+    if not fixed:
+        return
+    params = preset.get("params", {})
+    given = {**overrides, **options}
+    for key in fixed:
+        tries = [(given.get(key), f"{key}={given.get(key)}")]
+        if flag := RUN_SETTINGS.get(key):
+            tries.append((run_settings.get(key), f"{flag} {run_settings.get(key)}"))
+        for value, what in tries:
+            if value is None or str(value) == str(params.get(key)):  # the preset's own value contradicts nothing
+                continue
+            source = preset.get("source", "its source")
+            raise SaebenchError(f"task preset {base!r} follows the protocol of source {source}"
+                                + (f" with {key}={params[key]}" if key in params else "")
+                                + f"; {what} contradicts it: run task {preset.get('task', base)!r} to change {key}")
+
+
 def accepted_params(name: str) -> set[str]:
     """Parameter names the task behind `name` (entry point or preset) takes."""
     presets = load_presets("tasks", "*")

@@ -1,155 +1,58 @@
 """How well an LLM-simulated encoder (``llm_sim``) predicts its SAE's latents: ``latent_recall`` and
 ``value_correlation``.
 
-Both score the same positions: one per context of the evaluation split, drawn uniformly among the
-non-sink positions from `min_position` on, so that the simulator always reads some text. At each, the
-encoder's candidates are every latent the SAE activates plus random inactive ones (see
-saebench.encoders.llm_sim); metrics are computed per position ("prompt") over the candidates whose
-simulator answer was read, then averaged, with standard errors std/sqrt(n) (positions are independent:
-one per context) and inter-quartile ranges in extra.iqr. Candidates whose answer failed are left out and
-counted (n_failed); with missing=skip, active latents without an explanation are never candidates, so
-recall is over the explained ones, and extra.skipped_active (per position: skipped_active) counts the rest.
+Both score the same positions, one per context of the evaluation split (see
+saebench.tasks.simulation_scoring: a random non-sink position, or with ``position=last`` each context's last
+token). At each, the encoder's candidates are every latent the SAE activates plus random inactive ones
+(see saebench.encoders.llm_sim; the task parameter `candidates` overrides the encoder's count for the
+run); metrics are computed per position ("prompt") over the candidates whose simulator answer was read,
+then averaged, with standard errors std/sqrt(n) (positions are independent: one per context) and
+inter-quartile ranges in extra.iqr. Candidates whose answer failed are left out and counted (n_failed);
+with missing=skip, active latents without an explanation are never candidates, so recall is over the
+explained ones, and extra.skipped_active (per position: skipped_active) counts the rest.
 
 `latent_recall` also scales the error rates to the full dictionary (expected predicted-active latents
-among all d_latent, the quantity that must stay near the true L0 for the prediction to be usable),
-compares decoder directions (Hungarian-matched cosine, predicted vs true active sets, against a random
-set of the same size), and measures the KL at each position when the predicted latents are patched in
-there (median and IQR), beside the SAE's own reconstruction patched in the same way.
+among all d_latent, the quantity that must stay near the true L0 for the prediction to be usable), draws
+them against the P(active) threshold (EleutherAI's Figure 5), compares decoder directions
+(Hungarian-matched cosine, predicted vs true active sets, against a random set of the same size), and
+measures the KL at each position when the predicted latents are patched in there (median and IQR), beside
+the SAE's own reconstruction patched in the same way.
+
+`value_correlation` correlates the predicted 0-9 value of the truly active latents with their activation
+bin and quantile, reading the value both ways EleutherAI's study does (its Table 2, Figure 4): the mean of the
+digit distribution and its most likely digit (the mode).
 """
 
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from saebench.encoders.base import EncodeContext, Encoder
-from saebench.errors import SaebenchError
-from saebench.tasks.base import (
-    MetricSpec,
-    PartialStore,
-    Task,
-    TaskContext,
-    TaskResult,
-    TaskSpec,
-    checkpointed_batches,
+from saebench.encoders.base import Encoder
+from saebench.simulators import VALUE_PROMPTS
+from saebench.tasks.base import MetricSpec, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.params import choice
+from saebench.tasks.simulation_scoring import (
+    ScoredConfig,
+    Scored,
+    SimulatedPositionsTask,
+    batches,
+    check_simulating,
+    classification,
+    matched_cosine,
+    mean_se_iqr,
+    scored_positions,
+    simulated,
+    threshold_curve,
 )
 
-THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+__all__ = ["LatentRecallTask", "ValueCorrelationTask", "classification", "matched_cosine"]
 
 
-@dataclass(frozen=True)
-class ScoredConfig:
-    """Where the simulated encoder is scored."""
-
-    positions: int = 100
-    """Scored positions, one per context (--limit overrides)."""
-    context_len: int = 64
-    """Tokens per context, BOS included (--context-len overrides)."""
-    min_position: int = 8
-    """First position that may be scored (the simulator reads up to 32 tokens before it)."""
-
-
-@dataclass
-class Scored:
-    """The scored positions and their activations."""
-
-    tokens: Tensor  # (n, context_len)
-    positions: Tensor  # (n,)
-    acts: Tensor  # (n, context_len, d_in) clean activations at the hookpoint
-
-    def context(self) -> EncodeContext:
-        rows = torch.arange(len(self.positions))
-        return EncodeContext(self.tokens[rows, self.positions], self.positions, self.tokens, rows)
-
-    def at_positions(self) -> Tensor:
-        return self.acts[torch.arange(len(self.positions)), self.positions.to(self.acts.device)]
-
-
-def scored_positions(ctx: TaskContext, cfg: ScoredConfig) -> Scored:
-    """One non-sink position per context, drawn with the run's seed."""
-    if cfg.context_len <= cfg.min_position:
-        raise SaebenchError(f"context_len {cfg.context_len} leaves no position at or after min_position {cfg.min_position}")
-    tokens = ctx.text.contexts(cfg.positions * cfg.context_len, cfg.context_len)
-    keep = ~ctx.keep_mask(tokens)
-    keep[:, :cfg.min_position] = False
-    gen = torch.Generator().manual_seed(ctx.settings.seed)
-    weights = keep.float() + 1e-12 * (keep.sum(1, keepdim=True) == 0)
-    positions = torch.multinomial(weights, 1, generator=gen).squeeze(1)
-    state = {"acts": []}
-    for sl, part in _batches(ctx, len(tokens), state, f"activations {ctx.hook.name}", lambda: {"acts": []}):
-        part["acts"].append(ctx.hook.capture(tokens[sl]).cpu())
-    return Scored(tokens, positions, torch.cat(state["acts"]).to(ctx.model.device))
-
-
-def _batches(ctx: TaskContext, n: int, state: dict, desc: str, fresh) -> Iterator[tuple[slice, dict]]:
-    """Batches of the run's batch size over `n` rows, split over the ranks of a data-parallel run and merged in
-    order into `state`; not checkpointed (the LLM's answers are in its response cache)."""
-    return checkpointed_batches(ctx.settings, PartialStore(None), n, state, desc, math.inf, fresh)
-
-
-def simulated(ctx: TaskContext, enc: Encoder, data: Scored, values: str | None) -> Any:
-    """enc.simulate on every scored position, batch by batch (split over the ranks of a data-parallel run)."""
-    x, context = data.at_positions(), data.context()
-    state = {"sims": []}
-    for sl, part in _batches(ctx, len(x), state, f"simulating {enc.spec.label}", lambda: {"sims": []}):
-        part["sims"].append(enc.simulate(x[sl], context[sl], values=values))
-    return type(state["sims"][0]).concat(state["sims"])
-
-
-def _simulating(encoders: list[Encoder], task: str) -> None:
-    for enc in encoders:
-        if not hasattr(enc, "simulate"):
-            raise SaebenchError(f"{task} scores encoders that predict latents from text (llm_sim:<sae spec>); "
-                                f"{enc.spec.label!r} does not")
-
-
-def _mean_se_iqr(values: list[float | None]) -> tuple[float | None, float | None, int, list[float] | None]:
-    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
-    if len(v) == 0:
-        return None, None, 0, None
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    return float(v.mean()), se, len(v), [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
-
-
-def classification(y: np.ndarray, pred: np.ndarray, p: np.ndarray, d_latent: int) -> dict[str, float | None]:
-    """Scores of one position's candidates: y true active, pred predicted active, p P(active)."""
-    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
-    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
-    pos, neg = tp + fn, fp + tn
-    recall = tp / pos if pos else None
-    spec = tn / neg if neg else None
-    out = {"recall": recall, "specificity": spec,
-           "precision": tp / (tp + fp) if tp + fp else None,
-           "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None,
-           "balanced_accuracy": (recall + spec) / 2 if recall is not None and spec is not None else None,
-           "auc": float(roc_auc_score(y, p)) if pos and neg else None}
-    out["expected_active"] = (pos * recall + (d_latent - pos) * (1 - spec)) if recall is not None and spec is not None \
-        else None
-    return out
-
-
-def matched_cosine(W: Tensor, a: Tensor, b: Tensor) -> float | None:
-    """Decoder-direction agreement of latent sets a and b: the cosines of the Hungarian-matched pairs of their
-    decoder rows, summed and divided by the larger set's size, so a latent left unmatched (a set predicted too
-    large or too small) counts 0, as unmatched sources do in the synthetic task's MCC; None if both are empty."""
-    if len(a) == 0 and len(b) == 0:
-        return None
-    if len(a) == 0 or len(b) == 0:
-        return 0.0
-    Wn = torch.nn.functional.normalize(W.float(), dim=1)
-    cos = (Wn[a] @ Wn[b].T).cpu().numpy()
-    r, c = linear_sum_assignment(cos, maximize=True)
-    return float(cos[r, c].sum() / max(len(a), len(b)))
-
-
-class LatentRecallTask(Task):
+class LatentRecallTask(SimulatedPositionsTask):
     """Active/inactive latent recall of an LLM-simulated encoder, its cost scaled to the dictionary, and its KL."""
 
     spec = TaskSpec(
@@ -181,20 +84,9 @@ class LatentRecallTask(Task):
         limit_unit="items",
     )
 
-    def __init__(self, positions: int = ScoredConfig.positions, context_len: int = ScoredConfig.context_len,
-                 min_position: int = ScoredConfig.min_position):
-        self.defaults = ScoredConfig(int(positions), int(context_len), int(min_position))
-
-    def settings(self, ctx: TaskContext) -> ScoredConfig:
-        return ScoredConfig(ctx.settings.limit or self.defaults.positions, ctx.settings.context_len or self.defaults.context_len,
-                            self.defaults.min_position)
-
-    def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(self.settings(ctx)) | {"corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
-
     @torch.no_grad()
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        _simulating(encoders, self.spec.name)
+        check_simulating(encoders, self.spec.name)
         data = scored_positions(ctx, self.settings(ctx))
         clean_logp = self._logp(ctx, data, None)
         x = data.at_positions()
@@ -210,7 +102,7 @@ class LatentRecallTask(Task):
     def _logp(self, ctx: TaskContext, data: Scored, patch: Tensor | None) -> Tensor:
         """(n, vocab) log-probs at each scored position, with `patch` (n, d_in) put at that position only."""
         state = {"logp": []}
-        for sl, part in _batches(ctx, len(data.positions), state, "log-probs", lambda: {"logp": []}):
+        for sl, part in batches(ctx, len(data.positions), state, "log-probs", lambda: {"logp": []}):
             hidden = data.acts[sl].clone()
             if patch is not None:
                 hidden[torch.arange(hidden.shape[0]), data.positions[sl].to(hidden.device)] = patch[sl].to(hidden)
@@ -220,56 +112,50 @@ class LatentRecallTask(Task):
         return torch.cat(state["logp"])
 
     def _score(self, ctx: TaskContext, data: Scored, clean: Tensor, kl_sae: Tensor, enc: Encoder) -> TaskResult:
-        sim = simulated(ctx, enc, data, enc.code_values)
-        d = sim.d_latent
-        per: list[dict[str, Any]] = []
-        curve = {t: {"recall": [], "specificity": [], "expected_active": []} for t in THRESHOLDS}
-        gen = torch.Generator().manual_seed(ctx.settings.seed)
-        W = enc.W_dec.detach()
-        for i in range(len(sim.candidates)):
-            p = sim.p_active[i]
-            ok = ~p.isnan()
-            y = (sim.true[i] > 0)[ok].numpy()
-            pred = enc.predicted(sim, i)[ok].numpy()
-            pv = p[ok].numpy()
-            row = classification(y, pred, pv, d)
-            predicted_set = sim.candidates[i][ok][torch.from_numpy(pred)]
-            true_set = sim.candidates[i][sim.true[i] > 0]
-            rand = torch.randperm(d, generator=gen)[:len(predicted_set)]
-            row |= {"position": int(data.positions[i]), "true_l0": int((sim.true[i] > 0).sum()) + sim.skipped_active[i],
-                    "active": true_set.tolist(), "predicted": predicted_set.tolist(),
-                    "skipped_active": sim.skipped_active[i],
-                    "n_failed": int((~ok).sum()),
-                    "decoder_cosine": matched_cosine(W, predicted_set, true_set),
-                    "decoder_cosine_random": matched_cosine(W, rand, true_set)}
-            per.append(row)
-            for t in THRESHOLDS:
-                c = classification(y, pv >= t, pv, d)
-                for k in curve[t]:
-                    curve[t][k].append(c[k])
-        codes = enc.codes_of(sim)
-        kl = _kl(clean, self._logp(ctx, data, enc.decode(codes)))
+        candidates = self.candidates_of(ctx, enc)
+        sim = simulated(ctx, enc, data, enc.code_values, candidates)
+        per, answers = _per_position(ctx, data, sim, enc)
+        kl = _kl(clean, self._logp(ctx, data, enc.decode(enc.codes_of(sim))))
         for row, a, b in zip(per, kl.tolist(), kl_sae.tolist()):
             row["kl"], row["kl_sae"] = a, b
         metrics, stderr, n, iqr = {}, {}, {}, {}
         for m in ("recall", "specificity", "precision", "f1", "balanced_accuracy", "auc", "expected_active",
                   "true_l0", "decoder_cosine", "decoder_cosine_random"):
-            metrics[m], stderr[m], n[m], iqr[m] = _mean_se_iqr([r[m] for r in per])
+            metrics[m], stderr[m], n[m], iqr[m] = mean_se_iqr([r[m] for r in per])
         for m, values in (("kl_median", kl), ("kl_sae_median", kl_sae)):
             v = values.numpy()
             metrics[m], stderr[m], n[m] = float(np.median(v)), None, len(v)
             iqr[m] = [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
         metrics["n_failed"], stderr["n_failed"], n["n_failed"] = sum(r["n_failed"] for r in per), None, len(per)
-        details = [{"curve": "threshold", "x": t} | {k: _mean_se_iqr(v)[0] for k, v in curve[t].items()}
-                   for t in THRESHOLDS]
-        details += [{"prompt": i} | r for i, r in enumerate(per)]
+        details = threshold_curve(answers, sim.d_latent) + [{"prompt": i} | r for i, r in enumerate(per)]
         curves = {"threshold": {"x": "threshold", "plot": "line",
                                 "metrics": ["recall", "specificity", "expected_active"]}}
-        extra = {"iqr": iqr, "curves": curves, "d_latent": d, "threshold": getattr(enc.cfg, "threshold", None),
-                 "predict": getattr(enc.cfg, "predict", None), "candidates": getattr(enc.cfg, "candidates", None),
+        extra = {"iqr": iqr, "curves": curves, "d_latent": sim.d_latent, "threshold": getattr(enc.cfg, "threshold", None),
+                 "predict": getattr(enc.cfg, "predict", None), "candidates": candidates,
                  "simulator": enc.spec.params.get("simulator"), "explanations": enc.spec.params.get("explanations"),
                  "skipped_active": sum(sim.skipped_active)}
         return TaskResult(metrics, stderr, n, details, extra)
+
+
+def _per_position(ctx: TaskContext, data: Scored, sim: Any, enc: Encoder) -> tuple[list[dict[str, Any]], list]:
+    """Each position's scores and sets (details rows), and its answered candidates' (truly active, P(active))."""
+    d, W = sim.d_latent, enc.W_dec.detach()
+    gen = torch.Generator().manual_seed(ctx.settings.seed)
+    per, answers = [], []
+    for i in range(len(sim.candidates)):
+        p = sim.p_active[i]
+        ok = ~p.isnan()
+        y, pred, pv = (sim.true[i] > 0)[ok].numpy(), enc.predicted(sim, i)[ok].numpy(), p[ok].numpy()
+        predicted_set = sim.candidates[i][ok][torch.from_numpy(pred)]
+        true_set = sim.candidates[i][sim.true[i] > 0]
+        rand = torch.randperm(d, generator=gen)[:len(predicted_set)]
+        per.append(classification(y, pred, pv, d) | {
+            "position": int(data.positions[i]), "true_l0": int((sim.true[i] > 0).sum()) + sim.skipped_active[i],
+            "active": true_set.tolist(), "predicted": predicted_set.tolist(), "skipped_active": sim.skipped_active[i],
+            "n_failed": int((~ok).sum()), "decoder_cosine": matched_cosine(W, predicted_set, true_set),
+            "decoder_cosine_random": matched_cosine(W, rand, true_set)})
+        answers.append((y, pv))
+    return per, answers
 
 
 def _kl(clean: Tensor, patched: Tensor) -> Tensor:
@@ -277,7 +163,15 @@ def _kl(clean: Tensor, patched: Tensor) -> Tensor:
     return (clean.exp() * (clean - patched)).sum(-1).clamp(min=0)
 
 
-class ValueCorrelationTask(LatentRecallTask):
+CORRELATIONS = {"pearson_bin": (pearsonr, "mean", "bin"), "spearman_bin": (spearmanr, "mean", "bin"),
+                "pearson_quantile": (pearsonr, "mean", "quantile"), "spearman_quantile": (spearmanr, "mean", "quantile"),
+                "pearson_bin_mode": (pearsonr, "mode", "bin"), "pearson_quantile_mode": (pearsonr, "mode", "quantile")}
+"""value_correlation's correlations: (function, predicted value read as, activation read as)."""
+COLUMNS = ("prompt", "mean", "mode", "bin", "quantile")
+"""Columns of value_correlation's (latent, position) pairs."""
+
+
+class ValueCorrelationTask(SimulatedPositionsTask):
     """How well the simulator's 0-9 value tracks the true activation of the truly active latents."""
 
     spec = TaskSpec(
@@ -285,52 +179,97 @@ class ValueCorrelationTask(LatentRecallTask):
         version=1,
         headline="pearson_bin",
         metrics=(
-            MetricSpec("pearson_bin", "higher", "Pearson r, predicted value vs activation bin floor(10 a / max a)"),
-            MetricSpec("spearman_bin", "higher", "Spearman rho, predicted value vs activation bin"),
-            MetricSpec("pearson_quantile", "higher", "Pearson r, predicted value vs the activation's quantile among "
-                                                     "the latent's activations on the training sample"),
-            MetricSpec("spearman_quantile", "higher", "Spearman rho, predicted value vs activation quantile"),
-            MetricSpec("mean_value", "none", "mean predicted value (0-9) of truly active latents"),
+            MetricSpec("pearson_bin", "higher", "Pearson r, predicted value (the mean of the 0-9 digit distribution) "
+                                                "vs activation bin floor(10 a / max a)"),
+            MetricSpec("spearman_bin", "higher", "Spearman rho, predicted value (mean) vs activation bin"),
+            MetricSpec("pearson_quantile", "higher", "Pearson r, predicted value (mean) vs the activation's quantile "
+                                                     "among the latent's activations on the training sample"),
+            MetricSpec("spearman_quantile", "higher", "Spearman rho, predicted value (mean) vs activation quantile"),
+            MetricSpec("pearson_bin_mode", "higher", "Pearson r, the most likely digit (the mode; ties: the lower) "
+                                                     "vs activation bin"),
+            MetricSpec("pearson_quantile_mode", "higher", "Pearson r, the most likely digit vs activation quantile"),
+            MetricSpec("mean_value", "none", "mean predicted value (0-9, the mean) of truly active latents"),
             MetricSpec("n_failed", "none", "truly active latents without a simulator answer (left out)"),
         ),
-        summary=("pearson_bin", "spearman_bin", "pearson_quantile", "spearman_quantile", "mean_value", "n_failed"),
+        summary=("pearson_bin", "spearman_bin", "pearson_quantile", "spearman_quantile", "pearson_bin_mode",
+                 "pearson_quantile_mode", "mean_value", "n_failed"),
         stderr_method="bootstrap over positions (200 resamples)",
         limit_unit="items",
     )
 
+    def __init__(self, positions: int = ScoredConfig.positions, context_len: int = ScoredConfig.context_len,
+                 min_position: int = ScoredConfig.min_position, position: str = ScoredConfig.position,
+                 candidates: str | int | None = None, value_prompt: str = "default"):
+        super().__init__(positions, context_len, min_position, position, candidates)
+        self.value_prompt = choice(self.spec.name, "value_prompt", value_prompt, tuple(VALUE_PROMPTS))
+
+    def config(self, ctx: TaskContext) -> dict[str, Any]:
+        return super().config(ctx) | {"value_prompt": self.value_prompt}
+
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        _simulating(encoders, self.spec.name)
+        check_simulating(encoders, self.spec.name)
         data = scored_positions(ctx, self.settings(ctx))
         return {enc.spec.label: self._values(ctx, data, enc) for enc in encoders}
 
     def _values(self, ctx: TaskContext, data: Scored, enc: Encoder) -> TaskResult:
-        sim = simulated(ctx, enc, data, "active")
-        pairs, failed = [], 0  # (position, value, bin, quantile)
-        for i in range(len(sim.candidates)):
-            for j in (sim.true[i] > 0).nonzero().squeeze(1).tolist():
-                v, latent, a = float(sim.value[i][j]), int(sim.candidates[i][j]), float(sim.true[i][j])
-                if math.isnan(v):
-                    failed += 1
-                    continue
-                pairs.append((i, v, enc.sample.bin_of(latent, a), enc.sample.quantile_of(latent, a)))
-        arr = np.array(pairs, dtype=float).reshape(-1, 4)
+        candidates = self.candidates_of(ctx, enc)
+        sim = simulated(ctx, enc, data, "active", candidates, self.value_prompt)
+        arr, failed = value_pairs(sim, enc.sample)
+        col = {name: arr[:, k] for k, name in enumerate(COLUMNS)}
         metrics, stderr, n = {}, {}, {}
-        stats = {"pearson_bin": (pearsonr, 2), "spearman_bin": (spearmanr, 2),
-                 "pearson_quantile": (pearsonr, 3), "spearman_quantile": (spearmanr, 3)}
         rng = np.random.default_rng(ctx.settings.seed)
-        groups = [np.flatnonzero(arr[:, 0] == i) for i in range(len(sim.candidates))]
+        groups = [np.flatnonzero(col["prompt"] == i) for i in range(len(sim.candidates))]
         boots = [np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))]) for _ in range(200)]
-        for name, (fn, col) in stats.items():
-            metrics[name] = _corr(fn, arr[:, 1], arr[:, col])
-            vals = [c for b in boots if (c := _corr(fn, arr[b, 1], arr[b, col])) is not None]
+        for name, (fn, value, target) in CORRELATIONS.items():
+            metrics[name] = _corr(fn, col[value], col[target])
+            vals = [c for b in boots if (c := _corr(fn, col[value][b], col[target][b])) is not None]
             stderr[name] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
             n[name] = len(arr)
         metrics["mean_value"], stderr["mean_value"], n["mean_value"] = (
-            float(arr[:, 1].mean()) if len(arr) else None, None, len(arr))
+            float(col["mean"].mean()) if len(arr) else None, None, len(arr))
         metrics["n_failed"], stderr["n_failed"], n["n_failed"] = failed, None, len(arr) + failed
-        details = [{"prompt": int(i), "value": v, "bin": int(b), "quantile": q} for i, v, b, q in pairs]
-        extra = {"simulator": enc.spec.params.get("simulator"), "explanations": enc.spec.params.get("explanations")}
+        details = value_curves(col) + [{"prompt": int(i), "value": v, "mode": int(m), "bin": int(b), "quantile": q}
+                                       for i, v, m, b, q in arr.tolist()]
+        curves = {"distribution": {"x": "value (0-9)", "plot": "line", "series": "of", "metrics": ["share"]},
+                  "by_predicted": {"x": "predicted value (mode)", "plot": "line",
+                                   "metrics": ["bin_mean", "quantile_mean", "n_latents"]}}
+        extra = {"simulator": enc.spec.params.get("simulator"), "explanations": enc.spec.params.get("explanations"),
+                 "candidates": candidates, "curves": curves}
         return TaskResult(metrics, stderr, n, details, extra)
+
+
+def value_pairs(sim: Any, sample: Any) -> tuple[np.ndarray, int]:
+    """(pairs, 5) rows of (position, mean value, mode value, activation bin, activation quantile), one per truly
+    active latent with a value answer, and the number without one."""
+    pairs, failed = [], 0
+    for i in range(len(sim.candidates)):
+        for j in (sim.true[i] > 0).nonzero().squeeze(1).tolist():
+            v, latent, a = float(sim.value[i][j]), int(sim.candidates[i][j]), float(sim.true[i][j])
+            if math.isnan(v):
+                failed += 1
+                continue
+            mode = int(sim.value_probs[i][j].argmax())  # the first maximum: ties go to the lower digit
+            pairs.append((i, v, mode, sample.bin_of(latent, a), sample.quantile_of(latent, a)))
+    return np.array(pairs, dtype=float).reshape(-1, len(COLUMNS)), failed
+
+
+def value_curves(col: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Details rows of EleutherAI's Figure 4. 'distribution' (left panel): the share of pairs at each value 0-9
+    of the predicted mean (rounded), the predicted mode, the activation bin and the activation decile
+    (floor(10 quantile)). 'by_predicted' (right panel): per predicted mode, the mean activation bin and
+    quantile."""
+    digits = np.arange(10)
+    read = {"predicted_mean": np.floor(col["mean"] + 0.5), "predicted_mode": col["mode"], "activation_bin": col["bin"],
+            "activation_decile": np.minimum(np.floor(10 * col["quantile"]), 9)}
+    total = max(len(col["mean"]), 1)
+    rows = [{"curve": "distribution", "x": int(k), "of": name, "share": float((values == k).sum() / total)}
+            for name, values in read.items() for k in digits]
+    for k in digits:
+        at = col["mode"] == k
+        if at.any():
+            rows.append({"curve": "by_predicted", "x": int(k), "bin_mean": float(col["bin"][at].mean()),
+                         "quantile_mean": float(col["quantile"][at].mean()), "n_latents": int(at.sum())})
+    return rows
 
 
 def _corr(fn, a: np.ndarray, b: np.ndarray) -> float | None:

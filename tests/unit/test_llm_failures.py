@@ -111,12 +111,12 @@ def test_failed_answers_below_the_limit_are_in_the_record_and_the_leaderboard(ti
 def test_failed_value_answers_are_left_out_and_counted(tiny_llama, tiny_sae_dir, tmp_path, monkeypatch):
     from saebench.simulators import LLMSimulator
 
-    real = LLMSimulator.value
+    real = LLMSimulator.value_probs
 
-    def every_third_fails(self, queries):
-        return [None if i % 3 == 0 else v for i, v in enumerate(real(self, queries))]
+    def every_third_fails(self, queries, prompt="default"):
+        return [None if i % 3 == 0 else v for i, v in enumerate(real(self, queries, prompt))]
 
-    monkeypatch.setattr(LLMSimulator, "value", every_third_fails)
+    monkeypatch.setattr(LLMSimulator, "value_probs", every_third_fails)
     with FakeOpenAIServer() as server:
         config = RunConfig(output_dir=tmp_path / "runs", limit=4, context_len=32, progress=False,
                            encoder_options={"llm_sim": {"llm_url": server.url}})
