@@ -7,7 +7,8 @@ whose heading lists those settings and how its standard errors were computed; ta
 dtypes are never mixed, and a random-weight model (model id `random-weights:...`) has tables of its
 own whose heading says so. Encoders at different hookpoints of the same model share a table (a
 `hookpoint` column tells them apart), so a sweep over layers reads as one table; rows are ordered
-by hookpoint, and ranks and trade-off frontiers stay within one hookpoint. Within a table,
+by hookpoint, and ranks and trade-off frontiers stay within one hookpoint (frontiers also within one
+value of the columns an encoder family displays, e.g. one per SAE architecture). Within a table,
 re-runs of the same encoder at the same hookpoint keep the newest record and the heading says
 how many were superseded. Rows are ranked by the task's headline
 metric in its better direction; `n` is the headline metric's n.
@@ -162,6 +163,10 @@ def leaderboard_markdown(task: str, recs: list[RunRecord], paths: dict[int, Path
             from saebench.plots import curve_sections
 
             if section := curve_sections(name, index, [(r, paths[id(r)]) for r in ranked if id(r) in paths], out_dir):
+                parts.append(section)
+            from saebench.item_plots import item_sections  # benchmark tasks' per-item rows (details "kind": "item")
+
+            if section := item_sections(name, index, [(r, paths[id(r)]) for r in ranked if id(r) in paths], out_dir):
                 parts.append(section)
     import pandas as pd
 

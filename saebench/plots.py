@@ -3,14 +3,15 @@
 A task declares its curves in each result's ``extra["curves"]``: name -> {"x": field,
 "plot": "line" | "table" | "heatmap", "metrics": [...], "scale": "log2" | "log10" (optional), "series": a
 column that splits a line plot's points into one line per value (optional, e.g. truncation's "mode"),
-"rows": what a heatmap's rows are (optional, default "spliced"), "note": a line under a heatmap's title
-(optional)}. The
+"rows": what a heatmap's rows are (optional, default "spliced"), "note": a line under a heatmap's or
+histogram's title (optional), "marks": x values a histogram marks (optional)}. The
 points are rows of the record's details file with ``"curve": name``, holding x, each metric
 and optionally ``<metric>_se``. Line curves become one PNG per comparable group (a panel per
 metric, a line per encoder and hookpoint, each encoder's training context marked; an "overlay"
 curve whose rows span x = first..last is drawn over it as range means); table
 curves become markdown tables (a row per encoder and hookpoint, a column per x); heatmap
-curves become one PNG per metric (rows: the records, columns: x).
+curves become one PNG per metric (rows: the records, columns: x); histogram curves one PNG with a
+panel per record, the histogram of x over its rows (ce_kl's latent firing frequencies).
 """
 
 import json
@@ -83,6 +84,10 @@ def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], o
                 note = f"\n{spec['note']}" if spec.get("note") else ""
                 _heatmap(have, spec, metric, out_dir / file, f"{task}: {metric}{note}")
                 parts.append(f"![{task} {metric}]({file})")
+        elif spec["plot"] == "histogram":
+            file = f"{task}-{index}-{name}.png"
+            _histogram(have, spec, out_dir / file, f"{task}: {spec['x']} of each encoder's latents")
+            parts.append(f"![{task} {name} histogram]({file})")
     return "\n\n".join(parts) + "\n" if parts else ""
 
 
@@ -271,10 +276,30 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
+def frontier_groups(points: list[RunRecord]) -> dict[tuple[str | None, tuple[str, ...]], list[int]]:
+    """Indices of `points` by (hookpoint, the encoder's display values), in forward order: one Pareto frontier each.
+
+    Encoders spliced at different hookpoints answer different questions (an mlp_out SAE is no rival of a
+    resid_post one at the same layer), and the values an encoder family displays beside its label (an SAE's
+    architecture, an LLM simulator's model) name the design whose sparsity-fidelity trade-off a frontier traces, as
+    Anthropic's circuits update compares TopK, Gated and standard SAEs on the L0/MSE trade-off.
+    """
+    groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
+    for k, rec in enumerate(points):
+        display = ((rec.encoder.get("params") or {}).get("display") or {})
+        groups.setdefault((rec.hookpoint, tuple(str(display[key]) for key in sorted(display))), []).append(k)
+    return dict(sorted(groups.items(), key=lambda kv: (hookpoint_order(kv[0][0]), kv[0][1])))
+
+
+def frontier_label(hookpoint: str | None, display: tuple[str, ...]) -> str:
+    """'frontier topk @ layers.15.resid_post' (the display values, then the hookpoint where there is one)."""
+    return " ".join(["frontier", *display] + ([f"@ {hookpoint}"] if hookpoint else []))
+
+
 def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: str, direction: str, path: Path,
                    title: str) -> list[RunRecord]:
-    """Scatter with error bars, the Pareto frontier, and reference lines inside the points' y range;
-    returns the reference records left off the axis."""
+    """Scatter with error bars, a Pareto frontier per frontier_groups group (its points in its colour), and
+    reference lines inside the points' y range; returns the reference records left off the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,24 +307,19 @@ def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: s
 
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^v<>pPX*h"
+    markers, styles = "osD^v<>pPX*h", ["-", "--", ":", "-."]
     xy = [(r.metrics[x], r.metrics[y]) for r in points]
-    for k, (rec, (px, py)) in enumerate(zip(points, xy)):
-        ax.errorbar(px, py, xerr=rec.stderr.get(x) or None, yerr=rec.stderr.get(y) or None,
-                    fmt=markers[k % len(markers)], color=colors[k % len(colors)], ms=7, capsize=2,
-                    label=row_label(rec))
-    # one frontier per hookpoint: encoders spliced at different hookpoints answer different questions
-    # (a layer-15 mlp_out SAE is no rival of a resid_post one), so none dominates across them
-    by_hookpoint: dict[str | None, list[int]] = {}
-    for k, rec in enumerate(points):
-        by_hookpoint.setdefault(rec.hookpoint, []).append(k)
-    styles = ["-", "--", ":", "-."]
-    for n, (hookpoint, members) in enumerate(sorted(by_hookpoint.items(), key=lambda kv: hookpoint_order(kv[0]))):
+    groups = frontier_groups(points)
+    for n, ((hookpoint, display), members) in enumerate(groups.items()):
+        color = colors[n % len(colors)]
+        for m, k in enumerate(members):
+            ax.errorbar(*xy[k], xerr=points[k].stderr.get(x) or None, yerr=points[k].stderr.get(y) or None,
+                        fmt=markers[m % len(markers)], color=color, ms=7, capsize=2, label=row_label(points[k]))
         front = [members[i] for i in pareto_front([xy[k] for k in members], direction != "lower")]
         if len(front) > 1:
-            label = "Pareto frontier" + (f" @ {hookpoint}" if len(by_hookpoint) > 1 else "")
-            ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="gray", lw=1,
-                    ls=styles[n % len(styles)], zorder=0, drawstyle="steps-post", label=label)
+            ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=color, lw=1.2,
+                    ls=styles[n % len(styles)], zorder=0, drawstyle="steps-post",
+                    label=frontier_label(hookpoint, display))
     ys = [v for _, v in xy]
     low, high = min(ys), max(ys)
     pad = 0.15 * (high - low) if high > low else 0.05 * (abs(high) or 1.0)
@@ -315,7 +335,7 @@ def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: s
         span = max(high, *values) - min(low, *values)
         low, high = min(low, min(values) - 0.05 * span), max(high, max(values) + 0.05 * span)
     for k, rec in enumerate(shown):
-        ax.axhline(rec.metrics[y], color=colors[(len(points) + k) % len(colors)], ls="--", lw=1, label=row_label(rec))
+        ax.axhline(rec.metrics[y], color=colors[(len(groups) + k) % len(colors)], ls="--", lw=1, label=row_label(rec))
     ax.set_ylim(low, high)
     xs = [v for v, _ in xy]
     if min(xs) >= 0:  # a cost such as L0: from 0, so equal sparsities read as equal
@@ -328,6 +348,47 @@ def _tradeoff_plot(points: list[RunRecord], lines: list[RunRecord], x: str, y: s
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend outside the axes names every frontier
     plt.close(fig)
     return off
+
+
+def _histogram(have, spec: dict[str, Any], path: Path, title: str) -> None:
+    """A panel per record, grouped as the trade-off frontiers are (hookpoint, then displayed values such as an SAE's
+    architecture): the histogram of x over its rows (log10 of x for scale "log10", 0.1-decade bins, rows at x = 0
+    counted in the panel's title instead), spec["marks"] drawn as dashed lines and counted above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = [have[k] for members in frontier_groups([rec for rec, _ in have]).values() for k in members]
+    field, marks, log = spec["x"], sorted(spec.get("marks") or [], reverse=True), spec.get("scale") == "log10"
+    values = [[p[field] for p in points if p.get(field) is not None] for _, points in have]
+    positive = [v for vals in values for v in vals if v > 0]
+    low = math.floor(math.log10(min(positive))) if positive else -6
+    high = max(0, math.ceil(math.log10(max(positive)))) if positive else 0
+    bins = [low + i / 10 for i in range(10 * (high - low) + 1)] if log else 30
+    cols = min(4, len(have))
+    rows = math.ceil(len(have) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False, sharex=True)
+    for ax, (rec, _), vals in zip(axes.flat, have, values):
+        shown = [math.log10(v) for v in vals if v > 0] if log else vals
+        ax.hist(shown, bins=bins, color="tab:blue")
+        for mark in marks:
+            ax.axvline(math.log10(mark) if log else mark, color="tab:red", ls="--", lw=0.9)
+        counts = [f"> {m:g}: {sum(v > m for v in vals)}" for m in marks]
+        if log:
+            counts.append(f"never: {len(vals) - len(shown)}")
+        label = row_label(rec)  # long option strings have no spaces to wrap at: cut them every 48 characters
+        lines = [label[i:i + 48] for i in range(0, len(label), 48)]
+        ax.set_title("\n".join([*lines, f"{', '.join(counts)} of {len(vals)}"]), fontsize=7)
+        ax.set_xlabel(f"log10 {field}" if log else field, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(have):]:
+        ax.axis("off")
+    fig.suptitle(title + (f"\n{spec['note']}" if spec.get("note") else ""), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -44,7 +44,7 @@ def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = Non
         row = {"task": rec.task["name"], "task_version": rec.task["version"], "model": model.get("id"),
                "dtype": model.get("dtype"), "hookpoint": rec.hookpoint, "encoder": rec.encoder["label"],
                "flops_per_token": (rec.extra.get("flops") or {}).get("encode_per_token")}
-        # answers of an encoder that can fail (an LLM simulator's; runner.FAILURE_KEYS): failed + unparsed of asked
+        # answers of an encoder that can fail (an LLM simulator's; answers.FAILURE_KEYS): failed + unparsed of asked
         answers = rec.extra.get("failed_answers")
         row["failed_answers"] = f"{answers['failed'] + answers['unparsed']} of {answers['asked']}" if answers else None
         # what an encoder family asks leaderboards to show beside its label (llm_sim: simulator, explanations)

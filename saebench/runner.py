@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from saebench import distributed, records
+from saebench.answers import answer_counts, sum_answers, task_answers, too_many_failed
 from saebench.corpus import CorpusSpec
 from saebench.encoders.base import BuildContext, Encoder, encoder_class
 from saebench.encoders.specs import expand_encoder_specs, split_hookpoint
@@ -23,7 +24,7 @@ from saebench.models import LoadedModel, cache_dir, load_model
 from saebench.registry import ENCODER_GROUP, distribution_of
 from saebench.splice import SpliceConfig
 from saebench.tasks.base import PartialStore, Row, RunSettings, Task, TaskContext, TaskResult, row_key
-from saebench.tasks.names import params_for, resolve_task
+from saebench.tasks.names import check_protocol, params_for, resolve_task
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,6 @@ class RunConfig:
     unparsed; above it the task writes no record and says why (--max-failed)."""
 
 
-FAILURE_KEYS = ("asked", "failed", "unparsed")
-"""How an encoder whose answers can fail (llm_sim's LLM) says so: Encoder.report() keys 'asked' (answers asked
-for), 'failed' (none after the retries) and 'unparsed' (unreadable), counted since it was built, and
-'first_error' / 'last_error' (in full; '' if none). The runner takes each task's part of the counts, writes it to
-the record's extra.failed_answers and writes no record where it exceeds RunConfig.max_failed."""
 
 
 def build_encoders(specs: Sequence[str], model: LoadedModel, config: RunConfig) -> dict[str, list[Encoder]]:
@@ -143,6 +139,9 @@ def check_config(config: RunConfig, encoders: Sequence[str], tasks: Sequence[str
         raise SaebenchError(f"--context-len must be at least 2, not {config.context_len}")
     if not 0.0 <= config.max_failed <= 1.0:
         raise SaebenchError(f"--max-failed is a share of the answers, from 0 to 1, not {config.max_failed}")
+    for name in tasks:
+        check_protocol(name, params_for(name, config.task_params, tasks),
+                       {"limit": config.limit, "context_len": config.context_len})
     _check_writable(Path(config.output_dir))
 
 
@@ -281,7 +280,7 @@ def _finished(path: Path, config: RunConfig) -> records.RunRecord | None:
     """The finished record at `path` to reuse, if any (none under --no-reuse, or written under a looser
     --max-failed)."""
     existing = records.read_record(path) if config.reuse else None
-    if existing is not None and _too_many_failed(existing.extra.get("failed_answers"), config.max_failed):
+    if existing is not None and too_many_failed(existing.extra.get("failed_answers"), config.max_failed):
         return None
     return existing
 
@@ -296,18 +295,18 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
         encoders = [e for key, e in by_key.items() if key in ctx.wanted]
     else:
         encoders = list(by_key.values())
-    counts_before = {key: _answer_counts(e) for key, e in by_key.items()}
+    counts_before = {key: answer_counts(e) for key, e in by_key.items()}
     start = time.monotonic()
     results = task.run(ctx, encoders)
     seconds = time.monotonic() - start
     if per_hookpoint:
         results = {row_key(label, ctx.hook.name): result for label, result in results.items()}
-    answers = {row.key: _task_answers(counts_before[row.key], _answer_counts(by_key[row.key]))
+    answers = {row.key: task_answers(counts_before[row.key], answer_counts(by_key[row.key]))
                for row, *_ in todo if row.key in by_key}
     if distributed.active():  # each rank asked its own batches' questions
-        answers = _sum_answers(distributed.gather(answers))
+        answers = sum_answers(distributed.gather(answers))
     for row, *_ in todo:  # every encoder checked before any record of the task is written
-        if _too_many_failed(counts := answers.get(row.key), config.max_failed):
+        if too_many_failed(counts := answers.get(row.key), config.max_failed):
             ctx.store.clear()  # its batches hold the failed answers: a rerun asks them again
             bad = counts["failed"] + counts["unparsed"]
             raise SaebenchError(
@@ -333,46 +332,6 @@ def _compute(task: Task, ctx: TaskContext, todo: list, partial: Path, config: Ru
         done[row.key] = rec
     ctx.store.clear()
     return done
-
-
-def _answer_counts(enc: Encoder) -> dict[str, Any] | None:
-    """An encoder's answer counts and errors (FAILURE_KEYS) since it was built; None when it reports none."""
-    report = enc.report()
-    if not all(isinstance(report.get(k), int) for k in FAILURE_KEYS):
-        return None
-    return {k: report[k] for k in FAILURE_KEYS} | {k: str(report.get(k) or "") for k in ("first_error", "last_error")}
-
-
-def _task_answers(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One task's part of an encoder's answer counts, and its first error in full (None if none): the encoder's
-    first, or when an earlier task of the run had failures already, the latest (counters are kept per encoder)."""
-    if after is None:
-        return None
-    before = before or {"asked": 0, "failed": 0, "unparsed": 0}
-    out: dict[str, Any] = {k: after[k] - before[k] for k in FAILURE_KEYS}
-    earlier = before["failed"] + before["unparsed"] > 0
-    out["first_error"] = ((after["last_error"] if earlier else after["first_error"]) or None
-                          if out["failed"] + out["unparsed"] else None)
-    return out
-
-
-def _sum_answers(per_rank: list[dict[str, dict[str, Any] | None]]) -> dict[str, dict[str, Any] | None]:
-    """The answer counts of a data-parallel run: each rank's counts added; the first error of the lowest rank
-    that has one."""
-    out: dict[str, dict[str, Any] | None] = {}
-    for key in per_rank[0]:
-        counts = [r[key] for r in per_rank if r.get(key) is not None]
-        if not counts:
-            out[key] = None
-            continue
-        out[key] = {k: sum(c[k] for c in counts) for k in FAILURE_KEYS}
-        out[key]["first_error"] = next((c["first_error"] for c in counts if c["first_error"]), None)
-    return out
-
-
-def _too_many_failed(counts: dict[str, Any] | None, max_failed: float) -> bool:
-    """Whether failed plus unparsed answers (a record's extra.failed_answers) exceed `max_failed` of those asked."""
-    return counts is not None and counts["failed"] + counts["unparsed"] > max_failed * counts["asked"]
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The default SAE (``sae:default``): a sae-lens TopK SAE that saebench trains on the run's corpus.
+"""The default SAE (``sae:default``): a sae-lens SAE (TopK unless ``?architecture=`` says otherwise) that saebench
+trains on the run's corpus.
 
 No SAE exists for the embedded model, so saebench trains one with sae-lens's own trainer on
 the training split of the run's corpus (the embedded Wikipedia text by default; never the
@@ -51,16 +52,26 @@ class DefaultSAEConfig:
     seed: int = 0
     """Training seed (which training contexts, initialisation, batch order); `--seed` does not change it."""
     architecture: str = "topk"
-    """'topk' (k active latents per token) or 'standard' (ReLU with an L1 penalty: its L0 is free to
-    grow, as the L1 SAEs of Anders & Bloom's context-length study did)."""
+    """One of ARCHITECTURES, each trained by sae-lens's own training SAE class: 'topk' (k active latents per
+    token), 'batchtopk' (k per token on average over a batch), 'standard' (ReLU with an L1 penalty: its L0 is
+    free to grow, as the L1 SAEs of Anders & Bloom's context-length study did), 'gated' (a gate and a
+    magnitude path, L1 on the gate), 'jumprelu' (a learned threshold per latent, an L0 penalty)."""
     l1_coefficient: float = 5.0
-    """L1 penalty of a 'standard' SAE (sae-lens's l1_coefficient, on activations normalised to norm sqrt(d_in))."""
+    """L1 penalty of a 'standard' or 'gated' SAE (sae-lens's l1_coefficient, on activations normalised to norm
+    sqrt(d_in))."""
+    l0_coefficient: float = 1.0
+    """L0 penalty of a 'jumprelu' SAE (sae-lens's l0_coefficient and its default, 'step' sparsity loss:
+    coefficient x active latents per token, beside an MSE summed over d_in on activations normalised to norm
+    sqrt(d_in))."""
 
 
-ADDED_FIELDS = {"architecture": "topk", "l1_coefficient": 5.0}
+ADDED_FIELDS = {"architecture": "topk", "l1_coefficient": 5.0, "l0_coefficient": 1.0}
 """Settings added after SAEs were first cached: they name a cached SAE only when they differ from
 these values, so the SAEs cached before them stay valid."""
-ARCHITECTURES = ("topk", "standard")
+ARCHITECTURES = ("topk", "batchtopk", "standard", "gated", "jumprelu")
+SPARSITY_OPTIONS = {"k": ("topk", "batchtopk"), "l1_coefficient": ("standard", "gated"),
+                    "l0_coefficient": ("jumprelu",)}
+"""The option that sets each architecture's sparsity: given for another architecture it would do nothing."""
 
 
 def default_sae_config(options: dict[str, str] | None = None) -> DefaultSAEConfig:
@@ -72,11 +83,23 @@ def default_sae_config(options: dict[str, str] | None = None) -> DefaultSAEConfi
             raise SaebenchError(f"sae:default option {name} must be at least 1, not {getattr(cfg, name)}")
     if cfg.context_len < 2:
         raise SaebenchError(f"sae:default option context_len must be at least 2, not {cfg.context_len}")
-    if not (cfg.lr > 0 and cfg.outlier_factor > 0 and cfg.l1_coefficient > 0):
-        raise SaebenchError("sae:default options lr, outlier_factor and l1_coefficient must be positive")
+    if not (cfg.lr > 0 and cfg.outlier_factor > 0 and cfg.l1_coefficient > 0 and cfg.l0_coefficient > 0):
+        raise SaebenchError("sae:default options lr, outlier_factor, l1_coefficient and l0_coefficient must be "
+                            "positive")
     if cfg.architecture not in ARCHITECTURES:
         raise SaebenchError(f"sae:default option architecture={cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    for name in options or {}:  # only options the user gave: the preset's k is no contradiction
+        if name in SPARSITY_OPTIONS and cfg.architecture not in SPARSITY_OPTIONS[name]:
+            archs = " or ".join(SPARSITY_OPTIONS[name])
+            raise SaebenchError(f"sae:default option {name} applies to architecture {archs}, not {cfg.architecture}; "
+                                f"{_sparsity_hint(cfg.architecture)}")
     return cfg
+
+
+def _sparsity_hint(architecture: str) -> str:
+    """Which option sets the sparsity of `architecture`."""
+    option = next(name for name, archs in SPARSITY_OPTIONS.items() if architecture in archs)
+    return f"{architecture} takes {option}="
 
 
 def _key_settings(cfg: DefaultSAEConfig) -> dict:
@@ -98,6 +121,9 @@ def default_sae_dir(build: BuildContext, options: dict[str, str] | None = None) 
         raise SaebenchError(f"sae:default option context_len={cfg.context_len} is longer than model "
                             f"{model.name!r} supports ({limit} positions)")
     hookpoint = model.hookpoint(default_hookpoint_name(model, build.hookpoint))
+    if cfg.architecture in SPARSITY_OPTIONS["k"] and cfg.k > cfg.expansion * model.d_model:
+        raise SaebenchError(f"sae:default option k={cfg.k} is more than its {cfg.expansion * model.d_model} latents "
+                            f"(expansion {cfg.expansion} x d_model {model.d_model})")
     # The model's dtype is deliberately not in the key: the SAE trains in float32 on activations
     # collected in whatever dtype the model runs in (dtype 'auto' picks bf16 or float32 by CPU
     # kind), and bf16 rounding of the activations (~0.4% relative) is far below the SAE's own
@@ -148,8 +174,42 @@ def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.T
             yield acts[order[start:start + batch_size]]
 
 
+def _architecture(cfg: DefaultSAEConfig, steps: int) -> tuple[type, type, dict]:
+    """sae-lens's training SAE config class, SAE class and sparsity settings for `cfg.architecture`.
+
+    A penalty (L1 or L0) ramps up linearly over the first 5% of the `steps` optimiser steps (what the standard
+    SAE here has always done). A BatchTopK SAE is saved by sae-lens as a JumpReLU SAE whose threshold is
+    its learned global threshold (a moving average of the smallest kept activation), so a briefly trained
+    one keeps more than k latents per token at inference.
+    """
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        GatedTrainingSAE,
+        GatedTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    classes = {"topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
+               "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
+               "standard": (StandardTrainingSAEConfig, StandardTrainingSAE),
+               "gated": (GatedTrainingSAEConfig, GatedTrainingSAE),
+               "jumprelu": (JumpReLUTrainingSAEConfig, JumpReLUTrainingSAE)}
+    if cfg.architecture in SPARSITY_OPTIONS["k"]:
+        specific: dict = {"k": cfg.k}
+    elif cfg.architecture in SPARSITY_OPTIONS["l0_coefficient"]:
+        specific = {"l0_coefficient": cfg.l0_coefficient, "l0_warm_up_steps": steps // 20}
+    else:
+        specific = {"l1_coefficient": cfg.l1_coefficient, "l1_warm_up_steps": steps // 20}
+    return (*classes[cfg.architecture], specific)
+
+
 def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, data: CorpusTrainingSet, dest: Path) -> None:
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainer
@@ -161,11 +221,7 @@ def _train(build: BuildContext, hookpoint, cfg: DefaultSAEConfig, data: CorpusTr
     torch.manual_seed(cfg.seed)
     acts = data.on_device()
     total = cfg.epochs * len(acts)
-    if cfg.architecture == "topk":
-        config_cls, sae_cls, specific = TopKTrainingSAEConfig, TopKTrainingSAE, {"k": cfg.k}
-    else:
-        config_cls, sae_cls, specific = StandardTrainingSAEConfig, StandardTrainingSAE, {
-            "l1_coefficient": cfg.l1_coefficient, "l1_warm_up_steps": total // cfg.batch_size // 20}
+    config_cls, sae_cls, specific = _architecture(cfg, total // cfg.batch_size)
     sae_cfg = config_cls(
         d_in=model.d_model, d_sae=cfg.expansion * model.d_model, **specific, dtype="float32", device=device,
         normalize_activations="expected_average_only_in",

@@ -87,6 +87,13 @@ def _load_sae(arg: str, build: BuildContext) -> tuple[Any, dict[str, Any]]:
                  "repo_id": directory[release].repo_id}
 
 
+def trained_architecture(sae: Any) -> str:
+    """The architecture `sae` was trained as: sae-lens saves a BatchTopK SAE as a JumpReLU one, so the training
+    settings saebench wrote into its metadata name it where they exist; else the loaded class's own."""
+    trained = getattr(sae.cfg.metadata, "saebench_train_config", None) or {}
+    return trained.get("architecture") or sae.cfg.architecture()
+
+
 class SAELensEncoder(Encoder):
     """A sae-lens SAE: its own encode / decode, in its own dtype."""
 
@@ -99,7 +106,8 @@ class SAELensEncoder(Encoder):
             self.data_used = {"fit": trained_on}
         cfg = sae.cfg
         params = {"architecture": cfg.architecture(), "k": getattr(cfg, "k", None),
-                  "normalize_activations": cfg.normalize_activations, **provenance}
+                  "normalize_activations": cfg.normalize_activations, **provenance,
+                  "display": {"architecture": trained_architecture(sae)}}
         self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params)
         self.training_context = getattr(cfg.metadata, "context_size", None)
         # W_enc x + b_enc; the activation function (ReLU, TopK, JumpReLU threshold) is not counted

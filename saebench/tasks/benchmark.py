@@ -4,6 +4,9 @@ Each task scores items (a question, a passage) in several passes over the same d
 zero ablation, and every encoder spliced in. A pass yields `ItemScores`; `compare` turns a
 spliced pass plus the clean and zero passes into one encoder's `TaskResult`, with per-item
 details and the per-feature helpful/harmful scores of Anders & Bloom (plus a frequency-controlled one).
+Each item's details row also holds the encoder's reconstruction MSE, L0 and the activation norm ||x|| at
+the hookpoint, averaged over the prompt's positions (Anders & Bloom average them "over context"), and
+which of their four correctness classes the item falls in.
 """
 
 import hashlib
@@ -17,14 +20,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saebench import distributed
-from saebench.encoders.base import Codes, Encoder, SparseCodes, dense
+from saebench.encoders.base import Encoder
 from saebench.encoders.baselines import ZeroEncoder
-from saebench.splice import sink_mask
 from saebench.stats import ratio_and_se
 from saebench.tasks.base import MetricSpec, TaskContext, TaskResult
+from saebench.tasks.params import whole
 
-FEATURE_WINDOW = 32
-"""A latent is active for a prompt if it fires anywhere in its last 32 positions (Anders & Bloom)."""
 TOP_FEATURES = 20
 """How many most helpful / most harmful latents a record lists."""
 MIN_PROMPTS_RANKED = 20
@@ -32,6 +33,9 @@ MIN_PROMPTS_RANKED = 20
 full LAMBADA, a latent active on one prompt ranked 2nd most harmful). The details keep them all."""
 BOOTSTRAP_SAMPLES = 1000
 """Resamples of the paired bootstrap for the standard error of delta_acc."""
+OUTCOMES = {(True, True): "both_correct", (False, False): "both_wrong", (True, False): "only_clean_correct",
+            (False, True): "only_spliced_correct"}
+"""An item's class by (correct clean, correct spliced): the four classes of Anders & Bloom's scatter plots."""
 
 BENCHMARK_METRICS = (
     MetricSpec("acc", "higher", "accuracy with the encoder spliced in"),
@@ -62,11 +66,16 @@ class ItemScores:
     ce_count: Tensor
     """(n,) prompt tokens in ce_sum."""
     features: Tensor | None = None
-    """(pairs, 2) unique (item, latent) pairs: latent active in the item's last FEATURE_WINDOW prompt positions."""
+    """(pairs, 2) unique (item, latent) pairs: latent active in the item's last
+    prompt_recorder.FEATURE_WINDOW prompt positions."""
     aggregates: dict[str, float | None] = field(default_factory=dict)
     """Task-level metrics of this pass (e.g. lm-eval's perplexity)."""
     per_item: dict[str, list] = field(default_factory=dict)
     """Per-item values the aggregates are computed from (e.g. lm-eval's process_results)."""
+    at_hookpoint: dict[str, Tensor] = field(default_factory=dict)
+    """(n,) float64 per item, at the hookpoint, over the prompt's spliced positions (attention sinks
+    excluded): 'n_positions' (how many; 0 for a pass that splices nothing), and the means over them of
+    'mse' (||x - x_hat||^2 / d_in), 'norm' (||x||) and, for encoders with latents, 'l0'."""
 
     def take(self, index: list[int]) -> "ItemScores":
         """The scores with items reordered: new item j is old item index[j]."""
@@ -77,7 +86,8 @@ class ItemScores:
             new_of_old[idx] = torch.arange(len(idx))
             feats = torch.stack([new_of_old[self.features[:, 0]], self.features[:, 1]], 1)
         return ItemScores(self.correct[idx], self.logp[idx], self.ce_sum[idx], self.ce_count[idx], feats,
-                          dict(self.aggregates), {k: [v[i] for i in index] for k, v in self.per_item.items()})
+                          dict(self.aggregates), {k: [v[i] for i in index] for k, v in self.per_item.items()},
+                          {k: v[idx] for k, v in self.at_hookpoint.items()})
 
 
 CHECKPOINT_ITEMS = 64
@@ -100,8 +110,9 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
     for part in parts:
         for name, values in part.per_item.items():
             per_item.setdefault(name, []).extend(values)
+    at_hookpoint = {k: torch.cat([p.at_hookpoint[k] for p in parts]) for k in (parts[0].at_hookpoint if parts else {})}
     return ItemScores(*(torch.cat([getattr(p, f) for p in parts]) for f in ("correct", "logp", "ce_sum", "ce_count")),
-                      feats, {}, per_item)
+                      feats, {}, per_item, at_hookpoint)
 
 
 def resumable_pass(ctx: TaskContext, name: str, n_items: int,
@@ -139,6 +150,16 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
     return concat_scores(parts)
 
 
+def checked_items(task: str, value: int | str | None) -> int | None:
+    """A task's `items` parameter (an int, or text from '?items=N'): a positive count, or None for all items."""
+    return None if value is None else whole(task, "items", value, 1)
+
+
+def item_limit(ctx: TaskContext, items: int | None) -> int | None:
+    """How many items a run scores: --limit when given, else the task's `items` (None: all)."""
+    return ctx.settings.limit if ctx.settings.limit is not None else items
+
+
 def benchmark_passes(ctx: TaskContext, encoders: list[Encoder]) -> dict[str, Encoder | None]:
     """The passes to run, prepared: 'clean' (None), 'zero' (the user's zero if given), then each encoder."""
     zero = next((e for e in encoders if e.spec.name == "zero"), ZeroEncoder(ctx.model.d_model, ctx.hook.name))
@@ -147,84 +168,6 @@ def benchmark_passes(ctx: TaskContext, encoders: list[Encoder]) -> dict[str, Enc
         if enc is not None:
             enc.prepare(ctx.hook)
     return passes
-
-
-class PromptRecorder:
-    """Collects per-item prompt CE and active latents from forward passes whose rows are items.
-
-    Before each forward pass, `set_rows` says which item each batch row holds and how many
-    of its leading tokens are prompt; rows of an item already recorded are ignored (lm-eval may
-    run one prompt several times, e.g. once per answer choice).
-    """
-
-    def __init__(self, n_items: int, bos_id: int, collect_features: bool):
-        self.bos_id, self.collect_features = bos_id, collect_features
-        self.ce_sum = torch.zeros(n_items, dtype=torch.float64)
-        self.ce_count = torch.zeros(n_items, dtype=torch.float64)
-        self.recorded = torch.zeros(n_items, dtype=torch.bool)
-        self._pairs: list[Tensor] = []
-        self._batch_pairs: list[Tensor] = []
-        self._rows: list[tuple[int, int] | None] = []
-        self._seq = 0
-
-    def set_rows(self, rows: list[tuple[int, int] | None], seq_len: int) -> None:
-        """rows[b] = (item, prompt_len) for batch row b, or None to ignore it."""
-        self._rows = [r if r is not None and not self.recorded[r[0]] else None for r in rows]
-        self._seq = seq_len
-        self._batch_pairs = []
-
-    def on_chunk(self, acts: Tensor, codes: Codes, recon: Tensor, rows: Tensor) -> None:
-        """Splice callback: keep (item, latent) for latents firing in a prompt's last FEATURE_WINDOW positions."""
-        if not self.collect_features:
-            return
-        rows = rows.cpu()
-        b, pos = rows // self._seq, rows % self._seq
-        item = torch.tensor([r[0] if r else -1 for r in self._rows], dtype=torch.long)[b]
-        plen = torch.tensor([r[1] if r else 0 for r in self._rows], dtype=torch.long)[b]
-        use = (item >= 0) & (pos < plen) & (pos >= plen - FEATURE_WINDOW)
-        if not use.any():
-            return
-        active = _active(codes, use.to(_codes_device(codes)))  # (m, 2): index into used rows, latent
-        self._batch_pairs.append(torch.stack([item[use][active[:, 0]], active[:, 1]], 1))
-
-    def record_logits(self, token_ids: Tensor, logits: Tensor) -> None:
-        """After the forward pass: prompt CE of each new item, and commit its latents."""
-        sinks = sink_mask(token_ids.cpu(), self.bos_id)
-        for b, row in enumerate(self._rows):
-            if row is None:
-                continue
-            item, plen = row
-            # predictions from position p of token p+1, inside the prompt; sinks neither predict nor are targets
-            keep = ~sinks[b, 1:plen - 1] & ~sinks[b, 2:plen]
-            logp = torch.log_softmax(logits[b, 1:plen - 1].float(), -1)
-            nll = -logp.gather(-1, token_ids[b, 2:plen, None].to(logp.device)).squeeze(-1).cpu()
-            self.ce_sum[item] = nll[keep].double().sum()
-            self.ce_count[item] = keep.sum()
-            self.recorded[item] = True
-        if self._batch_pairs:
-            self._pairs.append(torch.cat(self._batch_pairs))
-        self._batch_pairs = []
-
-    def features(self) -> Tensor | None:
-        """(pairs, 2) unique (item, latent) pairs, or None when features were not collected."""
-        if not self.collect_features:
-            return None
-        if not self._pairs:
-            return torch.zeros(0, 2, dtype=torch.long)
-        return torch.unique(torch.cat(self._pairs), dim=0)
-
-
-def _codes_device(codes: Codes) -> torch.device:
-    return codes.values.device if isinstance(codes, SparseCodes) else codes.device
-
-
-def _active(codes: Codes, use: Tensor) -> Tensor:
-    """(m, 2) (row among `use`, latent) of nonzero codes in the rows selected by `use`."""
-    if isinstance(codes, SparseCodes):
-        values, indices = codes.values[use], codes.indices[use]
-        nz = (values != 0).nonzero()
-        return torch.stack([nz[:, 0], indices[nz[:, 0], nz[:, 1]]], 1).cpu()
-    return (dense(codes)[use] != 0).nonzero().cpu()
 
 
 def mean_and_se(x: Tensor) -> tuple[float | None, float | None]:
@@ -331,12 +274,7 @@ def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: E
         out[name] = (value, None)
     for name, value in clean.aggregates.items():
         out[f"{name}_clean"] = (value, None)
-    details = [info | {"kind": "item", "correct": bool(spliced.correct[i]), "correct_clean": bool(clean.correct[i]),
-                       "correct_zero": bool(zero.correct[i]), "logp": spliced.logp[i].item(),
-                       "logp_clean": clean.logp[i].item(), "logp_zero": zero.logp[i].item(),
-                       "delta_logp": delta[i].item(),
-                       "ce_prompt": (spliced.ce_sum[i] / spliced.ce_count[i]).item() if spliced.ce_count[i] else None}
-               for i, info in enumerate(items)]
+    details = [info | _item_row(i, spliced, clean, zero) for i, info in enumerate(items)]
     extra: dict[str, Any] = {"items": n}
     if encoder.has_latents and spliced.features is not None and encoder.spec.d_latent:
         rows = feature_scores(spliced.features, delta, encoder.spec.d_latent)
@@ -349,3 +287,23 @@ def compare(spliced: ItemScores, clean: ItemScores, zero: ItemScores, encoder: E
         n={k: (n_tokens if k.startswith("ce_prompt") else n) if v[0] is not None else None for k, v in out.items()},
         details=details, extra=extra,
     )
+
+
+def _item_row(i: int, spliced: ItemScores, clean: ItemScores, zero: ItemScores) -> dict[str, Any]:
+    """Item i's details row: correctness and log p(answer) of the three passes, Δ log p, the spliced prompt
+    CE, the spliced pass's per-item means at the hookpoint (None where no position was spliced) and the
+    item's correctness class."""
+    right, right_clean = bool(spliced.correct[i]), bool(clean.correct[i])
+    row: dict[str, Any] = {
+        "kind": "item", "correct": right, "correct_clean": right_clean, "correct_zero": bool(zero.correct[i]),
+        "logp": spliced.logp[i].item(), "logp_clean": clean.logp[i].item(), "logp_zero": zero.logp[i].item(),
+        "delta_logp": (spliced.logp[i] - clean.logp[i]).item(),
+        "ce_prompt": (spliced.ce_sum[i] / spliced.ce_count[i]).item() if spliced.ce_count[i] else None,
+        "outcome": OUTCOMES[(right_clean, right)]}
+    if spliced.at_hookpoint:
+        n = int(spliced.at_hookpoint["n_positions"][i])
+        row["n_positions"] = n
+        for name in ("mse", "l0", "norm"):
+            if name in spliced.at_hookpoint:
+                row[name] = spliced.at_hookpoint[name][i].item() if n else None
+    return row

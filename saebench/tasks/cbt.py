@@ -22,7 +22,8 @@ from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      PromptRecorder, benchmark_passes, compare, resumable_pass)
+                                      benchmark_passes, checked_items, compare, item_limit, resumable_pass)
+from saebench.tasks.prompt_recorder import PromptRecorder
 from saebench.tasks.lm_eval_data import file_sha256
 
 BLANK = "XXXXX"
@@ -49,7 +50,7 @@ class CBTConfig:
     """CBTest question file (cbtest_CN_test_2500ex.txt format); None for the HF dataset `cbt`."""
     data_sha256: str | None
     items: int | None
-    """First N questions; None for all."""
+    """First N questions (--limit, else the preset's items); None for all."""
     protocol: str = "gpt2_full_sentence"
 
 
@@ -105,23 +106,25 @@ def load_questions(subset: str, data_file: str | None) -> list[CBTQuestion]:
 class CBTTask(Task):
     """CBT-CN / CBT-NE accuracy, clean, zero-ablated and spliced (GPT-2 protocol)."""
 
-    spec = TaskSpec("cbt", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
+    # v2: details rows hold each item's MSE / L0 / ||x|| at the hookpoint and its correctness class
+    spec = TaskSpec("cbt", 2, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
 
-    def __init__(self, subset: str = "cn", data_file: str | None = None):
+    def __init__(self, subset: str = "cn", data_file: str | None = None, items: int | str | None = None):
         """
         Args:
             subset: 'cn' or 'ne'.
             data_file: CBTest question file, for offline use.
+            items: first N questions when --limit is not given (a preset's protocol); None for all.
         """
         if subset.lower() not in SUBSETS:
             raise SaebenchError(f"cbt subset must be one of {', '.join(SUBSETS)}, not {subset!r}")
-        self.subset, self.data_file = subset.lower(), data_file
+        self.subset, self.data_file, self.items = subset.lower(), data_file, checked_items("cbt", items)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(CBTConfig(self.subset, self.data_file, file_sha256(self.data_file), ctx.settings.limit))
+        return asdict(CBTConfig(self.subset, self.data_file, file_sha256(self.data_file), item_limit(ctx, self.items)))
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
-        questions = load_questions(self.subset, self.data_file)[:ctx.settings.limit]
+        questions = load_questions(self.subset, self.data_file)[:item_limit(ctx, self.items)]
         tokenized = [self._tokenize(ctx, q) for q in questions]
         scores = {label: resumable_pass(ctx, label, len(questions),
                                         partial(self._score_items, ctx, enc, questions, tokenized),
@@ -141,7 +144,8 @@ class CBTTask(Task):
             gold = questions[i].candidates.index(questions[i].answer)
             correct[k], logp[k] = float(int(ll.argmax()) == gold), ll[gold].item()
             tick(1)
-        return ItemScores(correct, logp, recorder.ce_sum, recorder.ce_count, recorder.features())
+        return ItemScores(correct, logp, recorder.ce_sum, recorder.ce_count, recorder.features(),
+                          at_hookpoint=recorder.at_hookpoint)
 
     @staticmethod
     def _tokenize(ctx: TaskContext, q: CBTQuestion) -> tuple[list[int], list[list[int]]]:

@@ -8,7 +8,11 @@ clean model's next-token distribution. Alongside: reconstruction error and spars
 Populations (every average excludes attention sinks: position 0 and BOS tokens):
 - CE and KL metrics average over next-token predictions made at non-sink positions whose
   target is not BOS (predicting a document boundary is not language modelling).
-- Activation metrics (fve, mse, cos, l0, l1, densities) average over non-sink positions.
+- Activation metrics (fve, nmse, mse, cos, l0, l1, densities) average over non-sink positions.
+
+Each encoder with latents also leaves every latent's firing frequency over the scored tokens in its
+record's details (curve "density"), which leaderboards draw as a histogram of log10 frequency, the
+view of feature densities Anthropic's circuits update compares TopK, Gated and vanilla SAEs by.
 
 Ablations use the same splice as encoders, so zero and mean ablation also leave the sinks
 untouched. sae-lens's run_evals differs here by definition: its zero ablation zeroes BOS too,
@@ -50,8 +54,10 @@ from saebench.tasks.base import (
 from saebench.tasks.ce_kl_joint import joint_parts, joint_row, run_joint
 from saebench.tasks.ce_kl_sums import (
     CLEAN_SUMS,
+    DENSITY_CURVE,
     PassSums,
     add_clean_sums,
+    density_rows,
     mean_activation,
     pass_losses,
     reference_tensors,
@@ -79,7 +85,7 @@ class CEKLTask(Task):
 
     spec = TaskSpec(
         name="ce_kl",
-        version=1,
+        version=2,
         headline="ce_loss_recovered",
         metrics=(
             MetricSpec("ce_loss_recovered", "higher", "(ce_zero - ce_spliced) / (ce_zero - ce_clean)"),
@@ -89,7 +95,8 @@ class CEKLTask(Task):
             MetricSpec("ce_spliced", "lower", "mean CE with the reconstruction spliced in, nats"),
             MetricSpec("ce_zero", "none", "mean CE with the hookpoint zero-ablated, nats"),
             MetricSpec("ce_mean", "none", "mean CE with the hookpoint mean-ablated, nats"),
-            MetricSpec("fve", "higher", "fraction of variance explained"),
+            MetricSpec("fve", "higher", "fraction of variance explained, 1 - nmse"),
+            MetricSpec("nmse", "lower", "normalised MSE: sum ||x - x_hat||^2 / sum ||x - mean_x||^2"),
             MetricSpec("mse", "lower", "mean over tokens of ||x - x_hat||^2 / d_in"),
             MetricSpec("cos", "higher", "mean cosine similarity of x and x_hat"),
             MetricSpec("l0", "none", "mean active latents per token"),
@@ -98,9 +105,9 @@ class CEKLTask(Task):
             MetricSpec("dense_1e-2", "lower", "latents active on more than 1% of tokens"),
             MetricSpec("dense_1e-3", "none", "latents active on more than 0.1% of tokens"),
         ),
-        tradeoffs=(("l0", "ce_loss_recovered"), ("l0", "kl")),
-        summary=("ce_loss_recovered", "ce_loss_recovered_mean_abl", "kl", "ce_spliced", "fve", "mse", "cos", "l0",
-                 "dead_frac", "dense_1e-2"),
+        tradeoffs=(("l0", "ce_loss_recovered"), ("l0", "kl"), ("l0", "nmse")),
+        summary=("ce_loss_recovered", "ce_loss_recovered_mean_abl", "kl", "ce_spliced", "fve", "nmse", "mse", "cos",
+                 "l0", "dead_frac", "dense_1e-2", "dense_1e-3"),
     )
 
     multi_hookpoint = True  # for --all-at-once; without it each hookpoint is scored on its own
@@ -297,7 +304,9 @@ class CEKLTask(Task):
             "mse": ratio_and_se(sums.cat("sse") / enc.spec.d_in, n_act),
             "cos": ratio_and_se(sums.cat("cos"), n_act),
         }
-        out["fve"] = self._fve(sums.cat("sse"), clean)
+        out["nmse"] = self._nmse(sums.cat("sse"), clean)
+        # FVE is 1 - nmse exactly (the same ratio of sums), so it shares nmse's standard error
+        out["fve"] = (None if out["nmse"][0] is None else 1 - out["nmse"][0]), out["nmse"][1]
         has_latents = enc.has_latents and enc.spec.d_latent
         for name in ("l0", "l1"):
             out[name] = ratio_and_se(sums.cat(name), n_act) if has_latents else (None, None)
@@ -309,17 +318,24 @@ class CEKLTask(Task):
         pred_metrics = {"ce_clean", "ce_spliced", "ce_zero", "ce_mean", "ce_loss_recovered",
                         "ce_loss_recovered_mean_abl", "kl"}
         n_pred_total, n_act_total = int(n_pred.sum().item()), int(total)
+        extra: dict[str, Any] = {"contexts": int(len(n_act))}
+        if has_latents:
+            extra["curves"] = {"density": DENSITY_CURVE}
         return TaskResult(
             metrics={k: v[0] for k, v in out.items()},
             stderr={k: v[1] for k, v in out.items()},
             n={k: (n_pred_total if k in pred_metrics else n_act_total) if out[k][0] is not None else None
                for k in out},
-            extra={"contexts": int(len(n_act))},
+            details=density_rows(fired, total) if has_latents else None,
+            extra=extra,
         )
 
     @staticmethod
-    def _fve(sse: Tensor, clean: dict[str, Tensor]) -> tuple[float | None, float | None]:
-        """FVE = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_x||^2 over scored tokens t.
+    def _nmse(sse: Tensor, clean: dict[str, Tensor]) -> tuple[float | None, float | None]:
+        """Normalised MSE = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_x||^2 over scored tokens t: the
+        error divided by that of predicting the mean activation (the normalised MSE O'Neill, Gumran & Klindt
+        2024 track, "Compute Optimal Inference and Provable Amortisation Gap in Sparse Autoencoders");
+        FVE = 1 - nmse.
 
         mean_x is the mean activation over all scored tokens (one vector, not per batch), so
         the denominator is the total variance of the evaluated activations. The per-context
@@ -328,8 +344,7 @@ class CEKLTask(Task):
         n, sum_x, sum_sq = clean["n_act"], clean["sum_x"], clean["sum_sq"]
         mean_x = sum_x.sum(0) / n.sum()
         sst = sum_sq - 2 * sum_x @ mean_x + n * (mean_x @ mean_x)
-        ratio, se = ratio_and_se(sse, sst)
-        return (None if ratio is None else 1 - ratio), se
+        return ratio_and_se(sse, sst)
 
 
 def _reference_key(ctx: TaskContext, cfg: CEKLConfig) -> dict[str, Any]:

@@ -68,6 +68,24 @@ PASS_SUMS = ("ce", "kl", "sse", "cos", "l0", "l1")
 """Per-context sums of a spliced pass (PassSums rows)."""
 
 
+DENSITY_CURVE = {"plot": "histogram", "x": "firing_frequency", "scale": "log10", "marks": [1e-3, 1e-2],
+                 "note": "log10 of the fraction of scored tokens each latent fires on; never-active latents "
+                         "counted above"}
+"""How a record declares its latents' firing frequencies (saebench.plots draws them as a histogram, the
+dense_1e-3 / dense_1e-2 thresholds marked)."""
+
+
+def density_rows(fired: Tensor, tokens: float) -> list[dict]:
+    """Details rows: each latent's firing frequency, fired / tokens, over the scored tokens.
+
+    Args:
+        fired: (d_latent,) tokens each latent was active on (PassSums.fired, merged over ranks).
+        tokens: scored tokens (sinks excluded).
+    """
+    freq = (fired / max(tokens, 1.0)).tolist()
+    return [{"curve": "density", "latent": i, "firing_frequency": f} for i, f in enumerate(freq)]
+
+
 def mean_activation(acts: Tensor, tokens: Tensor, bos_id: int) -> Tensor:
     """(d_in,) float32 mean of the activations at non-sink positions, summed in float64."""
     use = ~sink_mask(tokens, bos_id)

@@ -1,9 +1,10 @@
 """Where along the context does an encoder break? Every metric as a function of token position.
 
-SAEs trained on short contexts degrade past them: for gpt2-small res-jb SAEs (trained at 128
-tokens) Anders & Bloom measured ΔCE <= 0.4 nats up to position 128, then +5 to +13 nats around
-position 1000, with L0 rising from ~50 to thousands, worst in early layers. Averaged over
-positions, as ce_kl and sae-lens do, that never shows.
+SAEs trained on short contexts can degrade past them: Anders & Bloom ("Examining Language Model
+Performance with Reconstructed Activations using Sparse Autoencoders", LessWrong, 2024) found the
+gpt2-small res-jb SAEs, trained on 128-token contexts, reasonable up to position 128, after which ΔCE,
+MSE and L0 explode, worst in early layers (~1-4). Averaged over positions, as ce_kl and sae-lens do,
+that never shows.
 
 Long sequences (--max-len tokens, BOS first) are taken from the corpus, the start of one
 document each where documents are long enough (saebench.corpus.long_sequences). Every encoder
@@ -17,8 +18,10 @@ is BOS) the task measures:
 Attention sinks (position 0 and any BOS inside a packed sequence) are passed through unspliced
 and left out of every mean, as in ce_kl; predictions whose target is BOS are left out too.
 
-Positions are aggregated into log2 buckets 1, 2-3, 4-7, ..., 512-1023. Summary metrics (standard
-errors clustered by sequence): mean ΔCE and L0 within the encoder's training context
+Positions are aggregated into log2 buckets 1, 2-3, 4-7, ..., 512-1023, or, with buckets=single, taken
+one at a time at positions 1, 2, 4, ..., 2^k and max_len-2. Those are the positions of Anders & Bloom's
+figures (1, 2, 4, ..., 512, 1022 at a context of 1024, neither the first nor the last). Summary metrics
+(standard errors clustered by sequence): mean ΔCE and L0 within the encoder's training context
 (positions 1 .. T-1 for an encoder trained on T-token contexts, as its SAE metadata says) and
 beyond it (positions T .. max_len-1), and `safe_context`:
 
@@ -27,6 +30,9 @@ beyond it (positions T .. max_len-1), and `safe_context`:
     exceeds 2 x max(baseline, 0.05 nats);
     safe_context = the end of the last bucket before the first broken one, in tokens (positions
     0 .. safe_context-1 are safe); max_len when no bucket is broken.
+
+With buckets=single each bucket is one position: the baseline is the mean over positions 1, 2, 4, ...,
+32, and safe_context is the first broken one of the positions looked at.
 
 The 0.05-nat floor keeps a near-exact encoder (baseline ~0.01) from being called broken by noise.
 Per-position and per-bucket curves go to the details file, not into the record's scalars.
@@ -58,6 +64,7 @@ from saebench.tasks.base import (
     row_key,
 )
 from saebench.tasks.losses import head_input, next_token_losses
+from saebench.tasks.params import choice
 
 CHECKPOINT_SECONDS = 60.0
 BASELINE_END = 64
@@ -68,6 +75,8 @@ BROKEN_FLOOR = 0.05
 BROKEN_ABSOLUTE = 1.0
 """Nats; a bucket at or above this mean ΔCE is broken whatever the baseline."""
 ACT_METRICS = ("norm", "mse", "l0", "l1", "cos")
+BUCKETINGS = ("log2", "single")
+"""How positions are grouped for the bucket table and safe_context (module docstring)."""
 PRED_METRICS = ("dce", "kl")
 
 
@@ -79,6 +88,22 @@ class ContextSweepConfig:
     """Tokens per sequence, BOS included; None: min(1024, the model's context). --max-len overrides."""
     sequences: int = 32
     """Sequences evaluated; --limit overrides."""
+    buckets: str = "log2"
+    """'log2' (ranges 1, 2-3, 4-7, ...) or 'single' (positions 1, 2, 4, ..., 2^k and max_len-2 alone)."""
+
+
+def bucket_spans(length: int, kind: str) -> list[tuple[int, int]]:
+    """The (first, last) positions of each bucket of `kind` (BUCKETINGS) over positions 1 .. length-1."""
+    if kind == "log2":
+        return buckets(length)
+    # single positions, as Anders & Bloom's figures: powers of two, then the last but one
+    out, p = [], 1
+    while p < length - 1:
+        out.append(p)
+        p *= 2
+    if length - 2 >= 1 and length - 2 not in out:
+        out.append(length - 2)
+    return [(p, p) for p in out]
 
 
 def buckets(length: int) -> list[tuple[int, int]]:
@@ -162,8 +187,9 @@ class ContextSweepTask(Task):
         version=1,
         headline="safe_context",
         metrics=(
-            MetricSpec("safe_context", "higher", "tokens of context before the first broken log2 bucket of ΔCE "
-                                                 "(saebench.tasks.context_sweep docstring); max_len if none"),
+            MetricSpec("safe_context", "higher", "tokens of context before the first broken bucket of ΔCE (log2, or "
+                                                 "single positions with buckets=single; saebench.tasks.context_sweep"
+                                                 " docstring); max_len if none"),
             MetricSpec("dce_within", "lower", "mean ΔCE (spliced - clean CE, nats) at positions inside the "
                                               "encoder's training context"),
             MetricSpec("dce_beyond", "lower", "mean ΔCE (nats) at positions beyond the training context"),
@@ -183,16 +209,16 @@ class ContextSweepTask(Task):
     )
 
     def __init__(self, max_len: int | None = ContextSweepConfig.max_len,
-                 sequences: int = ContextSweepConfig.sequences):
+                 sequences: int = ContextSweepConfig.sequences, buckets: str = ContextSweepConfig.buckets):
         if max_len is not None and int(max_len) < 2:  # before the model loads or another task writes a record
             raise SaebenchError(f"--max-len must be at least 2, not {max_len}")
-        self.defaults = ContextSweepConfig(max_len, sequences)
+        self.defaults = ContextSweepConfig(max_len, sequences, choice("context_sweep", "buckets", buckets, BUCKETINGS))
 
     def settings(self, ctx: TaskContext) -> ContextSweepConfig:
         """Preset defaults, then --max-len and --limit (sequences)."""
         given = self.defaults.max_len  # 0 is a bad --max-len, not "unset"
         max_len = checked_length(ctx.model, given if given is not None else min(1024, ctx.model.max_positions or 1024))
-        return ContextSweepConfig(max_len, ctx.settings.limit or self.defaults.sequences)
+        return ContextSweepConfig(max_len, ctx.settings.limit or self.defaults.sequences, self.defaults.buckets)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         return asdict(self.settings(ctx))
@@ -217,7 +243,7 @@ class ContextSweepTask(Task):
         if len(seqs.documents) < cfg.sequences:
             ctx.text.warn(f"the {ctx.settings.corpus.split} split of corpus {ctx.settings.corpus.name!r} gives {len(seqs.documents)} "
                      f"sequences of {length} tokens, fewer than the {cfg.sequences} asked for; evaluating all of them")
-        spans = buckets(length)
+        spans = bucket_spans(length, cfg.buckets)
         member = self._member(length, spans, encoders)
         def fresh() -> dict:
             return {"sums": {key: _Sums(length, member[enc.training_context], ctx.model.d_model) for key, enc, _ in rows},

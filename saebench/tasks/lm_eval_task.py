@@ -19,7 +19,8 @@ from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskS
 from saebench.tasks.lm_eval_data import check_json_data_file, file_sha256, load_lm_eval_task
 from saebench.tasks import benchmark
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      PromptRecorder, benchmark_passes, compare, resumable_pass)
+                                      benchmark_passes, checked_items, compare, item_limit, resumable_pass)
+from saebench.tasks.prompt_recorder import PromptRecorder
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class LMEvalConfig:
     """Local JSON/JSONL replacing the task's evaluation split (e.g. lambada_test.jsonl)."""
     data_sha256: str | None
     items: int | None
-    """First N documents (lm-eval's --limit); None for all."""
+    """First N documents (lm-eval's --limit: saebench's --limit, else the preset's items); None for all."""
     protocol: str
     """'lm_eval' (the task's own acc) or 'first_token' (argmax at the last prompt position)."""
     lm_eval_version: str
@@ -86,7 +87,8 @@ class _RequestObserver(PromptRecorder):
         """Give items whose input duplicated another item's the stats recorded for that item."""
         for first, others in self._aliases.items():
             for item in others:
-                for stat in (self.ce_sum, self.ce_count, self.first_correct, self.first_logp, self.recorded):
+                for stat in (self.ce_sum, self.ce_count, self.first_correct, self.first_logp, self.recorded,
+                             *self.at_hookpoint.values()):
                     stat[item] = stat[first]
                 if self._pairs:
                     pairs = torch.cat(self._pairs)
@@ -140,19 +142,22 @@ def _batching_plan(lm, instances, doc_ids: list[int], batch_size: int,
 class LMEvalTask(Task):
     """Any lm-eval loglikelihood or multiple-choice task, scored clean, zero-ablated and spliced."""
 
-    spec = TaskSpec("lm_eval", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
+    # v2: details rows hold each item's MSE / L0 / ||x|| at the hookpoint and its correctness class
+    spec = TaskSpec("lm_eval", 2, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
     protocol = "lm_eval"
     data_fields: tuple[str, ...] = ()
     """Fields every row of a --data-file must have, checked before any model work."""
 
     def __init__(self, lm_eval_task: str | None = None, include_path: str | None = None,
-                 data_file: str | None = None, arg: str | None = None):
+                 data_file: str | None = None, arg: str | None = None, items: int | str | None = None):
         """
         Args:
             lm_eval_task: lm-eval task name or YAML path (`--task lm_eval:<task>` passes it as `arg`).
             include_path: folder of extra lm-eval task YAMLs.
             data_file: local JSON/JSONL replacing the task's evaluation split.
+            items: first N documents when --limit is not given (a preset's protocol); None for all.
         """
+        self.items = checked_items(self.spec.name, items)
         if (problem := lm_eval_version_problem()) is not None:
             raise SaebenchError(problem)
         name = arg or lm_eval_task
@@ -167,13 +172,14 @@ class LMEvalTask(Task):
         import lm_eval
 
         return asdict(LMEvalConfig(self.lm_eval_task, self.include_path, self.data_file,
-                                   file_sha256(self.data_file), ctx.settings.limit, self.protocol, lm_eval.__version__))
+                                   file_sha256(self.data_file), item_limit(ctx, self.items), self.protocol,
+                                   lm_eval.__version__))
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         from saebench.tasks.spliced_lm import SplicedLM
 
         task = load_lm_eval_task(self.lm_eval_task, self.include_path, self.data_file)
-        task.build_all_requests(limit=ctx.settings.limit, rank=0, world_size=1)
+        task.build_all_requests(limit=item_limit(ctx, self.items), rank=0, world_size=1)
         instances = sorted(task.instances, key=lambda i: (i.doc_id, i.idx))
         bad = {i.request_type for i in instances} - {"loglikelihood"}
         if bad:
@@ -239,7 +245,8 @@ class LMEvalTask(Task):
                 raise SaebenchError(f"lm-eval task {self.lm_eval_task!r} reports no 'acc' metric")
             correct[k] = float(result["acc"])
             logp[k] = resps[rows[self._gold_index(task, doc, len(rows), d)]][0]
-        return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), per_item=per_metric)
+        return ItemScores(correct, logp, obs.ce_sum, obs.ce_count, obs.features(), per_item=per_metric,
+                          at_hookpoint=obs.at_hookpoint)
 
     @staticmethod
     def _aggregate(task, scores: ItemScores) -> ItemScores:
@@ -286,25 +293,26 @@ class LMEvalTask(Task):
 class LambadaTask(LMEvalTask):
     """LAMBADA (OpenAI version) through lm-eval's `lambada_openai`: acc and perplexity of the last word."""
 
-    spec = TaskSpec("lambada", 1, "acc", BENCHMARK_METRICS + (
+    spec = TaskSpec("lambada", 2, "acc", BENCHMARK_METRICS + (
         MetricSpec("perplexity", "lower", "lm-eval's perplexity of the last word, spliced"),
         MetricSpec("perplexity_clean", "none", "lm-eval's perplexity of the last word, clean"),
     ), BENCHMARK_SUMMARY + ("perplexity",), BENCHMARK_STDERR, "items")
     data_fields = ("text",)  # lambada_openai's templates read doc["text"]
 
-    def __init__(self, data_file: str | None = None, include_path: str | None = None):
+    def __init__(self, data_file: str | None = None, include_path: str | None = None, items: int | str | None = None):
         """
         Args:
             data_file: local copy of lambada_test.jsonl (`{"text": ...}` per line), for offline use.
+            items: first N passages when --limit is not given; None for all.
         """
-        super().__init__("lambada_openai", include_path, data_file)
+        super().__init__("lambada_openai", include_path, data_file, items=items)
 
 
 class LambadaFirstTokenTask(LambadaTask):
     """LAMBADA scored by the first token only: argmax over the vocabulary at the last prompt
     position must equal the first token of ' ' + last word; log p(answer) is that token's."""
 
-    spec = TaskSpec("lambada_first_token", 1, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
+    spec = TaskSpec("lambada_first_token", 2, "acc", BENCHMARK_METRICS, BENCHMARK_SUMMARY, BENCHMARK_STDERR, "items")
     protocol = "first_token"
 
     def _first_tokens(self, lm, task, instances, doc_ids) -> Tensor:

@@ -100,7 +100,7 @@ def test_records_are_written_and_reused(tiny_llama, tmp_path):
     for key in ("schema_version", "task", "encoder", "model", "config_hash", "saebench_version", "git_sha",
                 "metrics", "stderr", "n", "seconds", "seed"):
         assert key in data
-    assert data["task"]["name"] == "ce_kl" and data["task"]["version"] == 1 and data["task"]["headline"] == "ce_loss_recovered"
+    assert data["task"]["name"] == "ce_kl" and data["task"]["version"] == 2 and data["task"]["headline"] == "ce_loss_recovered"
     mtime = files[0].stat().st_mtime_ns
     second = run(tiny_llama, ["identity", "zero"], tmp_path)
     assert files[0].stat().st_mtime_ns == mtime  # reused, not rewritten

@@ -12,7 +12,7 @@ def test_leaderboard_ranks_by_headline_and_writes_csv(tiny_llama, tmp_path, caps
              RunConfig(limit=128, context_len=16, output_dir=tmp_path / "runs", progress=False))
     assert main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")]) == 0
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
-    assert "## ce_kl v1 · tiny-llama (float32)\n" in md
+    assert "## ce_kl v2 · tiny-llama (float32)\n" in md
     cells = [line.split("|") for line in md.splitlines() if line.startswith("|")]
     links = [c[2].strip() for c in cells if c[1].strip().isdigit()]
     order = [re.fullmatch(r"\[(.+)\]\((records/ce_kl/.+\.json)\)", link).group(1) for link in links]
@@ -41,7 +41,7 @@ def test_leaderboards_never_mix_task_versions(tiny_llama, tmp_path):
     (path.parent / "older.json").write_text(json.dumps(data))
     main(["leaderboard", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "lb")])
     md = (tmp_path / "lb" / "ce_kl.md").read_text()
-    assert "ce_kl v1 ·" in md and "ce_kl v99 ·" in md
+    assert "ce_kl v2 ·" in md and "ce_kl v99 ·" in md
 
 
 def test_leaderboards_never_mix_dtypes(tiny_llama, tmp_path):
