@@ -27,6 +27,9 @@ class EncoderSpec:
     """Width of the codes; None when the codes are not latents."""
     params: dict[str, Any] = field(default_factory=dict)
     """Every further parameter that changes outputs (architecture, k, weights digest, ...)."""
+    display: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What leaderboards show beside the label (an SAE's architecture as trained): written to records, never
+    hashed, so adding a display value changes no record's or cache's key."""
 
     @property
     def label(self) -> str:
@@ -36,7 +39,10 @@ class EncoderSpec:
         return f"{self.name}{self.arg}" if self.arg.startswith("?") else f"{self.name}:{self.arg}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"label": self.label}
+        """The spec's identity (hashed into records and caches): everything but `display`."""
+        out = asdict(self) | {"label": self.label}
+        del out["display"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 from tabulate import tabulate
 
 from saebench.records import RunRecord
-from saebench.report import hookpoint_order
+from saebench.report import encoder_display, hookpoint_order
 
 LABELS = {"norm": "‖x‖", "mse": "MSE (mean over dims)", "fve": "FVE", "l0": "L0", "l1": "L1",
           "cos": "cos(x, x̂)", "dce": "ΔCE (nats)", "kl": "KL (nats)", "ce": "CE loss (nats)",
@@ -286,7 +286,7 @@ def frontier_groups(points: list[RunRecord]) -> dict[tuple[str | None, tuple[str
     """
     groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
     for k, rec in enumerate(points):
-        display = ((rec.encoder.get("params") or {}).get("display") or {})
+        display = encoder_display(rec)
         groups.setdefault((rec.hookpoint, tuple(str(display[key]) for key in sorted(display))), []).append(k)
     return dict(sorted(groups.items(), key=lambda kv: (hookpoint_order(kv[0][0]), kv[0][1])))
 

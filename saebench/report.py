@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
@@ -27,6 +28,12 @@ def hookpoint_order(hookpoint: str | None) -> tuple:
     return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1, hookpoint)
 
 
+def encoder_display(rec: RunRecord) -> dict[str, Any]:
+    """What the record's encoder asks leaderboards to show beside its label: its spec's display values (an SAE's
+    architecture), else the display its family keeps among its params (llm_sim: simulator, explanations)."""
+    return rec.encoder.get("display") or (rec.encoder.get("params") or {}).get("display") or {}
+
+
 DISPLAY_PREFIX = "encoder_"
 """Frame columns taken from an encoder spec's params["display"] (e.g. encoder_simulator)."""
 
@@ -48,7 +55,7 @@ def records_frame(recs: Sequence[RunRecord], metrics: Sequence[str] | None = Non
         answers = rec.extra.get("failed_answers")
         row["failed_answers"] = f"{answers['failed'] + answers['unparsed']} of {answers['asked']}" if answers else None
         # what an encoder family asks leaderboards to show beside its label (llm_sim: simulator, explanations)
-        row |= {DISPLAY_PREFIX + k: str(v) for k, v in (rec.encoder.get("params") or {}).get("display", {}).items()}
+        row |= {DISPLAY_PREFIX + k: str(v) for k, v in encoder_display(rec).items()}
         for name in names:
             row[name] = rec.metrics.get(name)
             row[f"{name}_stderr"] = rec.stderr.get(name)

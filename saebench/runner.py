@@ -364,7 +364,7 @@ def _record(task: Task, model: LoadedModel | None, row: Row, cfg: dict, chash: s
     device = str(model.device) if model is not None else result.extra.get("device", "cpu")
     return records.RunRecord(
         task=task.spec.to_dict(),
-        encoder=row.encoder.to_dict() | {"plugin": plugin},
+        encoder=row.encoder.to_dict() | {"plugin": plugin} | ({"display": row.encoder.display} if row.encoder.display else {}),
         model=None if model is None else {"id": model.model_id, "revision": model.revision, "name": model.name,
                                           "dtype": model.dtype},
         hookpoint=row.hookpoint, config=cfg, config_hash=chash,

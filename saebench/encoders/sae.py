@@ -106,9 +106,9 @@ class SAELensEncoder(Encoder):
             self.data_used = {"fit": trained_on}
         cfg = sae.cfg
         params = {"architecture": cfg.architecture(), "k": getattr(cfg, "k", None),
-                  "normalize_activations": cfg.normalize_activations, **provenance,
-                  "display": {"architecture": trained_architecture(sae)}}
-        self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params)
+                  "normalize_activations": cfg.normalize_activations, **provenance}
+        self.spec = EncoderSpec("sae", arg, hookpoint, int(cfg.d_in), int(cfg.d_sae), params,
+                                display={"architecture": trained_architecture(sae)})
         self.training_context = getattr(cfg.metadata, "context_size", None)
         # W_enc x + b_enc; the activation function (ReLU, TopK, JumpReLU threshold) is not counted
         self.encode_flops = 2.0 * cfg.d_in * cfg.d_sae

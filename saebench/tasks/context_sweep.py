@@ -64,7 +64,7 @@ from saebench.tasks.base import (
     row_key,
 )
 from saebench.tasks.losses import head_input, next_token_losses
-from saebench.tasks.params import choice
+from saebench.tasks.params import added_at_default, choice
 
 CHECKPOINT_SECONDS = 60.0
 BASELINE_END = 64
@@ -221,7 +221,7 @@ class ContextSweepTask(Task):
         return ContextSweepConfig(max_len, ctx.settings.limit or self.defaults.sequences, self.defaults.buckets)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(self.settings(ctx))
+        return added_at_default(asdict(self.settings(ctx)), {"buckets": "log2"})
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         cfg = self.settings(ctx)

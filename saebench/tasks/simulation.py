@@ -34,7 +34,7 @@ from torch import Tensor
 from saebench.encoders.base import Encoder
 from saebench.simulators import VALUE_PROMPTS
 from saebench.tasks.base import MetricSpec, TaskContext, TaskResult, TaskSpec
-from saebench.tasks.params import choice
+from saebench.tasks.params import added_at_default, choice
 from saebench.tasks.simulation_scoring import (
     ScoredConfig,
     Scored,
@@ -204,7 +204,7 @@ class ValueCorrelationTask(SimulatedPositionsTask):
         self.value_prompt = choice(self.spec.name, "value_prompt", value_prompt, tuple(VALUE_PROMPTS))
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return super().config(ctx) | {"value_prompt": self.value_prompt}
+        return super().config(ctx) | added_at_default({"value_prompt": self.value_prompt}, {"value_prompt": "default"})
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         check_simulating(encoders, self.spec.name)

@@ -23,7 +23,7 @@ from saebench.encoders.base import EncodeContext, Encoder
 from saebench.encoders.llm_sim import check_candidates
 from saebench.errors import SaebenchError
 from saebench.tasks.base import PartialStore, Task, TaskContext, checkpointed_batches
-from saebench.tasks.params import choice, whole
+from saebench.tasks.params import added_at_default, choice, whole
 
 POSITIONS = ("random", "last")
 THRESHOLDS = tuple(sorted({round(0.05 * i, 2) for i in range(21)} | {0.99, 0.999}))
@@ -66,7 +66,8 @@ class SimulatedPositionsTask(Task):
                             d.min_position, d.position, d.candidates)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(self.settings(ctx)) | {"corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
+        return added_at_default(asdict(self.settings(ctx)), {"position": "random", "candidates": None}) | {
+            "corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
 
     def candidates_of(self, ctx: TaskContext, enc: Encoder) -> str:
         """The inactive candidates per position `enc` is asked about in this run."""

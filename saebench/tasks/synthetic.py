@@ -57,6 +57,7 @@ from saebench.encoders.pursuit import METHODS as ITO_METHODS
 from saebench.encoders.specs import apply_options
 from saebench.errors import SaebenchError
 from saebench.tasks.base import MetricSpec, Row, Task, TaskContext, TaskResult, TaskSpec
+from saebench.tasks.params import added_at_default
 from saebench.tasks.synthetic_plots import CS_CONSTANT, cs_recoverable
 
 REGIMES = ("known_codes", "known_dict", "unknown")
@@ -222,7 +223,8 @@ class SyntheticTask(Task):
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         cfg = self._cfg(ctx)
-        return asdict(cfg)
+        return added_at_default(asdict(cfg), {"known_codes_loss": "mse", "ito_method": "omp", "ito_iters": 0,
+                                              "sparsity_sweep": "", "tradeoff_regime": "unknown"})
 
     def _cfg(self, ctx: TaskContext) -> SyntheticConfig:
         return replace(self.cfg, test_samples=ctx.settings.limit) if ctx.settings.limit else self.cfg

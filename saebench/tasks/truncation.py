@@ -37,7 +37,7 @@ from saebench.splice import sink_mask, splice_activations
 from saebench.stats import ratio_and_se, sum_by_row
 from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskSpec, checkpointed_batches
 from saebench.tasks.losses import HeadInput, head_input, next_token_losses
-from saebench.tasks.params import choice, whole
+from saebench.tasks.params import added_at_default, choice, whole
 from saebench.tasks.truncation_rule import FULL, Keep, keep_first, random_ranks, ranked_codes, truncate
 
 __all__ = ["TruncationCurveTask", "truncate"]
@@ -169,8 +169,9 @@ class TruncationCurveTask(Task):
     def config(self, ctx: TaskContext) -> dict[str, Any]:
         cfg = self.settings(ctx)
         counts = {} if cfg.keep != "count" else {"counts": "auto" if cfg.counts is None else list(cfg.counts)}
-        return {"tokens": cfg.tokens, "context_len": cfg.context_len, "fractions": list(cfg.fractions),
-                "keep": cfg.keep, **counts, "corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
+        return added_at_default({"tokens": cfg.tokens, "context_len": cfg.context_len, "fractions": list(cfg.fractions),
+                                 "keep": cfg.keep, **counts, "corpus": ctx.settings.corpus.name,
+                                 "split": ctx.settings.corpus.split}, {"keep": "fraction"})
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         for enc in encoders:

@@ -43,3 +43,20 @@ def test_every_shipped_protocol_names_parameters_its_task_takes():
         for key in preset.get("protocol") or []:
             assert key in names.RUN_SETTINGS or key in names.accepted_params(name), (name, key)
             assert preset.get("source"), name
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--task", "lambada_anders_bloom?items=10"], "'lambada_anders_bloom' follows the protocol of source 004"),
+    (["--task", "lambada_anders_bloom", "--limit", "10"], "--limit 10 contradicts it: run task 'lambada'"),
+    (["--task", "latent_recall_eleuther?candidates=200"], "candidates=200 contradicts it: run task 'latent_recall'"),
+    (["--task", "truncation_curve_eleuther", "--context-len", "128"], "--context-len 128 contradicts it"),
+])
+def test_the_cli_refuses_a_contradicting_option_before_any_work(argv, said, tmp_path, capsys):
+    from saebench.cli import main
+
+    out = tmp_path / "runs"
+    code = main(["run", "--model", str(tmp_path / "no-model-needed"), "--encoder", "identity", *argv,
+                 "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and said in err, err
+    assert not out.exists() or not list(out.rglob("*.json"))

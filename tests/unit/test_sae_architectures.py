@@ -73,7 +73,8 @@ def test_each_architecture_trains_loads_and_is_scored_by_ce_kl(architecture, spa
     config = RunConfig(limit=256, context_len=32, output_dir=tmp_path / "runs", progress=False)
     rec = evaluate(tiny_llama, [spec], ["ce_kl"], config)[0]
     params = rec.encoder["params"]
-    assert params["architecture"] == loaded_as and params["display"] == {"architecture": architecture}
+    assert params["architecture"] == loaded_as and rec.encoder["display"] == {"architecture": architecture}
+    assert "display" not in params  # shown, never hashed: cached records and samples keep their keys
     m = rec.metrics
     assert m["l0"] > 0 and 0 < m["nmse"] and m["fve"] == pytest.approx(1 - m["nmse"], abs=1e-12)
     assert rec.stderr["fve"] == rec.stderr["nmse"] and m["ce_loss_recovered"] is not None
@@ -97,8 +98,8 @@ def test_nmse_known_answers(tiny_llama, tmp_path):
 
 
 def _rec(label, hookpoint, architecture=None):
-    params = {"display": {"architecture": architecture}} if architecture else {}
-    return SimpleNamespace(encoder={"label": label, "params": params}, hookpoint=hookpoint)
+    display = {"display": {"architecture": architecture}} if architecture else {}
+    return SimpleNamespace(encoder={"label": label, "params": {}} | display, hookpoint=hookpoint)
 
 
 def test_one_frontier_per_hookpoint_and_displayed_values():
