@@ -100,7 +100,7 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long titles and outside legends stay whole
     _pyplot().close(fig)
 
 
@@ -115,7 +115,12 @@ def _scatter(items: list[dict[str, Any]], path: Path, title: str) -> None:
     import numpy as np
 
     points = [r for r in items if r.get("mse") is not None]
-    x_edges = np.histogram_bin_edges([r["mse"] for r in points], bins=30)  # shared: the classes' densities compare
+    mses = [r["mse"] for r in points]
+    # a few items of very large norm (kept out of SAE training) can sit orders of magnitude right of the rest:
+    # a log axis keeps the bulk readable
+    log_x = bool(mses) and min(mses) > 0 and max(mses) > 30 * min(mses)
+    x_edges = (np.geomspace(min(mses), max(mses), 31) if log_x  # shared: the classes' densities compare
+               else np.histogram_bin_edges(mses, bins=30))
     y_edges = np.histogram_bin_edges([r["delta_logp"] for r in points], bins=30)
     for key, (text, color) in CLASSES.items():
         mine = [r for r in points if r["outcome"] == key]
@@ -127,7 +132,10 @@ def _scatter(items: list[dict[str, Any]], path: Path, title: str) -> None:
             top.hist(xs, bins=x_edges, density=True, histtype="step", color=color, lw=1.2)
             side.hist(ys, bins=y_edges, density=True, histtype="step", color=color, lw=1.2, orientation="horizontal")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel("reconstruction MSE at the hookpoint, mean over the prompt's positions", fontsize=9)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("reconstruction MSE at the hookpoint, mean over the prompt's positions"
+                  + (" (log scale)" if log_x else ""), fontsize=9)
     ax.set_ylabel(DELTA, fontsize=9)
     ax.grid(alpha=0.3)
     corner = fig.add_subplot(grid[0, 1])
