@@ -188,21 +188,24 @@ class LatentSample:
 
 def latent_sample(model: LoadedModel, encoder: Codec, hookpoint: Hookpoint, cache_dir: Path | None,
                   corpus: str = DEFAULT_CORPUS, batch_size: int = 16, tokens: int = 65_536, context_len: int = 128,
-                  seed: int = 0, progress: bool = True) -> LatentSample:
-    """`encoder`'s activations on `tokens` tokens of `corpus`'s training split at `hookpoint`, cached by what
-    they are (the corpus is named in the key unless it is the default)."""
+                  seed: int = 0, progress: bool = True, split: str = "train") -> LatentSample:
+    """`encoder`'s activations on `tokens` tokens of `corpus`'s `split` ('train', where explainers look;
+    'eval', held out for scoring) at `hookpoint`, cached by what they are (the corpus and the split are named
+    in the key unless they are the defaults)."""
     key = {"encoder": encoder.spec.to_dict(), "model": model.model_id, "revision": model.revision,
            "dtype": model.dtype, "hookpoint": hookpoint.name, "tokens": tokens, "context_len": context_len,
            "seed": seed, "version": SAMPLE_VERSION}
     if corpus != DEFAULT_CORPUS:
         key["corpus"] = corpus
+    if split != "train":
+        key["split"] = split
     path = None if cache_dir is None else cache_dir / "latent_samples" / f"{config_hash(key)}.pt"
     if path is not None and path.exists():
         try:
             return LatentSample(**torch.load(path, weights_only=True), key=key)
         except Exception:  # a corrupt cache entry costs a recomputation, nothing more
             pass
-    ids = token_contexts(model.tokenizer, CorpusSpec(corpus, "train"), context_len, tokens, seed, model.bos_id)
+    ids = token_contexts(model.tokenizer, CorpusSpec(corpus, split), context_len, tokens, seed, model.bos_id)
     forward = hookpoint_forward(model, hookpoint)
     rows, latents, values = [], [], []
     for start in tqdm(range(0, len(ids), batch_size), desc="latent sample", unit="batch", disable=not progress):

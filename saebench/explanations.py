@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from saebench.capture import LatentSample
+from saebench.delphi_files import read_explanations
 from saebench.errors import SaebenchError
 from saebench.llm import LLM, Chat
 from saebench.records import write_atomic
@@ -74,39 +75,17 @@ def load_jsonl(path: Path, d_latent: int) -> Explanations:
     return Explanations(texts, f"file:{path.name}#{digest}")
 
 
-DELPHI_FILE = re.compile(r"^(?P<module>.+)_latent(?P<latent>\d+)\.txt$")
-
-
 def load_delphi(path: Path, d_latent: int, module: str | None = None) -> Explanations:
-    """Explanations as EleutherAI's delphi writes them: ``<run>/explanations/<module>_latent<N>.txt``, each
-    file the explanation as a JSON string (delphi/__main__.py, explainer_postprocess). `path` is the run
-    folder or its explanations/ folder; `module` picks one module when the folder holds several."""
-    folder = path / "explanations" if (path / "explanations").is_dir() else path
-    found: dict[str, dict[int, Path]] = {}
-    for file in sorted(folder.glob("*.txt")):
-        if match := DELPHI_FILE.match(file.name):
-            found.setdefault(match["module"], {})[int(match["latent"])] = file
-    if not found:
-        raise SaebenchError(f"no delphi explanations (<module>_latent<N>.txt) in {str(folder)!r}")
-    if module is None and len(found) > 1:
-        raise SaebenchError(f"delphi folder {str(folder)!r} explains several modules ({', '.join(sorted(found))}); "
-                            "pick one with delphi_module=<name>")
-    module = module or next(iter(found))
-    if module not in found:
-        raise SaebenchError(f"delphi folder {str(folder)!r} has no module {module!r}; it has {', '.join(sorted(found))}")
-    texts: dict[int, str] = {}
-    for latent, file in sorted(found[module].items()):
+    """Explanations as EleutherAI's delphi writes them (saebench.delphi_files): `path` is the run folder or its
+    explanations/ folder; `module` picks one module when the folder holds several."""
+    module, texts = read_explanations(path, module)
+    for latent in texts:
         if latent >= d_latent:
-            raise SaebenchError(f"delphi explanation {file.name}: latent {latent} is outside the encoder's "
-                                f"{d_latent} latents (0..{d_latent - 1})")
-        try:
-            text = json.loads(file.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            text = None
-        if not isinstance(text, str):
-            raise SaebenchError(f"delphi explanation {file.name} is not a JSON string, as delphi writes explanations")
-        texts[latent] = text.strip()
-    return Explanations(texts, f"delphi:{folder.parent.name if folder.name == 'explanations' else folder.name}/{module}")
+            raise SaebenchError(f"delphi explanation {module}_latent{latent}.txt: latent {latent} is outside the "
+                                f"encoder's {d_latent} latents (0..{d_latent - 1})")
+    folder = path / "explanations" if (path / "explanations").is_dir() else path
+    name = folder.parent.name if folder.name == "explanations" else folder.name
+    return Explanations({k: v.strip() for k, v in texts.items()}, f"delphi:{name}/{module}")
 
 
 def token_explanations(sample: LatentSample, tokenizer, n_tokens: int = 10) -> Explanations:

@@ -26,19 +26,28 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from saebench.errors import SaebenchError
+
 BLOCK = 256
 """Prompts answered between two writes to the response cache."""
 
 
 @dataclass(frozen=True)
 class Chat:
-    """A prompt: a system message and one user message."""
+    """A prompt: a system message, optional few-shot turns, and one user message."""
 
     system: str
     user: str
+    shots: tuple[tuple[str, str], ...] = ()
+    """Few-shot (user, assistant) turns between the system message and the user message."""
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+        turns = [m for u, a in self.shots for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        return [{"role": "system", "content": self.system}, *turns, {"role": "user", "content": self.user}]
+
+    def key_parts(self) -> tuple:
+        """What identifies the prompt in the response cache (prompts without shots keep their old keys)."""
+        return (self.system, self.user) + ((self.shots,) if self.shots else ())
 
 
 @dataclass
@@ -185,9 +194,21 @@ class LLM(ABC):
         return self._cached("generate", prompts, {"max_tokens": max_tokens}, desc,
                             lambda todo: self._generate(todo, max_tokens))
 
+    def text_logprobs(self, prefix: str, texts: Sequence[str], desc: str = "LLM") -> list[list[float] | None]:
+        """Per-token log-probs of each of `texts` read as the continuation of `prefix` (plain text, no chat
+        template): the model's surprisal of a text given a description (surprisal scoring). The first token of
+        a text is predicted from the prefix's last one."""
+        prompts = [Chat(prefix, text) for text in texts]
+        return self._cached("text_logprobs", prompts, {}, desc, lambda todo: self._text_logprobs(
+            prefix, [p.user for p in todo]))
+
+    def _text_logprobs(self, prefix: str, texts: Sequence[str]) -> list[list[float] | None]:
+        raise SaebenchError(f"LLM {self.label!r} cannot read the log-probs of given text; surprisal scoring needs "
+                            "the in-process backend (backend=transformers)")
+
     def _cached(self, kind: str, prompts: Sequence[Chat], params: dict[str, Any], desc: str, compute) -> list[Any]:
         start = time.monotonic()
-        keys = [ResponseCache.key(self.cache_id, kind, params, p.system, p.user) for p in prompts]
+        keys = [ResponseCache.key(self.cache_id, kind, params, *p.key_parts()) for p in prompts]
         found = self.cache.get_many(list(dict.fromkeys(keys)))
         todo_keys = list(dict.fromkeys(k for k in keys if k not in found))
         first = {k: p for k, p in zip(keys, prompts)}

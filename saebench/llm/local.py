@@ -7,6 +7,7 @@ local path, in the dtype saebench's ``auto`` picks for the device.
 """
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,49 @@ class TransformersLLM(LLM):
                                              do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             for row, i in enumerate(idx):
                 out[i] = self.tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
+        return out
+
+    @torch.inference_mode()
+    def _text_logprobs(self, prefix, texts):
+        """The prefix is run once and its key/value cache reused for every batch of texts (right-padded)."""
+        import copy
+
+        model, device = self.loaded.model, self.loaded.device
+        pre = self.tokenizer.encode(prefix, add_special_tokens=False) or [self.tokenizer.bos_token_id or 0]
+        encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        # transformers 5 names the key/value cache `cache`, earlier versions `past_key_values`
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        first = model(input_ids=torch.tensor([pre], device=device), use_cache=True)
+        prefix_cache = first[name]
+        self.stats.requests += 1
+        start_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+        out: list[list[float] | None] = [None] * len(texts)
+        size = max(1, TOKENS_PER_BATCH // (8 * max(1, max((len(e) for e in encoded), default=1))))
+        for b in range(0, len(texts), size):
+            idx = [i for i in range(b, min(b + size, len(texts))) if encoded[i]]
+            for i in range(b, min(b + size, len(texts))):
+                if not encoded[i]:
+                    out[i] = []
+            if not idx:
+                continue
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), len(pre) + width), dtype=torch.long)
+            mask[:, :len(pre)] = 1
+            for row, i in enumerate(idx):
+                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, len(pre):len(pre) + len(encoded[i])] = 1
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                           **{name: cache}).logits.float()
+            self.stats.requests += 1
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            for row, i in enumerate(idx):
+                n = len(encoded[i])
+                toks = torch.tensor(encoded[i])
+                later = logp[row, :n - 1].gather(1, toks[1:, None]).squeeze(1) if n > 1 else torch.zeros(0)
+                out[i] = [float(start_logp[toks[0]])] + later.tolist()
         return out
 
     def close(self) -> None:

@@ -1,0 +1,189 @@
+"""Explanation scoring (saebench.scorers, saebench.latent_examples, task autointerp): known answers that fail
+when sampling, splitting, judging or the metrics go wrong."""
+
+import math
+
+import pytest
+import torch
+
+from saebench.capture import LatentSample
+from saebench.errors import SaebenchError
+from saebench.latent_examples import Example, LatentWindows, draw
+from saebench.scorers import (
+    Item,
+    RuleJudge,
+    classification_metrics,
+    classifier_prompt,
+    decile_accuracy,
+    detection_items,
+    fuzzing_items,
+    parse_list,
+    shuffled_groups,
+)
+
+D, VOCAB, LENGTH = 6, 40, 64
+
+
+class Pieces:
+    def decode(self, ids):
+        return f" t{ids[0]}"
+
+
+def token_sample(seed: int = 0, n_ctx: int = 400) -> LatentSample:
+    """Latent l fires on every occurrence of token 10 + l (value drawn from 1..5), nowhere else."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n_ctx, LENGTH), generator=g)
+    flat = tokens.reshape(-1)
+    rows, values, offsets = [], [], [0]
+    for latent in range(D):
+        r = (flat == 10 + latent).nonzero().squeeze(1)
+        v = 1 + 4 * torch.rand(len(r), generator=g)
+        order = torch.argsort(v, descending=True)
+        rows.append(r[order])
+        values.append(v[order])
+        offsets.append(offsets[-1] + len(r))
+    return LatentSample(tokens, torch.cat(rows), torch.cat(values), torch.tensor(offsets))
+
+
+def scored(judge, explanations, kind="detection", seed=0):
+    """Per-latent metrics of `judge` on the token sample."""
+    windows = LatentWindows(token_sample(seed), Pieces())
+    out = {}
+    for latent in range(D):
+        test = draw(windows.quantiles(latent), 50, "quantiles", latent)
+        negatives = windows.non_activating(latent, 50, seed)
+        items = detection_items(latent, test, negatives) if kind == "detection" else \
+            fuzzing_items(latent, test, negatives, seed)
+        judge.judge(kind, explanations, shuffled_groups(items, 5, latent))
+        out[latent] = (classification_metrics(items), items)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["detection", "fuzzing"])
+def test_a_scorer_that_knows_the_activations_scores_1_shuffled_half_inverted_0(kind):
+    right = {l: [10 + l] for l in range(D)}
+    texts = {l: "x" for l in range(D)}
+    for latent, (m, items) in scored(RuleJudge(right), texts, kind).items():
+        assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0 and m["f1"] == 1.0 and m["auc"] == 1.0
+        assert sum(it.label for it in items) == 50 and len(items) == 100  # 5 per quantile + 50 negatives
+    shuffled = {l: [10 + (l + 1) % D] for l in range(D)}
+    balanced = [m["balanced_accuracy"] for m, _ in scored(RuleJudge(shuffled), texts, kind).values()]
+    assert 0.4 <= sum(balanced) / D <= 0.6
+    for m, _ in scored(RuleJudge(right, inverted=True), texts, kind).values():
+        assert m["accuracy"] == 0.0 and m["balanced_accuracy"] == 0.0 and m["auc"] == 0.0
+
+
+def test_quantiles_windows_and_non_activating_examples_by_hand():
+    sample = token_sample()
+    windows = LatentWindows(sample, Pieces())
+    ids, acts = windows.activations(0)
+    assert windows.n_activating(0) == len(ids) and (acts.max(1).values[:-1] >= acts.max(1).values[1:]).all()
+    for w, a in zip(ids.tolist(), acts):  # the window's activations sit exactly on token 10
+        assert ((windows.windows[w] == 10) == (a > 0)).all()
+    quantiles = windows.quantiles(0)
+    size = len(ids) // 10
+    assert [len(q) for q in quantiles] == [size] * 10
+    assert min(max(e.activations) for e in quantiles[0]) >= max(max(e.activations) for e in quantiles[1])
+    assert [e.decile for e in quantiles[0][:1] + quantiles[9][:1]] == [10, 1]
+    picked = draw(quantiles, 50, "quantiles", 3)
+    assert [sum(e.quantile == q for e in picked) for q in range(10)] == [5] * 10
+    assert [e.window for e in draw(quantiles, 7, "top", 0)] == ids[:7].tolist()
+    negatives = windows.non_activating(0, 50, 0)
+    assert len(negatives) == 50 and len({e.window for e in negatives}) == 50
+    assert all(10 not in e.tokens and e.quantile == -1 and e.decile == 0 for e in negatives)
+    assert windows.non_activating(0, windows.n_windows, 0) == []  # not enough silent windows: none
+
+
+def test_metrics_and_deciles_by_hand():
+    def item(label, prediction, probability, quantile):
+        return Item(0, Example(0, [1], [1.0 if quantile >= 0 else 0.0], quantile), label, None, prediction, probability)
+
+    items = [item(True, True, 0.9, 0), item(True, False, 0.4, 9), item(True, True, 0.8, 9),
+             item(False, False, 0.1, -1), item(False, True, 0.6, -1), item(False, None, None, -1)]
+    m = classification_metrics(items)
+    # answered: TP 2, FN 1, TN 1, FP 1
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1)) and m["n_failed"] == 1
+    assert m["auc"] == pytest.approx(5 / 6)  # of 6 (positive, negative) pairs, 0.4 < 0.6 is the one wrong
+    assert decile_accuracy(items) == {0: 0.5, 1: 0.5, 10: 1.0}
+    one_class = classification_metrics([item(True, True, 0.9, 0)])
+    assert one_class["balanced_accuracy"] is None and one_class["auc"] is None
+
+
+def test_fuzzing_marks_active_tokens_and_as_many_random_ones():
+    windows = LatentWindows(token_sample(), Pieces())
+    test = draw(windows.quantiles(2), 50, "quantiles", 0)
+    items = fuzzing_items(2, test, windows.non_activating(2, 50, 0), 0)
+    n_wrong = math.ceil(sum(sum(a > 0 for a in e.activations) for e in test) / len(test))
+    for it in items:
+        if it.label:
+            assert {it.example.tokens[i] for i in it.marks} == {12}
+        else:
+            assert len(it.marks) == n_wrong and "<<" in it.text()
+
+
+def test_prompts_and_answer_parsing():
+    one = classifier_prompt("detection", "years", ["In 1999 it rained."])
+    assert one.user.endswith("Example 1: In 1999 it rained.") and "Answer 1 or 0" in one.system
+    assert all(a in ("0", "1") for _, a in one.shots)
+    five = classifier_prompt("fuzzing", "years", ["a <<b>>"] * 5)
+    assert "list of 1s and 0s" in five.system and all(a.startswith("[") for _, a in five.shots)
+    assert five.messages()[1]["role"] == "user" and five.messages()[2]["role"] == "assistant"
+    assert parse_list("Sure: [1, 0,1,1,0] done", 5) == [1, 0, 1, 1, 0]
+    assert parse_list("[1,0]", 5) is None and parse_list("no list", 2) is None and parse_list(None, 1) is None
+
+
+def test_text_logprobs_reuse_the_prefix_and_match_one_pass(tmp_path, tiny_tokenizer, monkeypatch):
+    from saebench.llm import ResponseCache
+    from saebench.llm.local import TransformersLLM
+    from tests.conftest import make_tiny
+
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    model = make_tiny("llama", tiny_tokenizer)
+    path = tmp_path / "chat-llama"
+    model.model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    llm = TransformersLLM(str(path), dtype="float32", cache=ResponseCache(tmp_path / "c.sqlite"), progress=False)
+    prefix, texts = "a description of text:", [" the cat sat", " on the mat and then some more", ""]
+    got = llm.text_logprobs(prefix, texts)
+    assert got[2] == []
+    pre = tiny_tokenizer.encode(prefix, add_special_tokens=False)
+    for text, lp in zip(texts[:2], got):
+        ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model.model(torch.tensor([pre + ids])).logits[0], -1)
+        assert lp == pytest.approx([float(logp[len(pre) - 1 + j, t]) for j, t in enumerate(ids)], abs=1e-4)
+    assert llm.text_logprobs(prefix, texts) == got and llm.stats.cached == 3
+
+
+def test_autointerp_runs_on_the_rule_simulator_and_writes_its_details(tiny_llama, tiny_sae_dir, tmp_path):
+    import json
+
+    from saebench.runner import RunConfig, evaluate
+
+    config = RunConfig(output_dir=tmp_path / "out", progress=False, corpus="wiki")
+    task = "autointerp?latents=10&min_examples=20&non_activating=20&test_examples=20&sample_tokens=8192&scorers=detection,fuzzing"
+    (rec,) = evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm=rules"], [task], config)
+    assert rec.metrics["n_latents"] == 10 and rec.extra["judge"] == "rules" and rec.metrics["n_failed"] == 0
+    assert 0.0 <= rec.metrics["detection_balanced_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in next((tmp_path / "out" / "autointerp").glob("*.details.jsonl")).open()]
+    latents = [r for r in rows if r.get("kind") == "latent"]
+    assert len(latents) == 10 and all(r["explanation"].startswith("Active on the tokens") for r in latents)
+    answers = [r for r in rows if r.get("kind") == "answer"]
+    assert len(answers) == 10 * 40 * 2 and {r["scorer"] for r in answers} == {"detection", "fuzzing"}
+    deciles = [r for r in rows if r.get("curve") == "decile"]
+    assert [r["decile"] for r in deciles] == list(range(11))
+
+
+@pytest.mark.parametrize("task, message", [
+    ("autointerp?scorers=detection,telepathy", "unknown scorer telepathy; choose among detection, fuzzing"),
+    ("autointerp?scorers=embedding", "embedding needs a sentence-embedding model"),
+    ("autointerp?latents=100000", "latents=100000 is more than"),
+])
+def test_bad_autointerp_parameters_are_one_line(tiny_llama, tiny_sae_dir, tmp_path, task, message):
+    from saebench.runner import RunConfig, evaluate
+
+    config = RunConfig(output_dir=tmp_path / "out", progress=False, corpus="wiki")
+    with pytest.raises(SaebenchError, match=message):
+        evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm=rules"], [task], config)
+    assert not list((tmp_path / "out").rglob("*.json"))
