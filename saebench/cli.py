@@ -173,6 +173,23 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+def _cmd_latents(args) -> int:
+    from saebench.latents_table import collect, harm_plot, markdown, write_delphi
+
+    tables = collect(args.runs)
+    text = markdown(tables, args.rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latents.md").write_text(text, encoding="utf-8")
+    print(text)
+    plot = harm_plot(tables, args.out / "latents_vs_harm.png")
+    print(f"saebench: wrote {args.out / 'latents.md'}" + (f" and {plot}" if plot else
+          " (no interpretability-vs-harm plot: run lambada on the same SAE to add the harm column)"))
+    if args.delphi:
+        written = write_delphi(tables, args.delphi)
+        print(f"saebench: wrote {len(written)} delphi files under {args.delphi}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saebench.records import SAEBENCH_VERSION
 
@@ -195,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
     p.add_argument("--task", help="only this task")
     p.add_argument("--out", type=Path, default=Path("leaderboards"), help="output folder (default ./leaderboards)")
+    p = sub.add_parser("latents", help="one row per latent: explanation scores, llm_sim recall, splice harm",
+                       description="Join, per latent of each SAE, the autointerp scores of its explanation, the "
+                                   "llm_sim recall and specificity on it (latent_recall) and its frequency-controlled "
+                                   "Delta log p when spliced (lambada); Spearman correlations of every pair of columns "
+                                   "with bootstrap intervals beside 001's Table 1; a plot of interpretability against "
+                                   "harm. Written as latents.md and latents_vs_harm.png under --out.")
+    p.add_argument("--runs", type=Path, default=Path("saebench_runs"), help="records folder (default ./saebench_runs)")
+    p.add_argument("--out", type=Path, default=Path("latents"), help="output folder (default ./latents)")
+    p.add_argument("--rows", type=int, default=30, help="latents shown per table (default 30; all go into the correlations)")
+    p.add_argument("--delphi", type=Path, help="also write each autointerp record as delphi's explanations/ and "
+                                               "scores/ folders under this folder")
     return parser
 
 
@@ -208,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; user errors print one line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "list": _cmd_list, "leaderboard": _cmd_leaderboard}
+    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "list": _cmd_list, "leaderboard": _cmd_leaderboard,
+                "latents": _cmd_latents}
     try:
         return commands[args.command](args)
     except SaebenchError as exc:

@@ -17,7 +17,8 @@ training split, computed once per (encoder, model, hookpoint, corpus) and cached
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor
 from saebench.capture import LatentSample
 from saebench.delphi_files import read_explanations
 from saebench.errors import SaebenchError
+from saebench.latent_examples import LatentWindows, draw
 from saebench.llm import LLM, Chat
 from saebench.records import write_atomic
 
@@ -35,16 +37,34 @@ WINDOW = 32
 
 @dataclass
 class Explanations:
-    """One explanation per latent (some may be missing), and where they come from."""
+    """One explanation per latent (some may be missing), and where they come from.
+
+    Generated explanations are written on demand: `pending` latents are explained by `explain` when `ensure`
+    asks for them (a task scoring 100 latents asks an LLM about those 100, not the whole dictionary)."""
 
     texts: dict[int, str]
     source: str
-    """For records: 'file:<name>#<sha256[:12]>', 'delphi:<folder>', 'generate:<llm>' or 'tokens'."""
+    """For records: 'file:<name>#<sha256[:12]>', 'delphi:<folder>', 'generate:<llm>', 'explainer...:<llm>' or
+    'tokens'."""
     tokens: dict[int, list[int]] | None = None
     """The token-list baseline's tokens per latent (explanations=tokens)."""
+    pending: set[int] = field(default_factory=set)
+    """Latents that can be explained and are not yet."""
+    explain: Callable[[list[int]], dict[int, str]] | None = None
+    failed: set[int] = field(default_factory=set)
+    """Latents whose explainer answer failed (counted by the LLM; left unexplained)."""
 
     def missing(self, d_latent: int) -> list[int]:
-        return [i for i in range(d_latent) if i not in self.texts]
+        return [i for i in range(d_latent) if i not in self.texts and i not in self.pending]
+
+    def ensure(self, latents) -> None:
+        """Explain those of `latents` still pending (one batch of LLM prompts)."""
+        todo = sorted(set(int(l) for l in latents) & self.pending)
+        if todo:
+            got = self.explain(todo)
+            self.texts.update(got)
+            self.failed |= set(todo) - set(got)
+            self.pending -= set(todo)
 
 
 def load_jsonl(path: Path, d_latent: int) -> Explanations:
@@ -150,15 +170,80 @@ def explainer_prompts(sample: LatentSample, tokenizer, latents: list[int], n_top
 
 
 def generate_explanations(sample: LatentSample, tokenizer, llm: LLM, max_tokens: int = 40,
-                          out: Path | None = None) -> Explanations:
-    """Explain every latent active in the sample with `llm` (answers cached); latents never active in the
-    sample stay unexplained. Writes the explanations as JSONL to `out` when given."""
-    latents = [i for i in range(sample.d_latent) if int(sample.count()[i]) > 0]
-    answers = llm.generate(explainer_prompts(sample, tokenizer, latents), max_tokens, desc="explaining latents")
-    texts = {latent: _first_sentence(a) for latent, a in zip(latents, answers) if a}
-    if out is not None:
-        write_atomic(out, "".join(json.dumps({"latent": k, "explanation": v}) + "\n" for k, v in sorted(texts.items())))
-    return Explanations(texts, f"generate:{llm.label}")
+                          out: Path | None = None, style: str = "generate", n_examples: int = 40,
+                          sampling: str = "quantiles", seed: int = 0) -> Explanations:
+    """Explanations `llm` writes for the latents active in the sample, on demand (Explanations.ensure; answers
+    cached); latents never active in the sample stay unexplained. `style` 'generate' is saebench's first
+    explainer (explainer_prompts); 'explainer' follows 001 (explainer_prompts_001, `n_examples` drawn by
+    `sampling`). Every explanation written so far is kept as JSONL in `out` when given."""
+    latents = {i for i in range(sample.d_latent) if int(sample.count()[i]) > 0}
+    explanations = Explanations({}, f"generate:{llm.label}" if style == "generate" else
+                                f"explainer({sampling},{n_examples}):{llm.label}", pending=latents)
+    windows = LatentWindows(sample, tokenizer) if style == "explainer" else None
+
+    def explain(todo: list[int]) -> dict[int, str]:
+        if windows is None:
+            prompts = explainer_prompts(sample, tokenizer, todo)
+        else:
+            prompts = explainer_prompts_001(windows, todo, n_examples, sampling, seed)
+            max_tokens_now = max(max_tokens, 60)
+        answers = llm.generate(prompts, max_tokens if windows is None else max_tokens_now, desc="explaining latents")
+        got = {latent: (_first_sentence(a) if windows is None else _explanation_line(a))
+               for latent, a in zip(todo, answers) if a}
+        got = {k: v for k, v in got.items() if v}
+        if out is not None:
+            done = {**explanations.texts, **got}
+            write_atomic(out, "".join(json.dumps({"latent": k, "explanation": v}) + "\n" for k, v in sorted(done.items())))
+        return got
+
+    explanations.explain = explain
+    return explanations
+
+
+EXPLAINER_001_SYSTEM = (
+    "You are a meticulous researcher looking for the pattern behind one feature of a language model. You get "
+    "text excerpts; in each, the tokens where the feature is active are marked <<like this>> (a run of active "
+    "tokens is marked as one), and the line after it lists the marked tokens with how strongly the feature is "
+    "active on each, from 1 to 10. Describe concisely what the feature responds to: the tokens and the context "
+    "around them that the excerpts share. Do not mention the markers and do not list examples. End with one "
+    "line: Explanation: <your description>")
+EXPLAINER_001_SHOT = (
+    "Excerpt 1: The treaty was signed in <<1648>>, ending the war.\nActivations: (\"1648\": 10)\n"
+    "Excerpt 2: Between <<1914>> and <<1918>> the town lost half its men.\nActivations: (\" 1914\": 9), "
+    "(\" 1918\": 7)\nExcerpt 3: Her first album came out in <<2003>>.\nActivations: (\" 2003\": 4)",
+    "The excerpts mark four-digit numbers that are years, most strongly in historical dates.\n"
+    "Explanation: Years written as four digits, especially dates of historical events.")
+
+
+def explainer_prompts_001(windows: LatentWindows, latents: list[int], n_examples: int = 40,
+                          sampling: str = "quantiles", seed: int = 0) -> list[Chat]:
+    """001's explainer prompt (delphi's default explainer, in saebench's words): `n_examples` activating
+    32-token examples drawn by `sampling` (default: ten activation quantiles), the tokens at >= 0.3 of the
+    example's largest activation marked, each followed by the marked tokens' activations on a 0-10 scale of
+    the latent's largest (delphi shows at most ~10 per example; so does this)."""
+    prompts = []
+    for latent in latents:
+        quantiles = windows.quantiles(latent)
+        if not any(quantiles):  # fewer than ten activating windows: take what there is
+            ids, acts = windows.activations(latent)
+            quantiles = [[windows.example(int(w), a, 0) for w, a in zip(ids, acts)]]
+        examples = draw(quantiles, n_examples, sampling if any(len(q) for q in quantiles[1:]) else "top",
+                        seed + latent)
+        top = max(max(e.activations) for q in quantiles for e in q[:1]) if quantiles[0] else 1.0
+        lines = []
+        for i, e in enumerate(examples):
+            scale = [min(10, max(0, -int(-10 * a // max(top, 1e-6)))) for a in e.activations]
+            strong = [j for j, a in enumerate(e.activations) if a >= 0.3 * max(e.activations)][:11]
+            acts = ", ".join(f"({json.dumps(e.str_tokens[j])}: {scale[j]})" for j in strong)
+            lines.append(f"Excerpt {i + 1}: {e.highlighted()}\nActivations: {acts}")
+        prompts.append(Chat(EXPLAINER_001_SYSTEM, "\n".join(lines), (EXPLAINER_001_SHOT,)))
+    return prompts
+
+
+def _explanation_line(text: str) -> str:
+    """The text after the last 'Explanation:' of an answer, else its first sentence."""
+    found = re.findall(r"Explanation:\s*(.+)", text)
+    return " ".join(found[-1].split())[:300] if found else _first_sentence(text)
 
 
 def _first_sentence(text: str) -> str:

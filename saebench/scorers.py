@@ -109,20 +109,30 @@ SHOTS = {
     "detection": [
         ("years written as four digits", ["The bridge opened in 1932 after years of delay.",
                                          "She poured the tea and sat down by the window.",
-                                         "Sales fell sharply between 2008 and 2009."], [1, 0, 1]),
+                                         "Sales fell sharply between 2008 and 2009.",
+                                         "He left the keys on the kitchen table.",
+                                         "The castle, built around 1250, still stands."], [1, 0, 1, 0, 1]),
         ("the word 'however' starting a clause", ["The plan was sound; however, nobody funded it.",
                                                  "He walked to the station in the rain.",
-                                                 "Prices rose again this spring."], [1, 0, 0]),
+                                                 "Prices rose again this spring.",
+                                                 "The team trained hard all week.",
+                                                 "Most agreed. However, two members objected."], [1, 0, 0, 0, 1]),
     ],
     "fuzzing": [
         ("years written as four digits", ["The bridge opened in <<1932>> after years of delay.",
                                          "She poured <<the>> tea and sat down by the window.",
-                                         "Sales fell sharply between <<2008>> and <<2009>>."], [1, 0, 1]),
+                                         "Sales fell sharply between <<2008>> and <<2009>>.",
+                                         "He left the <<keys>> on the kitchen table.",
+                                         "The castle, built around <<1250>>, still stands."], [1, 0, 1, 0, 1]),
         ("the word 'however' starting a clause", ["The plan was sound; <<however>>, nobody funded it.",
                                                  "He <<walked>> to the station in the rain.",
-                                                 "Prices <<rose>> again this spring."], [1, 0, 0]),
+                                                 "Prices <<rose>> again this spring.",
+                                                 "The team trained <<hard>> all week.",
+                                                 "Most agreed. <<However>>, two members objected."], [1, 0, 0, 0, 1]),
     ],
 }
+"""saebench's worked examples; a prompt of k examples shows them k at a time (cycled), so the answer list the
+judge sees has the length it must write."""
 
 
 def _user(explanation: str, texts: list[str]) -> str:
@@ -138,13 +148,14 @@ def classifier_prompt(kind: str, explanation: str, texts: list[str]):
     """The chat prompt asking for `texts` (one answer digit when there is one text, else a list)."""
     from saebench.llm import Chat
 
-    one = len(texts) == 1
+    one, k = len(texts) == 1, len(texts)
     shots = []
     for expl, examples, labels in SHOTS[kind]:
         if one:  # the worked examples one at a time, as the question will be asked
-            shots += [(_user(expl, [t]), _answer([y])) for t, y in zip(examples, labels)]
+            shots += [(_user(expl, [t]), _answer([y])) for t, y in list(zip(examples, labels))[:3]]
         else:
-            shots.append((_user(expl, examples), _answer(labels)))
+            pick = [i % len(examples) for i in range(k)]
+            shots.append((_user(expl, [examples[i] for i in pick]), _answer([labels[i] for i in pick])))
     return Chat(SYSTEM[kind] + ANSWER[int(one)], _user(explanation, texts), tuple(shots))
 
 
@@ -165,32 +176,33 @@ def parse_list(text: str | None, n: int) -> list[int] | None:
 class LLMJudge(Judge):
     """An LLM reads `shown` examples per prompt (saebench.llm: cached, retried, failures counted)."""
 
-    def __init__(self, llm, shown: int):
+    def __init__(self, llm, shown: int, counted=None):
+        """`counted(call)` runs an LLM call and counts its answers where the caller keeps them (default: as is)."""
         self.llm, self.shown, self.label = llm, shown, llm.label
+        self.counted = counted or (lambda call: call())
 
     def judge(self, kind, explanations, groups):
         prompts = [classifier_prompt(kind, explanations[g[0].latent], [it.text() for it in g]) for g in groups]
         if self.shown == 1:
-            for group, probs in zip(groups, self.llm.choice_probs(prompts, ("1", "0"), desc=f"{kind} scoring")):
+            answers = self.counted(lambda: self.llm.choice_probs(prompts, ("1", "0"), desc=f"{kind} scoring"))
+            for group, probs in zip(groups, answers):
                 if probs is not None:
                     group[0].probability = probs[0]
                     group[0].prediction = probs[0] >= 0.5
             return
-        answers = self.llm.generate(prompts, max_tokens=3 * self.shown + 4, desc=f"{kind} scoring")
-        for group, text in zip(groups, answers):
-            labels = parse_list(text, len(group))
-            if labels is None:
-                if text is not None:
-                    self.llm.count_failure("unparsed", "no list of 0/1 answers",
-                                           f"no list of {len(group)} 0/1 answers in {text[:80]!r}")
-                continue
-            for it, y in zip(group, labels):
-                it.prediction = bool(y)
+        def ask() -> None:
+            answers = self.llm.generate(prompts, max_tokens=3 * self.shown + 4, desc=f"{kind} scoring")
+            for group, text in zip(groups, answers):
+                labels = parse_list(text, len(group))
+                if labels is None:
+                    if text is not None:
+                        self.llm.count_failure("unparsed", "no list of 0/1 answers",
+                                               f"no list of {len(group)} 0/1 answers in {text[:80]!r}")
+                    continue
+                for it, y in zip(group, labels):
+                    it.prediction = bool(y)
 
-    def report(self):
-        s = self.llm.stats
-        return {"llm": s.to_dict(), "asked": s.prompts, "failed": s.failed, "unparsed": s.unparsed,
-                "first_error": s.first_error}
+        self.counted(ask)
 
 
 class RuleJudge(Judge):

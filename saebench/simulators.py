@@ -71,8 +71,13 @@ class LLMSimulator(Simulator):
                 for text, _, latent in queries]
 
     def _ask(self, prompts, choices, desc) -> list[list[float] | None]:
+        return self.counted(lambda: self.llm.choice_probs(prompts, choices, desc))
+
+    def counted(self, call):
+        """call(), an LLM call whose prompts, failures and errors count as this simulator's (the LLM may be
+        shared; an explanation scorer asking through the same encoder is counted here too)."""
         before = self.llm.stats.to_dict()
-        out = self.llm.choice_probs(prompts, choices, desc)
+        out = call()
         after = self.llm.stats.to_dict()
         for f in fields(self.stats):
             if f.name == "errors":

@@ -63,12 +63,15 @@ from saebench.explanations import (
     marked_window,
     token_explanations,
 )
+from saebench.latent_examples import SAMPLINGS
 from saebench.simulators import DIGITS, LLMSimulator, Simulator, TokenRuleSimulator
 
 VALUES = ("oracle", "oracle_fp", "predicted")
 SIMULATES = "simulates"
 """Capability: the encoder predicts latents from text and can show its work (simulate())."""
 
+ADDED_OPTIONS = {"explain_sampling": "quantiles", "explain_examples": 40}
+"""Options added after llm_sim's first records, left out of its spec at these defaults (the records keep their keys)."""
 NEVER_ACTIVE = "This feature was never seen active."
 """The explanation of a latent the training sample never activates (explanations=generate or tokens)."""
 
@@ -85,7 +88,12 @@ class LLMSimConfig:
     backend: str = "auto"
     """'auto', 'transformers', 'server' or 'vllm' (see saebench.llm)."""
     explanations: str = ""
-    """A JSONL file, a delphi output folder, 'generate' or 'tokens'; default 'tokens' for llm=rules, else 'generate'."""
+    """A JSONL file, a delphi output folder, 'generate', 'explainer' (001's) or 'tokens'; default 'tokens' for
+    llm=rules, else 'generate'."""
+    explain_sampling: str = "quantiles"
+    """How explanations=explainer draws its examples: 'quantiles', 'top' or 'random' (001's Fig. 3)."""
+    explain_examples: int = 40
+    """Activating examples explanations=explainer shows (delphi's n_examples_train)."""
     delphi_module: str = ""
     """Which module's explanations to read from a delphi folder holding several (e.g. 'layers.15')."""
     missing: str = "error"
@@ -146,7 +154,7 @@ class LLMSimEncoder(Encoder):
         self.sample, self.tokenizer, self.spec = sample, tokenizer, spec
         self.median = torch.tensor([sample.value_at(i, 0.5) for i in range(sample.d_latent)])
         self.explained = torch.zeros(sample.d_latent, dtype=torch.bool)
-        self.explained[list(explanations.texts)] = True
+        self.explained[list(explanations.texts) + list(explanations.pending)] = True
         self.counts = {"rows": 0, "candidates": 0, "failed_candidates": 0, "failed_values": 0, "skipped_active": 0}
         self.training_context = inner.training_context
         self.data_used = {**(inner.data_used or {}), "latent_sample": sample.key}
@@ -177,12 +185,16 @@ class LLMSimEncoder(Encoder):
             explanations = loaded
         elif source == "tokens":
             explanations = token_explanations(sample, tokenizer)
-        else:
-            name = config_hash({"sample": sample.key, "explainer": llm.cache_id})
+        else:  # written on demand (Explanations.ensure): by the first simulation, or for the latents a task scores
+            how = {} if source == "generate" else {"style": source, "sampling": cfg.explain_sampling,
+                                                   "examples": cfg.explain_examples}
+            name = config_hash({"sample": sample.key, "explainer": llm.cache_id, **how})
             out = None if build.cache_dir is None else Path(build.cache_dir) / "explanations" / f"{name}.jsonl"
-            explanations = generate_explanations(sample, tokenizer, llm, out=out)
+            explanations = generate_explanations(sample, tokenizer, llm, out=out, style=source,
+                                                 n_examples=cfg.explain_examples, sampling=cfg.explain_sampling,
+                                                 seed=cfg.seed)
             if out is not None and build.progress:
-                print(f"saebench: explanations of {inner.spec.label} by {llm.label}: {out}")
+                print(f"saebench: explanations of {inner.spec.label} by {llm.label} are kept in {out}")
         if cfg.llm == "rules":
             if explanations.tokens is None:
                 raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
@@ -190,12 +202,13 @@ class LLMSimEncoder(Encoder):
         else:
             simulator = LLMSimulator(llm, explanations)
         never = (sample.count() == 0).nonzero().squeeze(1).tolist()
-        if source in ("generate", "tokens"):  # latents the sample never saw active: nothing to explain them by
+        if source in ("generate", "explainer", "tokens"):  # latents the sample never saw active: nothing to explain them by
             explanations.texts.update({i: NEVER_ACTIVE for i in never if i not in explanations.texts})
         missing = _check_missing(explanations, d, cfg)
         spec = EncoderSpec("llm_sim", arg, inner.spec.hookpoint, inner.spec.d_in, d, {
-            "inner": inner.spec.to_dict(), "options": {k: v for k, v in vars(cfg).items()
-                                                       if k not in ("concurrency", "timeout", "retries")},
+            "inner": inner.spec.to_dict(), "options": {  # options added later are left out at their defaults
+                k: v for k, v in vars(cfg).items() if k not in ("concurrency", "timeout", "retries")
+                and ADDED_OPTIONS.get(k, object()) != v},
             "simulator": simulator.label, "explanations": explanations.source,
             "display": {"simulator": simulator.label, "explanations": explanations.source},
             "unexplained": len(missing), "never_active_in_sample": len(never)})
@@ -204,6 +217,16 @@ class LLMSimEncoder(Encoder):
     @property
     def W_dec(self) -> Tensor:
         return self.inner.W_dec
+
+    def explain_all(self) -> None:
+        """Write every explanation still pending (a simulation may ask about any latent); a latent whose
+        explanation failed is an error with missing=error, else left out like any unexplained one."""
+        if not self.explanations.pending:
+            return
+        self.explanations.ensure(self.explanations.pending)
+        if self.explanations.failed:
+            _check_missing(self.explanations, self.spec.d_latent, self.cfg)
+            self.explained[sorted(self.explanations.failed)] = False
 
     def _candidates(self, active: Tensor, seed: int, candidates: str) -> Tensor:
         d = self.spec.d_latent
@@ -237,6 +260,7 @@ class LLMSimEncoder(Encoder):
         """
         if not context.has_text:
             raise SaebenchError("llm_sim reads the text of each token, which this task does not pass")
+        self.explain_all()
         with torch.no_grad():
             true = dense(self.inner.encode(acts, context)).float().cpu()
         queries, cands, trues, skipped = [], [], [], []
@@ -346,6 +370,10 @@ def _check(cfg: LLMSimConfig) -> None:
         raise SaebenchError(f"llm_sim option threshold={cfg.threshold}: must be between 0 and 1")
     if cfg.llm == "rules" and cfg.explanations not in ("", "tokens"):
         raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
+    if cfg.explain_sampling not in SAMPLINGS:
+        raise SaebenchError(f"llm_sim option explain_sampling={cfg.explain_sampling!r}: choose {', '.join(SAMPLINGS)}")
+    if cfg.explain_examples < 1:
+        raise SaebenchError(f"llm_sim option explain_examples={cfg.explain_examples}: give at least 1")
 
 
 def check_candidates(value: Any, where: str) -> str:
@@ -369,7 +397,7 @@ def _check_missing(explanations: Explanations, d_latent: int, cfg: LLMSimConfig)
 
 
 def _load_given(source: str, cfg: LLMSimConfig, d_latent: int) -> Explanations | None:
-    if source in ("generate", "tokens"):
+    if source in ("generate", "explainer", "tokens"):
         return None
     path = Path(source).expanduser()
     if path.is_dir():

@@ -73,6 +73,14 @@ class TransformersLLM(LLM):
     def _choice_logprobs(self, prompts, choices):
         wanted = self._choice_ids(choices)
         out: list[dict[str, float] | None] = [None] * len(prompts)
+        encoded = [self._encode(p) for p in prompts]
+        shared = _common_prefix(encoded)
+        if shared >= SHARED_PREFIX:  # scorer prompts share a long instruction: run it once, reuse its cache
+            rows = self._suffix_last_logits(encoded, shared)
+            for i, logits in rows:
+                logp = torch.log_softmax(logits.float(), dim=-1)[wanted].cpu()
+                out[i] = {c: float(v) for c, v in zip(choices, logp)}
+            return out
         for idx, ids, mask in self._batches(prompts):
             self.stats.requests += 1
             logits = self.loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
@@ -80,6 +88,38 @@ class TransformersLLM(LLM):
             for row, i in enumerate(idx):
                 out[i] = {c: float(v) for c, v in zip(choices, logp[row])}
         return out
+
+    def _suffix_last_logits(self, encoded: list[list[int]], shared: int):
+        """(index, next-token logits after the whole prompt) per prompt: the `shared` first tokens run once, the
+        rest right-padded in batches on copies of their key/value cache (the same numbers as one pass each)."""
+        import copy
+
+        model, device = self.loaded.model, self.loaded.device
+        name = _cache_argument(model)
+        shared = min(shared, min(len(e) for e in encoded) - 1)  # every prompt keeps at least its last token
+        prefix_cache = model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)[name]
+        self.stats.requests += 1
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        start = 0
+        while start < len(order):
+            width = len(encoded[order[start]]) - shared
+            size = max(1, TOKENS_PER_BATCH // max(width, 1))
+            idx = order[start:start + size]
+            start += size
+            ids = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for row, i in enumerate(idx):
+                rest = encoded[i][shared:]
+                ids[row, :len(rest)] = torch.tensor(rest)
+                mask[row, shared:shared + len(rest)] = 1
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                           **{name: cache}).logits
+            self.stats.requests += 1
+            for row, i in enumerate(idx):
+                yield i, logits[row, len(encoded[i]) - shared - 1]
 
     @torch.inference_mode()
     def _generate(self, prompts, max_tokens):
@@ -100,8 +140,7 @@ class TransformersLLM(LLM):
         model, device = self.loaded.model, self.loaded.device
         pre = self.tokenizer.encode(prefix, add_special_tokens=False) or [self.tokenizer.bos_token_id or 0]
         encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        # transformers 5 names the key/value cache `cache`, earlier versions `past_key_values`
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        name = _cache_argument(model)
         first = model(input_ids=torch.tensor([pre], device=device), use_cache=True)
         prefix_cache = first[name]
         self.stats.requests += 1
@@ -180,6 +219,26 @@ class VLLMOfflineLLM(LLM):
                 self.count_failure("unparsed", "no output", "vllm returned no output for the prompt")
             out.append(res.outputs[0].text.strip() if res.outputs else None)
         return out
+
+
+SHARED_PREFIX = 64
+"""Prompt tokens every prompt of a call must share before the in-process backend runs them once for all."""
+
+
+def _common_prefix(encoded: list[list[int]]) -> int:
+    """Length of the longest token prefix all of `encoded` share."""
+    if not encoded:
+        return 0
+    first, n = encoded[0], min(len(e) for e in encoded)
+    for j in range(n):
+        if any(e[j] != first[j] for e in encoded):
+            return j
+    return n
+
+
+def _cache_argument(model) -> str:
+    """The forward argument of the key/value cache: `cache` in transformers 5, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def weights_identity(name: str, revision: str | None = None) -> str:

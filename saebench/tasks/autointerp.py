@@ -151,6 +151,9 @@ class AutointerpTask(Task):
         train_count = enc.sample.count().float()
         frequency = train_count / enc.sample.tokens.numel()
         chosen, excluded = _stratified(windows, enc, frequency, cfg, seed)
+        enc.explanations.ensure(chosen)  # generated explanations are written for the sampled latents only
+        excluded["explanation_failed"] = sum(l not in enc.explanations.texts for l in chosen)
+        chosen = [l for l in chosen if l in enc.explanations.texts]
         scorers = cfg.scorers.split(",")
         judge = _judge(enc, cfg)
         llm = getattr(enc.simulator, "llm", None)
@@ -167,8 +170,8 @@ class AutointerpTask(Task):
 
 def _judge(enc: Encoder, cfg: AutointerpConfig):
     llm = getattr(enc.simulator, "llm", None)
-    if llm is not None:
-        return LLMJudge(llm, cfg.shown)
+    if llm is not None:  # answers counted as the encoder's (the runner refuses a record with too many failed)
+        return LLMJudge(llm, cfg.shown, enc.simulator.counted)
     tokens = enc.explanations.tokens
     if tokens is None:
         raise SaebenchError("autointerp with llm=rules scores token-list explanations: use explanations=tokens")
@@ -189,7 +192,7 @@ def _stratified(windows: LatentWindows, enc: Encoder, frequency: torch.Tensor, c
     excluded = {"unexplained": 0, "too_few_activating": 0, "too_few_non_activating": 0}
     eligible = []
     for latent in range(d):
-        if texts.get(latent, NEVER_ACTIVE) == NEVER_ACTIVE:
+        if latent not in enc.explanations.pending and texts.get(latent, NEVER_ACTIVE) == NEVER_ACTIVE:
             excluded["unexplained"] += 1
         elif int(n_act[latent]) < cfg.min_examples:
             excluded["too_few_activating"] += 1
@@ -236,7 +239,7 @@ def _score_latents(latents, windows, cfg, scorers, judge, llm, embedder, explana
                       for g in shuffled_groups(its, cfg.shown, seed * 104_729 + latent)]
             judge.judge(kind, explanations, groups)
     if "surprisal" in per and per["surprisal"]:
-        score_surprisal(llm, explanations, per["surprisal"])
+        judge.counted(lambda: score_surprisal(llm, explanations, per["surprisal"]))
     if "embedding" in per and per["embedding"]:
         embedder.score(explanations, per["embedding"])
     for s in scorers:
@@ -284,9 +287,7 @@ def _result(latents, items, windows, frequency, explanations, scorers, excluded,
     details = decile_rows + rows + _example_rows(items)
     extra = {"curves": {"decile": {"x": "decile", "plot": "line",
                                    "metrics": [f"{s}_accuracy" for s in curves_acc]}},
-             "excluded": excluded, "not_scored": not_scored, "judge": judge.label, "shown": cfg.shown,
-             **({"failed": judge.report().get("failed", 0), "unparsed": judge.report().get("unparsed", 0),
-                 "asked": judge.report().get("asked", 0)} if isinstance(judge, LLMJudge) else {})}
+             "excluded": excluded, "not_scored": not_scored, "judge": judge.label, "shown": cfg.shown}
     return TaskResult(metrics, stderr, n, details, extra)
 
 

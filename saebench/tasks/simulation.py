@@ -127,7 +127,8 @@ class LatentRecallTask(SimulatedPositionsTask):
             metrics[m], stderr[m], n[m] = float(np.median(v)), None, len(v)
             iqr[m] = [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
         metrics["n_failed"], stderr["n_failed"], n["n_failed"] = sum(r["n_failed"] for r in per), None, len(per)
-        details = threshold_curve(answers, sim.d_latent) + [{"prompt": i} | r for i, r in enumerate(per)]
+        details = threshold_curve(answers, sim.d_latent) + [{"prompt": i} | r for i, r in enumerate(per)] + \
+            per_latent(sim, enc)
         curves = {"threshold": {"x": "threshold", "plot": "line",
                                 "metrics": ["recall", "specificity", "expected_active"]}}
         extra = {"iqr": iqr, "curves": curves, "d_latent": sim.d_latent, "threshold": getattr(enc.cfg, "threshold", None),
@@ -156,6 +157,22 @@ def _per_position(ctx: TaskContext, data: Scored, sim: Any, enc: Encoder) -> tup
             "decoder_cosine_random": matched_cosine(W, rand, true_set)})
         answers.append((y, pv))
     return per, answers
+
+
+def per_latent(sim: Any, enc: Encoder) -> list[dict[str, Any]]:
+    """One details row per latent ever a candidate: its recall over the positions where it was truly active and
+    its specificity over those where it was an inactive candidate (answered candidates only); `saebench latents`
+    joins them with the latent's explanation scores."""
+    counts: dict[int, list[int]] = {}
+    for i in range(len(sim.candidates)):
+        ok = ~sim.p_active[i].isnan()
+        pred = enc.predicted(sim, i)
+        for latent, active, yes in zip(sim.candidates[i][ok].tolist(), (sim.true[i] > 0)[ok].tolist(), pred[ok].tolist()):
+            c = counts.setdefault(latent, [0, 0, 0, 0])
+            c[0 if active else 2] += int(yes == active)
+            c[1 if active else 3] += 1
+    return [{"kind": "latent", "latent": l, "recall": c[0] / c[1] if c[1] else None, "n_active": c[1],
+             "specificity": c[2] / c[3] if c[3] else None, "n_inactive": c[3]} for l, c in sorted(counts.items())]
 
 
 def _kl(clean: Tensor, patched: Tensor) -> Tensor:

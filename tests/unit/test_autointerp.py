@@ -187,3 +187,70 @@ def test_bad_autointerp_parameters_are_one_line(tiny_llama, tiny_sae_dir, tmp_pa
     with pytest.raises(SaebenchError, match=message):
         evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm=rules"], [task], config)
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_prompts_sharing_a_long_instruction_run_it_once_with_the_same_answers(tmp_path, tiny_tokenizer, monkeypatch):
+    from saebench.llm import Chat, ResponseCache
+    from saebench.llm import local
+    from saebench.llm.local import TransformersLLM
+    from tests.conftest import make_tiny
+
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    model = make_tiny("llama", tiny_tokenizer)
+    path = tmp_path / "chat-llama"
+    model.model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    llm = TransformersLLM(str(path), dtype="float32", cache=ResponseCache(None), progress=False)
+    system = "the cat sat on the mat " * 20
+    prompts = [Chat(system, "a short one"), Chat(system, "a much longer prompt than the first one is"), Chat(system, "x")]
+    shared = llm.choice_probs(prompts, ("1", "0"))
+    assert local._common_prefix([llm._encode(p) for p in prompts]) >= local.SHARED_PREFIX
+    monkeypatch.setattr(local, "SHARED_PREFIX", 10**9)  # the plain left-padded path
+    plain = llm.choice_probs(prompts, ("1", "0"))
+    for a, b in zip(shared, plain):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_latents_joins_scores_recall_and_harm_and_writes_delphi_files_that_read_back(tiny_llama, tiny_sae_dir,
+                                                                                      tmp_path, capsys):
+    import json
+    from dataclasses import replace
+
+    from saebench.cli import main
+    from saebench.delphi_files import read_explanations, read_scores
+    from saebench.records import RunRecord, write_record
+    from saebench.runner import RunConfig, evaluate
+
+    out = tmp_path / "runs"
+    config = RunConfig(output_dir=out, progress=False, corpus="wiki")
+    task = "autointerp?latents=10&min_examples=20&non_activating=20&test_examples=20&sample_tokens=8192"
+    auto, recall = evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm=rules"], [task, "latent_recall"], config)
+    latents = sorted(r["latent"] for r in _rows(out / "autointerp") if r.get("kind") == "latent")
+    # a lambada record of the inner SAE with one helpful/harmful row per latent: Δlog p = latent / 100
+    harm = replace(RunRecord.from_dict(auto.to_dict()), task={**auto.task, "name": "lambada"},
+                   encoder=auto.encoder["params"]["inner"], details_file="harm.details.jsonl")
+    (out / "lambada").mkdir()
+    write_record(out / "lambada" / "harm.json", harm)
+    (out / "lambada" / "harm.details.jsonl").write_text("".join(
+        json.dumps({"kind": "feature", "feature": l, "controlled_delta_logp": l / 100}) + "\n" for l in latents))
+    code = main(["latents", "--runs", str(out), "--out", str(tmp_path / "lat"), "--delphi", str(tmp_path / "delphi")])
+    text = capsys.readouterr().out
+    assert code == 0
+    header = next(line for line in text.splitlines() if line.startswith("| latent |"))
+    assert header.split(" | ")[1:5] == ["frequency", "detection", "fuzzing", "recall"] and "delta_logp" in header
+    assert "| frequency ~ delta_logp |" in text and (tmp_path / "lat" / "latents_vs_harm.png").is_file()
+    folder = next((tmp_path / "delphi").iterdir())
+    module, texts = read_explanations(folder)
+    assert module == "layers.1.resid_pre" and sorted(texts) == latents
+    _, scores = read_scores(folder, "detection")
+    answers = [r for r in _rows(out / "autointerp") if r.get("kind") == "answer" and r["scorer"] == "detection"]
+    assert sum(len(v) for v in scores.values()) == len(answers)
+    first = scores[latents[0]][0]
+    assert set(first) == {"str_tokens", "activations", "distance", "activating", "prediction", "probability", "correct"}
+    assert first["correct"] == (first["prediction"] == first["activating"])
+
+
+def _rows(folder):
+    import json
+
+    return [json.loads(line) for line in next(folder.glob("*.details.jsonl")).open()]
