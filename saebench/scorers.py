@@ -30,7 +30,8 @@ from typing import Any
 from saebench.errors import SaebenchError
 from saebench.latent_examples import Example
 
-SCORERS = ("detection", "fuzzing", "surprisal", "embedding")
+SCORERS = ("detection", "fuzzing", "surprisal", "embedding", "intervention")
+"""intervention is run by the task (it steers the subject model: saebench.tasks.intervention)."""
 CLASSIFIERS = ("detection", "fuzzing")
 
 

@@ -51,19 +51,23 @@ from saebench.tasks.params import whole
 
 PER_SCORER = {"detection": ("accuracy", "balanced_accuracy", "f1", "auc"),
               "fuzzing": ("accuracy", "balanced_accuracy", "f1", "auc"),
-              "surprisal": ("auc", "accuracy"), "embedding": ("auc",)}
+              "surprisal": ("auc", "accuracy"), "embedding": ("auc",),
+              "intervention": ("score", "random_explanation", "random_direction")}
 SAID = {"accuracy": "share of examples answered right", "balanced_accuracy": "(TPR + TNR) / 2 (delphi's accuracy)",
         "f1": "F1 of the activating (fuzzing: correctly marked) class", "auc": "ROC AUC of the scorer's probability"}
 SAID_OTHER = {("surprisal", "auc"): "ROC AUC of the loss drop the explanation brings (activating vs not)",
               ("surprisal", "accuracy"): "share of examples where the explanation lowers the loss iff activating",
-              ("embedding", "auc"): "ROC AUC of the example's similarity to the explanation (activating vs not)"}
+              ("embedding", "auc"): "ROC AUC of the example's similarity to the explanation (activating vs not)",
+              ("intervention", "score"): "NLL(output explanation | clean) - NLL(... | latent steered), nats",
+              ("intervention", "random_explanation"): "the same with another latent's explanation (baseline)",
+              ("intervention", "random_direction"): "the same for a random direction, calibrated alike (baseline)"}
 
 
 def _metric_specs() -> tuple[MetricSpec, ...]:
     out = []
     for scorer, names in PER_SCORER.items():
         for m in names:
-            said = SAID_OTHER.get((scorer, m), SAID[m])
+            said = SAID_OTHER.get((scorer, m)) or SAID[m]
             out.append(MetricSpec(f"{scorer}_{m}", "higher", f"{scorer}: {said}, mean over the sampled latents"))
     out.append(MetricSpec("n_latents", "none", "latents scored (a frequency-stratified sample of the eligible ones)"))
     out.append(MetricSpec("n_failed", "none", "scorer answers that failed or could not be read (left out)"))
@@ -86,6 +90,10 @@ class AutointerpConfig:
     """Evaluation-split tokens the scoring examples are drawn from."""
     embedding_model: str = ""
     """A sentence-transformers model name or path (needed by the embedding scorer)."""
+    intervention_prompts: int = 10
+    """Intervention scoring: prompts the explainer sees, and as many scored (theirs: 10 and 30)."""
+    target_kl: float = 1.0
+    """Intervention scoring: the KL the steering strength is calibrated to (theirs: 0.1, 0.33, 1, 3)."""
 
 
 class AutointerpTask(Task):
@@ -97,14 +105,15 @@ class AutointerpTask(Task):
         headline="detection_balanced_accuracy",
         metrics=_metric_specs(),
         summary=("detection_balanced_accuracy", "fuzzing_balanced_accuracy", "detection_auc", "fuzzing_auc",
-                 "surprisal_auc", "embedding_auc", "n_latents"),
+                 "surprisal_auc", "embedding_auc", "intervention_score", "n_latents"),
         stderr_method="std/sqrt(latents)",
         limit_unit="latents",
     )
 
     def __init__(self, latents: int = 100, scorers: str = AutointerpConfig.scorers, shown: int = 5,
                  test_examples: int = 50, non_activating: int = 50, min_examples: int = 50,
-                 sample_tokens: int = 131_072, embedding_model: str = ""):
+                 sample_tokens: int = 131_072, embedding_model: str = "", intervention_prompts: int = 10,
+                 target_kl: float = 1.0):
         name = self.spec.name
         chosen = [s.strip() for s in str(scorers).split(",") if s.strip()]
         unknown = [s for s in chosen if s not in SCORERS]
@@ -119,7 +128,8 @@ class AutointerpTask(Task):
             whole(name, "latents", latents, 1), ",".join(s for s in SCORERS if s in chosen), whole(name, "shown", shown, 1),
             tests, whole(name, "non_activating", non_activating, 1),
             max(tests, whole(name, "min_examples", min_examples, 1)), whole(name, "sample_tokens", sample_tokens, 1024),
-            str(embedding_model).strip())
+            str(embedding_model).strip(), whole(name, "intervention_prompts", intervention_prompts, 2),
+            _positive(name, "target_kl", target_kl))
 
     def settings(self, ctx: TaskContext) -> AutointerpConfig:
         d = asdict(self.defaults)
@@ -128,7 +138,10 @@ class AutointerpTask(Task):
         return AutointerpConfig(**d)
 
     def config(self, ctx: TaskContext) -> dict[str, Any]:
-        return asdict(self.settings(ctx)) | {"corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
+        cfg = asdict(self.settings(ctx))
+        if "intervention" not in cfg["scorers"]:  # its options change nothing then
+            cfg.pop("intervention_prompts"), cfg.pop("target_kl")
+        return cfg | {"corpus": ctx.settings.corpus.name, "split": ctx.settings.corpus.split}
 
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         check_simulating(encoders, self.spec.name)
@@ -157,15 +170,25 @@ class AutointerpTask(Task):
         scorers = cfg.scorers.split(",")
         judge = _judge(enc, cfg)
         llm = getattr(enc.simulator, "llm", None)
-        not_scored = {} if llm is not None or "surprisal" not in scorers else {
-            "surprisal": "the rule simulator has no language model to read text with"}
+        not_scored = {} if llm is not None else {
+            s: "the rule simulator has no language model to read text with"
+            for s in ("surprisal", "intervention") if s in scorers}
         explanations = enc.explanations.texts
-        state: dict[str, list] = {"items": []}
-        for sl, part in batches(ctx, len(chosen), state, f"scoring explanations of {enc.spec.label}", lambda: {"items": []}):
+        state: dict[str, list] = {"items": [], "intervention": []}
+        for sl, part in batches(ctx, len(chosen), state, f"scoring explanations of {enc.spec.label}",
+                                lambda: {"items": [], "intervention": []}):
             part["items"].extend(_score_latents(chosen[sl], windows, cfg, scorers, judge, llm, embedder, explanations,
                                                 seed, not_scored))
+            if "intervention" in scorers and "intervention" not in not_scored:
+                from saebench.tasks.intervention import score_latents
+
+                rows = judge.counted(lambda: score_latents(
+                    ctx.hook.forward, inner.W_dec.detach().cpu(), windows, chosen[sl], enc.tokenizer, llm,
+                    cfg.intervention_prompts, cfg.target_kl, 8, seed))
+                part["intervention"].extend(rows.items())
         items: list[tuple[str, Item]] = state["items"]
-        return _result(chosen, items, windows, frequency, explanations, scorers, excluded, not_scored, judge, cfg)
+        return _result(chosen, items, windows, frequency, explanations, scorers, excluded, not_scored, judge, cfg,
+                       dict(state["intervention"]))
 
 
 def _judge(enc: Encoder, cfg: AutointerpConfig):
@@ -228,7 +251,7 @@ def _score_latents(latents, windows, cfg, scorers, judge, llm, embedder, explana
         for s in scorers:
             if s == "fuzzing":
                 per[s] += fuzzing_items(latent, test, negatives, seed)
-            elif s not in not_scored:
+            elif s not in not_scored and s != "intervention":
                 per[s] += detection_items(latent, test, negatives)
     for kind in CLASSIFIERS:
         if kind in per:
@@ -247,7 +270,8 @@ def _score_latents(latents, windows, cfg, scorers, judge, llm, embedder, explana
     return out
 
 
-def _result(latents, items, windows, frequency, explanations, scorers, excluded, not_scored, judge, cfg) -> TaskResult:
+def _result(latents, items, windows, frequency, explanations, scorers, excluded, not_scored, judge, cfg,
+            intervention: dict[int, dict[str, Any]]) -> TaskResult:
     by: dict[tuple[str, int], list[Item]] = {}
     for s, it in items:
         by.setdefault((s, it.latent), []).append(it)
@@ -255,6 +279,7 @@ def _result(latents, items, windows, frequency, explanations, scorers, excluded,
     for latent in latents:
         row: dict[str, Any] = {"kind": "latent", "latent": latent, "frequency": float(frequency[latent]),
                                "explanation": explanations[latent], "activating_windows": windows.n_activating(latent)}
+        row |= intervention.get(latent, {})
         for s in scorers:
             its = by.get((s, latent), [])
             if not its:
@@ -308,6 +333,16 @@ def _example_rows(items: list[tuple[str, Item]]) -> list[dict[str, Any]]:
             answer |= {k: [round(x, 4) for x in v] for k, v in it.extra.items()}
         rows.append(answer)
     return rows
+
+
+def _positive(task: str, name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not v > 0 or not math.isfinite(v):
+        raise SaebenchError(f"{task} parameter {name}={value!r}: give a positive number")
+    return v
 
 
 def _mean_se(values: list[float]) -> tuple[float | None, float | None, int]:

@@ -285,3 +285,38 @@ def test_embedding_scorer_loads_a_local_sentence_transformers_model_and_ranks_ma
     assert classification_metrics(items)["auc"] == 1.0
     with pytest.raises(SaebenchError, match=r"embedding model '.*nowhere' could not be loaded .*embedding_model="):
         Embedder(str(tmp_path / "nowhere"))
+
+
+def test_intervention_steers_at_the_last_token_calibrates_the_kl_and_scores(tiny_llama, tiny_sae_dir, tiny_tokenizer,
+                                                                            tmp_path, monkeypatch):
+    import json
+
+    from saebench.forward import hookpoint_forward
+    from saebench.runner import RunConfig, evaluate
+    from saebench.tasks.intervention import Steerer
+
+    forward = hookpoint_forward(tiny_llama, tiny_llama.hookpoint("layers.1.resid_pre"))
+    steer = Steerer(forward, torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    prompts = [[1, 5, 9, 30], [7, 8], [3, 4, 5, 6, 7, 8]]
+    clean = steer.last_logp(prompts, 0.0)
+    assert steer.kl(prompts, 0.0, clean) == pytest.approx(0.0, abs=1e-6)
+    kls = [steer.kl(prompts, s, clean) for s in (0.1, 1.0, 10.0)]
+    assert kls[0] < kls[1] < kls[2]
+    s, kl = steer.calibrate(prompts, 0.005)  # a random tiny model's KL saturates near 0.011
+    assert kl == pytest.approx(0.005, rel=0.1) and steer.kl(prompts, s, clean) == pytest.approx(kl)
+    alone = steer.last_logp([prompts[1]], s)  # right padding changes nothing before it
+    assert alone[0] == pytest.approx(steer.last_logp(prompts, s)[1], abs=1e-5)
+    # end to end, a tiny chat model as the judge
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    judge = tmp_path / "judge"
+    tiny_llama.model.save_pretrained(judge)
+    tiny_tokenizer.save_pretrained(judge)
+    config = RunConfig(output_dir=tmp_path / "out", progress=False, corpus="wiki")
+    task = ("autointerp?latents=3&min_examples=20&non_activating=20&test_examples=20&sample_tokens=8192"
+            "&scorers=intervention&intervention_prompts=3&target_kl=0.005")
+    (rec,) = evaluate(tiny_llama, [f"llm_sim:sae:{tiny_sae_dir}?llm={judge}&explanations=tokens"], [task], config)
+    rows = [json.loads(line) for line in next((tmp_path / "out" / "autointerp").glob("*.details.jsonl")).open()]
+    latents = [r for r in rows if r.get("kind") == "latent"]
+    assert len(latents) == 3 and all(r["intervention_kl"] == pytest.approx(0.005, rel=0.1) for r in latents)
+    assert all(isinstance(r.get("intervention_score"), float) for r in latents if r["intervention_explanation"])
+    assert rec.metrics["n_latents"] == 3 and "intervention_random_direction" in rec.metrics
