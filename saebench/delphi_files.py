@@ -11,15 +11,14 @@ orjson, not json: it writes non-ASCII as UTF-8 (json escapes it), floats as thei
 json ``1e-07``) and no spaces, so only orjson gives delphi's bytes. This module imports no torch.
 """
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from saebench.errors import SaebenchError
+from saebench.records import write_atomic
 
 SCORER_DIRS = {"detection": "detection", "fuzzing": "fuzz", "surprisal": "surprisal", "embedding": "embedding"}
 """saebench scorer name -> delphi's folder under scores/ (delphi's ``Scorer.name``)."""
@@ -42,19 +41,6 @@ def latent_file_name(module: str, latent: int) -> str:
     """Name of a latent's score file: ``<module>_latent<latent>.txt``, '/' written as '--' (delphi's
     scorer_postprocess); explanation files have the same name, where a '/' is refused."""
     return f"{module}_latent{latent}.txt".replace("/", "--")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` through a temporary file in the same folder and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_latents(latents: dict[Any, Any], what: str) -> None:
@@ -101,7 +87,7 @@ def write_explanations(run_dir: Path, module: str, texts: dict[int, str]) -> lis
         if not isinstance(text, str):
             raise SaebenchError(f"explanation of latent {latent} is a {type(text).__name__}, not a str")
         path = folder / latent_file_name(module, latent)
-        _write_atomic(path, orjson.dumps(text))
+        write_atomic(path, orjson.dumps(text))
         paths.append(path)
     return paths
 
@@ -168,7 +154,7 @@ def write_scores(run_dir: Path, scorer: str, module: str, per_latent: dict[int, 
         except orjson.JSONEncodeError as exc:
             raise SaebenchError(f"{scorer} scores of latent {latent} are not JSON-serialisable ({exc})") from None
         path = folder / latent_file_name(module, latent)
-        _write_atomic(path, data)
+        write_atomic(path, data)
         paths.append(path)
     return paths
 

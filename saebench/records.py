@@ -170,12 +170,12 @@ def record_path(output_dir: Path, task: str, encoder_label: str, chash: str) -> 
     return Path(output_dir) / task / f"{_slug(encoder_label)}-{chash}.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write `text` (or bytes, as they are) to `path` through a temporary file and a rename (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:

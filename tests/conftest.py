@@ -109,3 +109,13 @@ def save_tiny_topk_sae(path: Path, k: int = 4) -> Path:
 def tiny_sae_dir(tmp_path) -> Path:
     """A tiny TopK SAE (k=4) saved in sae-lens format."""
     return save_tiny_topk_sae(tmp_path / "sae")
+
+
+def save_tiny_chat_model(path: Path, tokenizer, monkeypatch, arch: str = "llama") -> LoadedModel:
+    """A tiny model saved at `path` with a plain chat template (monkeypatched on the session's tokenizer, undone
+    after the test), loadable as an in-process LLM."""
+    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    model = make_tiny(arch, tokenizer)
+    model.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

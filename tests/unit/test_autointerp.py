@@ -136,14 +136,11 @@ def test_prompts_and_answer_parsing():
 def test_text_logprobs_reuse_the_prefix_and_match_one_pass(tmp_path, tiny_tokenizer, monkeypatch):
     from saebench.llm import ResponseCache
     from saebench.llm.local import TransformersLLM
-    from tests.conftest import make_tiny
+    from tests.conftest import save_tiny_chat_model
 
-    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    model = make_tiny("llama", tiny_tokenizer)
-    path = tmp_path / "chat-llama"
-    model.model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    llm = TransformersLLM(str(path), dtype="float32", cache=ResponseCache(tmp_path / "c.sqlite"), progress=False)
+    model = save_tiny_chat_model(tmp_path / "chat-llama", tiny_tokenizer, monkeypatch)
+    llm = TransformersLLM(str(tmp_path / "chat-llama"), dtype="float32", cache=ResponseCache(tmp_path / "c.sqlite"),
+                          progress=False)
     prefix, texts = "a description of text:", [" the cat sat", " on the mat and then some more", ""]
     got = llm.text_logprobs(prefix, texts)
     assert got[2] == []
@@ -193,14 +190,10 @@ def test_prompts_sharing_a_long_instruction_run_it_once_with_the_same_answers(tm
     from saebench.llm import Chat, ResponseCache
     from saebench.llm import local
     from saebench.llm.local import TransformersLLM
-    from tests.conftest import make_tiny
+    from tests.conftest import save_tiny_chat_model
 
-    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    model = make_tiny("llama", tiny_tokenizer)
-    path = tmp_path / "chat-llama"
-    model.model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    llm = TransformersLLM(str(path), dtype="float32", cache=ResponseCache(None), progress=False)
+    save_tiny_chat_model(tmp_path / "chat-llama", tiny_tokenizer, monkeypatch)
+    llm = TransformersLLM(str(tmp_path / "chat-llama"), dtype="float32", cache=ResponseCache(None), progress=False)
     system = "the cat sat on the mat " * 20
     prompts = [Chat(system, "a short one"), Chat(system, "a much longer prompt than the first one is"), Chat(system, "x")]
     shared = llm.choice_probs(prompts, ("1", "0"))
@@ -307,10 +300,10 @@ def test_intervention_steers_at_the_last_token_calibrates_the_kl_and_scores(tiny
     alone = steer.last_logp([prompts[1]], s)  # right padding changes nothing before it
     assert alone[0] == pytest.approx(steer.last_logp(prompts, s)[1], abs=1e-5)
     # end to end, a tiny chat model as the judge
-    monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    from tests.conftest import save_tiny_chat_model
+
     judge = tmp_path / "judge"
-    tiny_llama.model.save_pretrained(judge)
-    tiny_tokenizer.save_pretrained(judge)
+    save_tiny_chat_model(judge, tiny_tokenizer, monkeypatch)
     config = RunConfig(output_dir=tmp_path / "out", progress=False, corpus="wiki")
     task = ("autointerp?latents=3&min_examples=20&non_activating=20&test_examples=20&sample_tokens=8192"
             "&scorers=intervention&intervention_prompts=3&target_kl=0.005")

@@ -121,14 +121,11 @@ def test_an_unreachable_server_is_one_clear_error():
 def test_the_in_process_backend_reads_the_answer_tokens_next_token_probabilities(tmp_path, tiny_tokenizer,
                                                                                  monkeypatch):
     from saebench.llm.local import TransformersLLM
-    from tests.conftest import make_tiny
+    from tests.conftest import save_tiny_chat_model
 
     tok = tiny_tokenizer  # shared by the session: the chat template is undone after this test
-    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    model = make_tiny("llama", tok)
     path = tmp_path / "chat-llama"
-    model.model.save_pretrained(path)
-    tok.save_pretrained(path)
+    model = save_tiny_chat_model(path, tok, monkeypatch)
     llm = TransformersLLM(str(path), dtype="float32", cache=ResponseCache(None), progress=False)
     prompts = [Chat("sys", "a short one"), Chat("sys", "a much longer prompt than the first one is")]
     got = llm.choice_probs(prompts, ("1", "0"))
