@@ -174,7 +174,7 @@ def _cmd_leaderboard(args) -> int:
 
 
 def _cmd_latents(args) -> int:
-    from saebench.latents_table import collect, harm_plot, markdown, write_delphi
+    from saebench.latents_table import collect, harm_plot, markdown, write_delphi, write_jsonl
 
     tables = collect(args.runs)
     text = markdown(tables, args.rows)
@@ -187,6 +187,8 @@ def _cmd_latents(args) -> int:
     if args.delphi:
         written = write_delphi(tables, args.delphi)
         print(f"saebench: wrote {len(written)} delphi files under {args.delphi}")
+    for path in write_jsonl(tables, args.out):
+        print(f"saebench: explanations with their scores (llm_sim explanations=<file>&show_score=...): {path}")
     return 0
 
 

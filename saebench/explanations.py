@@ -53,6 +53,8 @@ class Explanations:
     explain: Callable[[list[int]], dict[int, str]] | None = None
     failed: set[int] = field(default_factory=set)
     """Latents whose explainer answer failed (counted by the LLM; left unexplained)."""
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Scores of each explanation given with it (a JSONL file's "scores", e.g. {"fuzzing": 0.8})."""
 
     def missing(self, d_latent: int) -> list[int]:
         return [i for i in range(d_latent) if i not in self.texts and i not in self.pending]
@@ -73,6 +75,7 @@ def load_jsonl(path: Path, d_latent: int) -> Explanations:
     if not path.is_file():
         raise SaebenchError(f"explanations file {str(path)!r} does not exist")
     texts: dict[int, str] = {}
+    scores: dict[int, dict[str, float]] = {}
     raw = path.read_bytes()
     for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -91,8 +94,12 @@ def load_jsonl(path: Path, d_latent: int) -> Explanations:
         if latent in texts:
             raise SaebenchError(f"{where}: latent {latent} is explained twice")
         texts[latent] = text.strip()
+        given = item.get("scores") or {}
+        if not isinstance(given, dict):
+            raise SaebenchError(f'{where}: "scores" must be an object of numbers, e.g. {{"fuzzing": 0.8}}')
+        scores[latent] = {k: float(v) for k, v in given.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     digest = hashlib.sha256(raw).hexdigest()[:12]
-    return Explanations(texts, f"file:{path.name}#{digest}")
+    return Explanations(texts, f"file:{path.name}#{digest}", scores=scores)
 
 
 def load_delphi(path: Path, d_latent: int, module: str | None = None) -> Explanations:

@@ -21,7 +21,7 @@ import numpy as np
 
 from saebench.delphi_files import write_explanations, write_scores
 from saebench.errors import SaebenchError
-from saebench.records import RunRecord, scan_record_files
+from saebench.records import RunRecord, scan_record_files, write_atomic
 from saebench.report import encoder_display
 
 SCORE_COLUMNS = {"detection": "detection_balanced_accuracy", "fuzzing": "fuzzing_balanced_accuracy",
@@ -143,6 +143,10 @@ def markdown(tables: list[dict[str, Any]], max_rows: int = 30) -> str:
                 paper = "" if c["paper"] is None else f"{c['paper']:.2f}"
                 parts.append(f"| {c['a']} ~ {c['b']} | {c['rho']:.2f} | [{c['lo']:.2f}, {c['hi']:.2f}] | {c['n']} "
                              f"| {paper} |")
+            if any("recall" in (c["a"], c["b"]) for c in corr):
+                parts += ["", "000 (EleutherAI, Figure 6) finds fuzzing and detection scores \"predictive of whether a "
+                              "latent is correctly identified as either active or non-active\", not linearly; with the "
+                              "score in the prompt its recall rose to 0.58 / 0.57 from 0.42 (its Table 1)."]
         parts.append("")
     return "\n".join(parts)
 
@@ -214,4 +218,19 @@ def write_delphi(tables: list[dict[str, Any]], out: Path) -> list[Path]:
             per.setdefault(a["scorer"], {}).setdefault(a["latent"], []).append(item)
         for scorer, latents in per.items():
             written += write_scores(folder, scorer, module, latents)
+    return written
+
+
+def write_jsonl(tables: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Each table's explanations with their scores, one JSONL per autointerp record, as llm_sim reads them
+    (explanations=<file>&missing=skip&show_score=fuzzing: EleutherAI's "with fuzzing / detection score" rows)."""
+    written = []
+    for t in tables:
+        path = out / f"{Path(t['path']).stem}.jsonl"
+        lines = []
+        for r in t["rows"]:
+            scores = {s: r[s] for s in SCORE_COLUMNS if _num(r.get(s))}
+            lines.append(json.dumps({"latent": r["latent"], "explanation": r["explanation"], "scores": scores}) + "\n")
+        write_atomic(path, "".join(lines))
+        written.append(path)
     return written

@@ -59,16 +59,25 @@ class Simulator(ABC):
 class LLMSimulator(Simulator):
     """Asks an LLM, one prompt per (token, latent); answers are the log-probs of the answer digits."""
 
-    def __init__(self, llm, explanations: Explanations):
-        self.llm, self.explanations, self.label = llm, explanations, llm.label
+    def __init__(self, llm, explanations: Explanations, show_score: str = ""):
+        """`show_score`: a score of each explanation (e.g. 'fuzzing', from explanations.scores) said in every prompt,
+        as EleutherAI's study does in its "with fuzzing / detection score" rows; '' says none."""
+        self.llm, self.explanations, self.label, self.show_score = llm, explanations, llm.label, show_score
         self.stats = type(llm.stats)()
         self.last_error = ""
 
     def _prompts(self, system: str, queries, question: str):
         from saebench.llm import Chat
 
-        return [Chat(system, f"Text: {text}\n\nFeature explanation: {self.explanations.texts[latent]}\n\n{question}")
-                for text, _, latent in queries]
+        return [Chat(system, f"Text: {text}\n\nFeature explanation: {self.explanations.texts[latent]}"
+                             f"{self._score(latent)}\n\n{question}") for text, _, latent in queries]
+
+    def _score(self, latent: int) -> str:
+        if not self.show_score:
+            return ""
+        value = self.explanations.scores.get(latent, {}).get(self.show_score)
+        return "" if value is None else (f"\nHow well this explanation predicts the feature ({self.show_score} "
+                                         f"score, 0.5 is chance, 1 is perfect): {value:.2f}")
 
     def _ask(self, prompts, choices, desc) -> list[list[float] | None]:
         return self.counted(lambda: self.llm.choice_probs(prompts, choices, desc))

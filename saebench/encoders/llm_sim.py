@@ -70,7 +70,7 @@ VALUES = ("oracle", "oracle_fp", "predicted")
 SIMULATES = "simulates"
 """Capability: the encoder predicts latents from text and can show its work (simulate())."""
 
-ADDED_OPTIONS = {"explain_sampling": "quantiles", "explain_examples": 40}
+ADDED_OPTIONS = {"explain_sampling": "quantiles", "explain_examples": 40, "show_score": ""}
 """Options added after llm_sim's first records, left out of its spec at these defaults (the records keep their keys)."""
 NEVER_ACTIVE = "This feature was never seen active."
 """The explanation of a latent the training sample never activates (explanations=generate or tokens)."""
@@ -94,6 +94,9 @@ class LLMSimConfig:
     """How explanations=explainer draws its examples: 'quantiles', 'top' or 'random' (001's Fig. 3)."""
     explain_examples: int = 40
     """Activating examples explanations=explainer shows (delphi's n_examples_train)."""
+    show_score: str = ""
+    """Say each explanation's score of this name (a JSONL file's "scores", e.g. fuzzing or detection, as
+    `saebench latents --jsonl` writes them) in every simulation prompt; '' (default) says none."""
     delphi_module: str = ""
     """Which module's explanations to read from a delphi folder holding several (e.g. 'layers.15')."""
     missing: str = "error"
@@ -177,6 +180,9 @@ class LLMSimEncoder(Encoder):
         loaded = _load_given(source, cfg, d)  # a bad file or server fails before any model work
         if loaded is not None:
             _check_missing(loaded, d, cfg)
+            if cfg.show_score and not any(cfg.show_score in v for v in loaded.scores.values()):
+                raise SaebenchError(f"llm_sim option show_score={cfg.show_score!r}: the explanations file gives no "
+                                    f"{cfg.show_score!r} score for any latent")
         llm = None if cfg.llm == "rules" else _make_llm(cfg, build)
         sample = latent_sample(build.model, inner, hookpoint, build.cache_dir, build.corpus, build.batch_size,
                                cfg.sample_tokens, progress=build.progress)
@@ -200,7 +206,7 @@ class LLMSimEncoder(Encoder):
                 raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
             simulator: Simulator = TokenRuleSimulator(sample, explanations)
         else:
-            simulator = LLMSimulator(llm, explanations)
+            simulator = LLMSimulator(llm, explanations, cfg.show_score)
         never = (sample.count() == 0).nonzero().squeeze(1).tolist()
         if source in ("generate", "explainer", "tokens"):  # latents the sample never saw active: nothing to explain them by
             explanations.texts.update({i: NEVER_ACTIVE for i in never if i not in explanations.texts})
@@ -372,6 +378,9 @@ def _check(cfg: LLMSimConfig) -> None:
         raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
     if cfg.explain_sampling not in SAMPLINGS:
         raise SaebenchError(f"llm_sim option explain_sampling={cfg.explain_sampling!r}: choose {', '.join(SAMPLINGS)}")
+    if cfg.show_score and (cfg.llm == "rules" or cfg.explanations in ("", "generate", "explainer", "tokens")):
+        raise SaebenchError(f"llm_sim option show_score={cfg.show_score!r} reads scores from an explanations file "
+                            "(saebench latents --jsonl writes one); give explanations=<file> and an LLM simulator")
     if cfg.explain_examples < 1:
         raise SaebenchError(f"llm_sim option explain_examples={cfg.explain_examples}: give at least 1")
 

@@ -229,6 +229,9 @@ def test_latents_joins_scores_recall_and_harm_and_writes_delphi_files_that_read_
     code = main(["latents", "--runs", str(out), "--out", str(tmp_path / "lat"), "--delphi", str(tmp_path / "delphi")])
     text = capsys.readouterr().out
     assert code == 0
+    (scored,) = (tmp_path / "lat").glob("*.jsonl")  # explanations with their scores, as llm_sim reads them
+    first = json.loads(scored.read_text().splitlines()[0])
+    assert set(first["scores"]) == {"detection", "fuzzing"} and first["latent"] == latents[0]
     header = next(line for line in text.splitlines() if line.startswith("| latent |"))
     assert header.split(" | ")[1:5] == ["frequency", "detection", "fuzzing", "recall"] and "delta_logp" in header
     assert "| frequency ~ delta_logp |" in text and (tmp_path / "lat" / "latents_vs_harm.png").is_file()
@@ -330,3 +333,30 @@ def test_a_server_judge_refuses_surprisal_before_any_work_and_scores_detection(t
         (rec,) = evaluate(tiny_llama, [spec], [f"autointerp?{small}&scorers=detection&shown=1"], config)
     assert rec.metrics["n_latents"] == 5 and rec.metrics["detection_auc"] is not None
     assert rec.extra["failed_answers"]["asked"] == 5 * 40
+
+
+def test_a_simulator_can_be_told_each_explanations_score(tmp_path, tiny_llama, tiny_sae_dir):
+    import json
+
+    from saebench.explanations import load_jsonl
+    from saebench.runner import RunConfig, evaluate
+    from saebench.simulators import LLMSimulator
+
+    path = tmp_path / "scored.jsonl"
+    path.write_text(json.dumps({"latent": 3, "explanation": "years", "scores": {"fuzzing": 0.83, "detection": 0.7}})
+                    + "\n" + json.dumps({"latent": 5, "explanation": "commas"}) + "\n")
+    expl = load_jsonl(path, 64)
+    assert expl.scores == {3: {"fuzzing": 0.83, "detection": 0.7}, 5: {}}
+
+    from saebench.llm import LLMStats
+
+    llm = type("L", (), {"label": "x", "stats": LLMStats()})()
+    told = LLMSimulator(llm, expl, "fuzzing")._prompts("sys", [("a text", 1, 3), ("b text", 1, 5)], "Active?")
+    assert "fuzzing score, 0.5 is chance, 1 is perfect): 0.83" in told[0].user and "score" not in told[1].user
+    assert "score" not in LLMSimulator(llm, expl)._prompts("sys", [("a text", 1, 3)], "Active?")[0].user
+    config = RunConfig(output_dir=tmp_path / "out", progress=False)
+    for spec, message in [(f"llm_sim:sae:{tiny_sae_dir}?show_score=fuzzing", "reads scores from an explanations file"),
+                          (f"llm_sim:sae:{tiny_sae_dir}?explanations={path}&missing=skip&show_score=surprisal",
+                           "gives no 'surprisal' score for any latent")]:
+        with pytest.raises(SaebenchError, match=message):
+            evaluate(tiny_llama, [spec], ["latent_recall"], config)
