@@ -7,8 +7,9 @@ delphi/__main__.py (process_cache) writes, per latent ``Latent(module, i)`` whos
 - ``scores/<scorer>/<module>_latent<i>.txt`` with '/' written as '--': ``orjson.dumps(score)``, a list of
   dataclasses that orjson writes as objects in field order (scorer_postprocess).
 
-orjson, not json: it writes non-ASCII as UTF-8 (json escapes it), floats as their shortest form (``1e-7``,
-json ``1e-07``) and no spaces, so only orjson gives delphi's bytes. This module imports no torch.
+orjson, not json: it writes non-ASCII as UTF-8 (json escapes it), floats as their shortest form (one
+ten-millionth: orjson ``1e-7``, json ``1e-07``; saebench's fixture has both) and no spaces, so only orjson
+gives delphi's bytes. This module imports no torch.
 """
 
 import re
