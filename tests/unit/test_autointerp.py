@@ -2,6 +2,7 @@
 when sampling, splitting, judging or the metrics go wrong."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -360,3 +361,31 @@ def test_a_simulator_can_be_told_each_explanations_score(tmp_path, tiny_llama, t
                            "gives no 'surprisal' score for any latent")]:
         with pytest.raises(SaebenchError, match=message):
             evaluate(tiny_llama, [spec], ["latent_recall"], config)
+
+
+def test_the_001_explainer_prompt_and_explanations_written_on_demand():
+    from saebench.explanations import explainer_prompts_001, generate_explanations
+
+    sample = token_sample()
+    windows = LatentWindows(sample, Pieces())
+    (prompt,) = explainer_prompts_001(windows, [4], n_examples=40, sampling="quantiles")
+    lines = prompt.user.splitlines()
+    assert sum(line.startswith("Excerpt ") for line in lines) == 40 and len(prompt.shots) == 1
+    for excerpt, acts in zip(lines[::2], lines[1::2]):  # every excerpt marks token 14 and lists it on 1..10
+        assert "<< t14>>" in excerpt and acts.startswith('Activations: (" t14": ')
+        assert all(1 <= int(v) <= 10 for v in re.findall(r": (\d+)\)", acts))
+    asked = []
+
+    class FakeLLM:
+        label, cache_id = "fake", "fake"
+
+        def generate(self, prompts, max_tokens, desc=""):
+            asked.extend(prompts)
+            return ["Looking at the excerpts...\nExplanation: The token t14." for _ in prompts]
+
+    expl = generate_explanations(sample, Pieces(), FakeLLM(), style="explainer")
+    assert expl.texts == {} and expl.pending == set(range(D)) and expl.missing(D) == []
+    expl.ensure([2, 4])
+    assert expl.texts == {2: "The token t14.", 4: "The token t14."} and len(asked) == 2
+    expl.ensure([2, 4, 5])
+    assert len(asked) == 3 and expl.pending == {0, 1, 3} and expl.source == "explainer(quantiles,40):fake"
