@@ -24,10 +24,11 @@ from saebench.errors import SaebenchError
 from saebench.records import RunRecord, scan_record_files, write_atomic
 from saebench.report import encoder_display
 
-SCORE_COLUMNS = {"detection": "detection_balanced_accuracy", "fuzzing": "fuzzing_balanced_accuracy",
-                 "surprisal": "surprisal_auc", "embedding": "embedding_auc"}
-"""The per-latent score each scorer contributes to the table (delphi's balanced accuracy; AUC where there is
-no prediction)."""
+SCORE_COLUMNS = {"detection": ("detection_auc", "detection_balanced_accuracy"),
+                 "fuzzing": ("fuzzing_auc", "fuzzing_balanced_accuracy"),
+                 "surprisal": ("surprisal_auc",), "embedding": ("embedding_auc",), "intervention": ("intervention_score",)}
+"""The per-latent score each scorer contributes to the table: the first it has of these (AUC where the judge gave
+probabilities, one example per prompt; else delphi's balanced accuracy; intervention's NLL gain)."""
 PAPER_TABLE_1 = {("fuzzing", "detection"): 0.73, ("fuzzing", "simulation"): 0.70,
                  ("detection", "simulation"): 0.44, ("embedding", "simulation"): 0.41,
                  ("surprisal", "simulation"): 0.30, ("embedding", "surprisal"): 0.20}
@@ -64,7 +65,8 @@ def collect(runs_dir: Path) -> list[dict[str, Any]]:
     tables = []
     for path, rec in sorted(auto, key=lambda pr: (pr[1].encoder["label"], pr[1].hookpoint or "")):
         rows = {r["latent"]: {"latent": r["latent"], "frequency": r["frequency"], "explanation": r["explanation"],
-                              **{s: r.get(c) for s, c in SCORE_COLUMNS.items() if c in r}}
+                              **{s: next((r[c] for c in cols if _num(r.get(c))), None)
+                                 for s, cols in SCORE_COLUMNS.items() if any(c in r for c in cols)}}
                 for r in _details(path, rec) if r.get("kind") == "latent"}
         if (rec.encoder["label"], rec.hookpoint) in recall:
             for r in _details(*recall[(rec.encoder["label"], rec.hookpoint)]):
@@ -127,7 +129,10 @@ def markdown(tables: list[dict[str, Any]], max_rows: int = 30) -> str:
     for t in tables:
         rows, cols = t["rows"], numeric_columns(t["rows"])
         parts += [f"## {t['title']}", "", f"{len(rows)} latents (a frequency-stratified sample; "
-                  f"{'all' if len(rows) <= max_rows else f'the first {max_rows} by latent id'} shown).", ""]
+                  f"{'all' if len(rows) <= max_rows else f'the first {max_rows} by latent id'} shown). Detection and "
+                  "fuzzing: AUC where the judge gave probabilities, else balanced accuracy; surprisal, embedding: AUC; "
+                  "recall, specificity: the llm_sim simulator's on the latent (latent_recall); delta_logp: lambada's "
+                  "frequency-controlled Δlog p of the answer with the SAE spliced (< 0: harmful).", ""]
         parts.append("| latent | " + " | ".join(cols) + " | explanation |")
         parts.append("|---:|" + "---:|" * len(cols) + "---|")
         for r in rows[:max_rows]:
@@ -184,7 +189,8 @@ def harm_plot(tables: list[dict[str, Any]], path: Path) -> Path | None:
         source = encoder_display(t["record"]).get("explanations", "")
         ax.set(xlabel=f"{score} score (per latent)",
                ylabel="controlled Δlog p of the answer (lambada)\n< 0: harmful when spliced",
-               title=f"{sae} @ {hookpoint}\nexplanations: {source}\nSpearman {rho:.2f}, {len(pts)} latents")
+               title=f"{sae} @ {hookpoint}\nexplanations: {source}, judged by {t['record'].extra.get('judge', '?')}\n"
+                     f"Spearman {rho:.2f}, {len(pts)} latents")
         ax.title.set_fontsize(8)
         fig.colorbar(sc, ax=ax, label="log10 firing frequency")
     fig.tight_layout()
