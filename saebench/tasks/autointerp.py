@@ -107,7 +107,7 @@ class AutointerpTask(Task):
         summary=("detection_balanced_accuracy", "fuzzing_balanced_accuracy", "detection_auc", "fuzzing_auc",
                  "surprisal_auc", "embedding_auc", "intervention_score", "n_latents"),
         stderr_method="std/sqrt(latents)",
-        limit_unit="latents",
+        limit_unit="items",
     )
 
     def __init__(self, latents: int = 100, scorers: str = AutointerpConfig.scorers, shown: int = 5,
