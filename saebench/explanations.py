@@ -190,11 +190,10 @@ def generate_explanations(sample: LatentSample, tokenizer, llm: LLM, max_tokens:
 
     def explain(todo: list[int]) -> dict[int, str]:
         if windows is None:
-            prompts = explainer_prompts(sample, tokenizer, todo)
-        else:
-            prompts = explainer_prompts_001(windows, todo, n_examples, sampling, seed)
-            max_tokens_now = max(max_tokens, 60)
-        answers = llm.generate(prompts, max_tokens if windows is None else max_tokens_now, desc="explaining latents")
+            prompts, budget = explainer_prompts(sample, tokenizer, todo), max_tokens
+        else:  # 001's answer reasons first and ends with its 'Explanation:' line
+            prompts, budget = explainer_prompts_001(windows, todo, n_examples, sampling, seed), max(max_tokens, 60)
+        answers = llm.generate(prompts, budget, desc="explaining latents")
         got = {latent: (_first_sentence(a) if windows is None else _explanation_line(a))
                for latent, a in zip(todo, answers) if a}
         got = {k: v for k, v in got.items() if v}

@@ -139,9 +139,3 @@ def draw(quantiles: list[list[Example]], n: int, sampling: str, seed: int) -> li
         per = n // len(quantiles)
         return [e for q in quantiles for e in (q if len(q) <= per else rng.sample(q, per))]
     raise SaebenchError(f"example sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
-
-
-def normalised(example: Example) -> list[int]:
-    """Activations on delphi's explainer scale: ceil(10 * a / the example's largest), 0-10."""
-    top = max(max(example.activations), 1e-6)
-    return [min(10, max(0, int(-(-10 * a // top)))) for a in example.activations]
