@@ -52,6 +52,12 @@ from saebench.encoders.base import (
     dense,
 )
 from saebench.encoders.dictionary import family_options, split_inner
+from saebench.encoders.llm_sim_options import (
+    ADDED_OPTIONS,
+    NEVER_ACTIVE,
+    LLMSimConfig,
+    check_options,
+)
 from saebench.errors import SaebenchError
 from saebench.records import config_hash
 from saebench.capture import LatentSample, latent_sample
@@ -63,59 +69,10 @@ from saebench.explanations import (
     marked_window,
     token_explanations,
 )
-from saebench.latent_examples import SAMPLINGS
 from saebench.simulators import DIGITS, LLMSimulator, Simulator, TokenRuleSimulator
 
-VALUES = ("oracle", "oracle_fp", "predicted")
 SIMULATES = "simulates"
 """Capability: the encoder predicts latents from text and can show its work (simulate())."""
-
-ADDED_OPTIONS = {"explain_sampling": "quantiles", "explain_examples": 40, "show_score": ""}
-"""Options added after llm_sim's first records, left out of its spec at these defaults (the records keep their keys)."""
-NEVER_ACTIVE = "This feature was never seen active."
-"""The explanation of a latent the training sample never activates (explanations=generate or tokens)."""
-
-
-@dataclass(frozen=True)
-class LLMSimConfig:
-    """Options of ``llm_sim:<encoder spec>?...``."""
-
-    llm: str = ""
-    """Simulator: 'rules' (token baseline), or an LLM (a model preset/hub id/path; with a server, its model
-    name); default: the embedded smollm2-135m in process, or the server's first model."""
-    llm_url: str = ""
-    """Base URL of an OpenAI-compatible server (also --llm-url)."""
-    backend: str = "auto"
-    """'auto', 'transformers', 'server' or 'vllm' (see saebench.llm)."""
-    explanations: str = ""
-    """A JSONL file, a delphi output folder, 'explainer' (001's), 'generate' (saebench's first explainer) or
-    'tokens'; default 'tokens' for llm=rules, else 'explainer'."""
-    explain_sampling: str = "quantiles"
-    """How explanations=explainer draws its examples: 'quantiles', 'top' or 'random' (001's Fig. 3)."""
-    explain_examples: int = 40
-    """Activating examples explanations=explainer shows (delphi's n_examples_train)."""
-    show_score: str = ""
-    """Say each explanation's score of this name (a JSONL file's "scores", e.g. fuzzing or detection, as
-    `saebench latents --jsonl` writes them) in every simulation prompt; '' (default) says none."""
-    delphi_module: str = ""
-    """Which module's explanations to read from a delphi folder holding several (e.g. 'layers.15')."""
-    missing: str = "error"
-    """Latents without an explanation: 'error', or 'skip' (they are never candidates; the record counts them)."""
-    candidates: str = "200"
-    """Random inactive candidate latents per token, or 'all' (every latent is a candidate)."""
-    predict: str = "threshold"
-    """'threshold' (P >= threshold) or 'top' (the |A| most probable candidates)."""
-    threshold: float = 0.5
-    values: str = "oracle"
-    """'oracle' (true activations, false positives 0), 'oracle_fp' (false positives at their median activation)
-    or 'predicted' (the simulator's 0-9 via quantiles)."""
-    sample_tokens: int = 65_536
-    """Training-split tokens on which latents are characterised (explanations, quantiles, baseline)."""
-    concurrency: int = 8
-    timeout: float = 60.0
-    retries: int = 4
-    seed: int = 0
-    """Seed of the random inactive candidates (each token's draw depends only on it and the token's text)."""
 
 
 @dataclass
@@ -170,7 +127,7 @@ class LLMSimEncoder(Encoder):
             raise SaebenchError("llm_sim needs the encoder whose latents it simulates: llm_sim:sae:default")
         if build.model is None:
             raise SaebenchError("llm_sim reads text, so it needs a language model; this task runs without one")
-        _check(cfg)
+        check_options(cfg)
         inner = build.build(inner_spec)
         if LATENTS not in inner.capabilities:
             raise SaebenchError(f"llm_sim simulates latents; {inner.spec.label!r} has none (use e.g. sae:default)")
@@ -362,36 +319,6 @@ class LLMSimEncoder(Encoder):
     def report(self) -> dict[str, Any]:
         return {"simulator": self.simulator.label, "explanations": self.explanations.source, **self.counts,
                 **self.simulator.report()}
-
-
-def _check(cfg: LLMSimConfig) -> None:
-    if cfg.predict not in ("threshold", "top"):
-        raise SaebenchError(f"llm_sim option predict={cfg.predict!r}: choose threshold or top")
-    if cfg.values not in VALUES:
-        raise SaebenchError(f"llm_sim option values={cfg.values!r}: choose one of {', '.join(VALUES)}")
-    if cfg.missing not in ("error", "skip"):
-        raise SaebenchError(f"llm_sim option missing={cfg.missing!r}: choose error or skip")
-    check_candidates(cfg.candidates, "llm_sim option")
-    if not 0.0 <= cfg.threshold <= 1.0:
-        raise SaebenchError(f"llm_sim option threshold={cfg.threshold}: must be between 0 and 1")
-    if cfg.llm == "rules" and cfg.explanations not in ("", "tokens"):
-        raise SaebenchError("llm=rules matches token lists: use it with explanations=tokens")
-    if cfg.explain_sampling not in SAMPLINGS:
-        raise SaebenchError(f"llm_sim option explain_sampling={cfg.explain_sampling!r}: choose {', '.join(SAMPLINGS)}")
-    if cfg.show_score and (cfg.llm == "rules" or cfg.explanations in ("", "generate", "explainer", "tokens")):
-        raise SaebenchError(f"llm_sim option show_score={cfg.show_score!r} reads scores from an explanations file "
-                            "(saebench latents --jsonl writes one); give explanations=<file> and an LLM simulator")
-    if cfg.explain_examples < 1:
-        raise SaebenchError(f"llm_sim option explain_examples={cfg.explain_examples}: give at least 1")
-
-
-def check_candidates(value: Any, where: str) -> str:
-    """`value` as a candidates setting ('all' or a count of inactive latents, as text); else one clear error
-    naming `where` ('llm_sim option', 'latent_recall parameter')."""
-    text = str(value).strip()
-    if text != "all" and not text.isdigit():
-        raise SaebenchError(f"{where} candidates={value!r}: give a count of inactive latents or 'all'")
-    return text if text == "all" else str(int(text))
 
 
 def _check_missing(explanations: Explanations, d_latent: int, cfg: LLMSimConfig) -> list[int]:

@@ -213,7 +213,7 @@ def _stratified(windows: LatentWindows, enc: Encoder, frequency: torch.Tensor, c
     """`cfg.latents` eligible latents: the eligible ones ordered by training-split frequency, cut into ten equal
     strata, the same number drawn at random from each (the remainder from the largest strata)."""
     d = len(frequency)
-    from saebench.encoders.llm_sim import NEVER_ACTIVE
+    from saebench.encoders.llm_sim_options import NEVER_ACTIVE
 
     texts = enc.explanations.texts
     sample, nw = windows.sample, windows.n_windows

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from saebench.encoders.base import EncodeContext, Encoder
-from saebench.encoders.llm_sim import check_candidates
+from saebench.encoders.llm_sim_options import check_candidates
 from saebench.errors import SaebenchError
 from saebench.tasks.base import PartialStore, Task, TaskContext, checkpointed_batches
 from saebench.tasks.params import added_at_default, choice, whole

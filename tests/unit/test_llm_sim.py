@@ -252,7 +252,8 @@ def test_missing_skip_leaves_unexplained_latents_out_and_counts_them(tiny_llama,
 @pytest.mark.parametrize("values", ["oracle", "oracle_fp", "predicted"])
 def test_predicted_codes_are_valued_as_the_values_option_says(values):
     from saebench.encoders.base import EncoderSpec, dense
-    from saebench.encoders.llm_sim import LLMSimConfig, LLMSimEncoder, Simulation
+    from saebench.encoders.llm_sim import LLMSimEncoder, Simulation
+    from saebench.encoders.llm_sim_options import LLMSimConfig
     from saebench.capture import LatentSample
 
     # latent 0 fires 2.0 and 4.0 in the sample, latent 1 fires 1.0, 3.0 and 5.0 (median 3.0)

@@ -227,7 +227,7 @@ def test_simulation_concat_keeps_value_probabilities():
 
 
 def test_candidates_are_all_or_a_count():
-    from saebench.encoders.llm_sim import check_candidates
+    from saebench.encoders.llm_sim_options import check_candidates
 
     assert check_candidates(1000, "x") == "1000" and check_candidates(" all", "x") == "all"
     assert check_candidates("007", "x") == "7"

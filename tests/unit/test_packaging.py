@@ -30,3 +30,9 @@ def test_presets_load_from_the_source_tree():
 
     assert {"smollm2-135m", "gpt2-small", "pythia-70m-deduped", "gemma-2-2b"} <= set(model_presets())
     assert (preset_dir("tasks") / "ce_kl.yaml").exists()
+
+
+def test_no_module_over_400_lines():
+    """Small modules (docs/architecture.md): a module that outgrows 400 lines is split by what it holds."""
+    sizes = {str(p.relative_to(ROOT)): p.read_text().count("\n") for p in (ROOT / "saebench").rglob("*.py")}
+    assert {path: n for path, n in sizes.items() if n > 400} == {}
