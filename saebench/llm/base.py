@@ -212,6 +212,8 @@ class LLM(ABC):
         start = time.monotonic()
         keys = [ResponseCache.key(self.cache_id, kind, params, *p.key_parts()) for p in prompts]
         found = self.cache.get_many(list(dict.fromkeys(keys)))
+        if kind == "choices":  # an empty answer is what saebench before 2026-12 cached for a server that sent no
+            found = {k: v for k, v in found.items() if v}  # log-probs: asked again, so a fixed server is heard
         todo_keys = list(dict.fromkeys(k for k in keys if k not in found))
         first = {k: p for k, p in zip(keys, prompts)}
         # answered in blocks, each stored as soon as it is done: an interrupted run loses one block at most

@@ -144,3 +144,16 @@ def test_a_servers_cache_key_is_its_url_and_served_model_name():
     with FakeOpenAIServer() as server:
         llm = ServerLLM(server.url, cache=ResponseCache(None), progress=False)
         assert llm.served_model == "fake-sim" and llm.cache_id == f"openai:{server.url}:fake-sim"
+
+
+def test_an_empty_answer_cached_by_an_earlier_saebench_is_asked_again(tmp_path):
+    """saebench before 2026-12 cached a server's answer without log-probs as {}; a rerun against a fixed server
+    must ask again, not count the stale entry as unparsed for ever."""
+    with FakeOpenAIServer() as server:
+        cache = ResponseCache(tmp_path / "responses.sqlite")
+        llm = ServerLLM(server.url, cache=cache, progress=False)
+        prompt = Chat("s", "u")
+        stale = ResponseCache.key(llm.cache_id, "choices", {"choices": ["1", "0"]}, *prompt.key_parts())
+        cache.put_many({stale: {}})
+        probs = llm.choice_probs([prompt], ("1", "0"))
+        assert probs[0] is not None and llm.stats.cached == 0 and llm.stats.unparsed == 0
