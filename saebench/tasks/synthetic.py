@@ -254,7 +254,8 @@ class SyntheticTask(Task):
         jobs += [(cells[0], cfg.tradeoff_regime, i, penalty)
                  for penalty, i in product(parse_penalties(cfg.sparsity_sweep), range(cfg.seeds))]
         per: dict[tuple, dict[str, dict[str, float]]] = {}
-        for cell, regime, i, penalty in tqdm(jobs, desc="synthetic", unit="fit set", disable=not ctx.settings.progress):
+        for cell, regime, i, penalty in tqdm(jobs, desc="synthetic", unit="fit set", disable=not ctx.settings.progress,
+                                               delay=1):  # a spec refused at once leaves just its error line
             name = f"{cell[0]}-{cell[1]}-{cell[2]}-{regime}-{i}" + ("" if penalty is None else f"-l1={penalty!r}")
             done = ctx.store.load_piece(name)
             if done is None:
