@@ -157,6 +157,10 @@ class LatentSample:
         """(d_latent,) activations per latent in the sample."""
         return self.offsets[1:] - self.offsets[:-1]
 
+    def positions(self, bos_id: int) -> int:
+        """How many of the sample's positions could fire: the tokens less the attention sinks left out."""
+        return int((~sink_mask(self.tokens, bos_id)).sum())
+
     def max_value(self) -> Tensor:
         """(d_latent,) largest activation of each latent (0 for latents never active)."""
         first = self.values[self.offsets[:-1].clamp(max=max(len(self.values) - 1, 0))] if len(self.values) else \

@@ -169,7 +169,7 @@ class AutointerpTask(Task):
                              cfg.sample_tokens, seed=seed, progress=ctx.settings.progress, split=ctx.settings.corpus.split)
         windows = LatentWindows(test, enc.tokenizer)
         train_count = enc.sample.count().float()
-        frequency = train_count / enc.sample.tokens.numel()
+        frequency = train_count / enc.sample.positions(ctx.model.bos_id)  # the positions a latent can fire on
         chosen, excluded = _stratified(windows, enc, frequency, cfg, seed)
         enc.explanations.ensure(chosen)  # generated explanations are written for the sampled latents only
         excluded["explanation_failed"] = sum(l not in enc.explanations.texts for l in chosen)

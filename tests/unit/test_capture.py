@@ -2,6 +2,8 @@
 
 from dataclasses import replace
 
+import torch
+
 from saebench import capture, corpus
 from saebench.runner import RunConfig, evaluate
 from saebench.tasks import context
@@ -29,3 +31,13 @@ def test_training_sets_follow_the_runs_corpus_and_batch_size(tiny_llama, tmp_pat
     assert batch_sizes == [3]
     fit = rec.extra["encoder_data"]["fit"]
     assert fit["corpus"] == "hf:someone/text:train" and fit["tokens"] == 300 and fit["hookpoint"] == "layers.1.resid_pre"
+
+
+def test_a_latent_samples_positions_leave_out_the_sinks():
+    """Firing frequencies divide by the positions a latent can fire on: position 0 and BOS tokens are left out
+    of the sample's activations, so of its denominator too."""
+    from saebench.capture import LatentSample
+
+    tokens = torch.tensor([[1, 5, 6, 7], [1, 8, 1, 9]])  # 1 is BOS: sinks at (0,0), (1,0), (1,2)
+    sample = LatentSample(tokens, torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(3, dtype=torch.long))
+    assert sample.positions(bos_id=1) == 5
