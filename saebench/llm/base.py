@@ -162,6 +162,7 @@ class LLM(ABC):
         self.progress = progress
         self.stats = LLMStats()
         self.last_error = ""
+        self._bar, self._ticked = None, 0
         """The latest failed or unparsed prompt's reason in full (a caller sharing this LLM reads it after its
         own call; not stored)."""
 
@@ -220,16 +221,27 @@ class LLM(ABC):
         with tqdm(total=len(todo_keys), desc=desc, unit="prompt", disable=not self.progress or not todo_keys) as bar:
             for first_index in range(0, len(todo_keys), BLOCK):
                 block = todo_keys[first_index:first_index + BLOCK]
-                answers = compute([first[k] for k in block])
+                self._bar, self._ticked = bar, 0
+                try:
+                    answers = compute([first[k] for k in block])
+                finally:
+                    self._bar = None
                 new = {k: a for k, a in zip(block, answers) if a is not None}
                 self.cache.put_many(new)
                 found.update(new)
-                bar.update(len(block))
+                bar.update(len(block) - self._ticked)
         self.stats.prompts += len(prompts)
         asked = set(todo_keys)
         self.stats.cached += sum(1 for k in keys if k not in asked)
         self.stats.seconds += time.monotonic() - start
         return [found.get(k) for k in keys]
+
+    def _answered(self, n: int) -> None:
+        """A backend answered `n` more prompts of the block in hand: the progress bar moves within a block
+        (a block of long explainer prompts takes minutes on a CPU)."""
+        if self._bar is not None:
+            self._bar.update(n)
+            self._ticked += n
 
     @abstractmethod
     def _choice_logprobs(self, prompts: Sequence[Chat], choices: Sequence[str]) -> list[dict[str, float] | None]:

@@ -89,6 +89,7 @@ class TransformersLLM(LLM):
             logp = torch.log_softmax(logits.float(), dim=-1)[:, wanted].cpu()
             for row, i in enumerate(idx):
                 out[i] = {c: float(v) for c, v in zip(choices, logp[row])}
+            self._answered(len(idx))
         return out
 
     def _suffix_last_logits(self, encoded: list[list[int]], shared: int):
@@ -122,6 +123,7 @@ class TransformersLLM(LLM):
             self.stats.requests += 1
             for row, i in enumerate(idx):
                 yield i, logits[row, len(encoded[i]) - shared - 1]
+            self._answered(len(idx))
 
     @torch.inference_mode()
     def _generate(self, prompts, max_tokens):
@@ -132,6 +134,7 @@ class TransformersLLM(LLM):
                                              do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             for row, i in enumerate(idx):
                 out[i] = self.tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
+            self._answered(len(idx))
         return out
 
     @torch.inference_mode()
@@ -174,6 +177,7 @@ class TransformersLLM(LLM):
                 toks = torch.tensor(encoded[i])
                 later = logp[row, :n - 1].gather(1, toks[1:, None]).squeeze(1) if n > 1 else torch.zeros(0)
                 out[i] = [float(start_logp[toks[0]])] + later.tolist()
+            self._answered(len(idx))
         return out
 
     def close(self) -> None:

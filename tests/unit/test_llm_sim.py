@@ -269,3 +269,34 @@ def test_predicted_codes_are_valued_as_the_values_option_says(values):
     expected = {"oracle": [2.5, 0.0, 0.0], "oracle_fp": [2.5, 3.0, 0.0],
                 "predicted": [0.0, 5.0, 0.0]}[values]  # an unanswered value is missing: the latent is left out
     assert got == pytest.approx(expected)
+
+
+def test_the_progress_bar_moves_within_a_block(monkeypatch):
+    """A backend that reports each answered batch moves the bar as it goes; the bar ends at the prompt count."""
+    import saebench.llm.base as base
+
+    seen = []
+
+    class Bar:
+        def __init__(self, *a, **kw):
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+            seen.append(self.n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Batched(CountingLLM):
+        def _generate(self, prompts, max_tokens):
+            for start in range(0, len(prompts), 4):
+                self._answered(min(4, len(prompts) - start))
+            return super()._generate(prompts, max_tokens)
+
+    monkeypatch.setattr(base, "tqdm", Bar)
+    Batched(ResponseCache(None)).generate([Chat("s", f"u{i}") for i in range(10)], 5)
+    assert seen[:3] == [4, 8, 10] and seen[-1] == 10
