@@ -17,6 +17,7 @@ panel per record, the histogram of x over its rows (ce_kl's latent firing freque
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,13 @@ def curve_sections(task: str, index: int, group: list[tuple[RunRecord, Path]], o
     return "\n\n".join(parts) + "\n" if parts else ""
 
 
+def _suptitle(fig, title: str, size: float) -> int:
+    """The figure's title wrapped to its width (encoder specs make long titles); returns its line count."""
+    lines = [w for line in title.split("\n") for w in textwrap.wrap(line, int(fig.get_figwidth() * 120 / size))]
+    fig.suptitle("\n".join(lines), fontsize=size)
+    return len(lines)
+
+
 def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
                overlays: dict[int, list[dict[str, Any]]] | None = None) -> None:
     """A panel per metric; colour = hookpoint, line style = encoder; `overlays` (by record index) are
@@ -126,10 +134,8 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
                          marked=series_key is not None)
     for ax, metric in zip(axes.flat, metrics):
         ax.set_title(LABELS.get(metric, metric), fontsize=10)
-        if spec.get("scale") == "log2":
-            ax.set_xscale("log", base=2)
-        elif spec.get("scale") == "log10":
-            ax.set_xscale("log")
+        if spec.get("scale") in ("log2", "log10"):
+            ax.set_xscale("log", base=2 if spec["scale"] == "log2" else 10)
         ax.set_xlabel(spec["x"], fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
@@ -149,8 +155,8 @@ def _line_plot(have, spec: dict[str, Any], path: Path, title: str,
     note = "; ".join(notes) or None
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8,
                title=note, title_fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / 3), 1, 0.97))
+    lines = _suptitle(fig, title, 11)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / 3), 1, 0.97 - 0.05 * (lines - 1)))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -387,7 +393,7 @@ def _histogram(have, spec: dict[str, Any], path: Path, title: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(have):]:
         ax.axis("off")
-    fig.suptitle(title + (f"\n{spec['note']}" if spec.get("note") else ""), fontsize=10)
+    _suptitle(fig, title + (f"\n{spec['note']}" if spec.get("note") else ""), 10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
