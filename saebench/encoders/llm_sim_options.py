@@ -59,6 +59,7 @@ class LLMSimConfig:
 
 
 def check_options(cfg: LLMSimConfig) -> None:
+    """One clear error for the first option of `cfg` that is out of range or contradicts another."""
     if cfg.predict not in ("threshold", "top"):
         raise SaebenchError(f"llm_sim option predict={cfg.predict!r}: choose threshold or top")
     if cfg.values not in VALUES:

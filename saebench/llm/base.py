@@ -162,9 +162,10 @@ class LLM(ABC):
         self.progress = progress
         self.stats = LLMStats()
         self.last_error = ""
-        self._bar, self._ticked = None, 0
         """The latest failed or unparsed prompt's reason in full (a caller sharing this LLM reads it after its
         own call; not stored)."""
+        self._bar, self._ticked = None, 0
+        """The progress bar of the block being answered, and how far backends have moved it (_answered)."""
 
     def count_failure(self, kind: str, reason: str, detail: str = "") -> None:
         """Count one prompt without a usable answer: `kind` 'failed' (no answer after the retries) or
