@@ -26,9 +26,14 @@ demo: setup
 		--encoder mean --task ce_kl --limit 20480
 	$(BIN)/saebench leaderboard --task ce_kl --out demo_leaderboards
 
-test: setup browser vllm
+# One pytest-xdist worker per core (`-n auto`); tests that share a costly fixture (the embedded model and its vllm
+# server, the data-parallel launches) carry an xdist_group mark and stay on one worker (`--dist loadgroup`).
+# The three installs run side by side (pip is mostly one core busy on a download or an unpacking).
+PYTEST_PARALLEL ?= -n auto --dist loadgroup
+test:
+	@$(MAKE) --no-print-directory -j3 setup browser vllm
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_PARALLEL)
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's chromium through chromedriver; installed
 # here when missing and possible (root with apt-get), else that test is skipped with one line saying so.
@@ -64,7 +69,7 @@ OTHER_LM_EVAL := 0.4.12
 test-lm-eval-versions: setup
 	for v in $(OTHER_LM_EVAL); do \
 		$(BIN)/python -m pip install -q --no-deps --target $(VENV)/lm-eval-$$v lm-eval==$$v && \
-		PYTHONPATH=$(VENV)/lm-eval-$$v $(BIN)/python -m pytest -q tests/unit/test_benchmark_tasks.py \
+		PYTHONPATH=$(VENV)/lm-eval-$$v $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) tests/unit/test_benchmark_tasks.py \
 			tests/unit/test_lm_eval_versions.py tests/unit/test_lm_eval_parallel.py || exit 1; \
 	done
 

@@ -14,6 +14,13 @@ from tests.unit.llm_server import THREAD_PREFIX
 
 LEAK_GRACE_SECONDS = 2.0
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one torch thread in each, and in the processes its tests
+    # start, so that the workers do not oversubscribe the cores (and a test comparing its own numbers with a
+    # child process's bit for bit has the same threads on both sides)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TEXT = ("The quick brown fox jumps over the lazy dog. Anarchism is a political philosophy. "
         "Sparse autoencoders decompose activations into features. ") * 20
 

@@ -30,6 +30,9 @@ from saebench.errors import SaebenchError
 
 BLOCK = 256
 """Prompts answered between two writes to the response cache."""
+GENERATE_BLOCK = 16
+"""The same for generated answers: 16 explainer prompts of ~2,000 tokens take minutes on a CPU, so an interrupted
+explainer run loses minutes at most, not the hour a block of 256 would be."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ class LLM(ABC):
     def generate(self, prompts: Sequence[Chat], max_tokens: int, desc: str = "LLM") -> list[str | None]:
         """Greedy answers of at most `max_tokens` tokens; None where the request failed."""
         return self._cached("generate", prompts, {"max_tokens": max_tokens}, desc,
-                            lambda todo: self._generate(todo, max_tokens))
+                            lambda todo: self._generate(todo, max_tokens), GENERATE_BLOCK)
 
     def text_logprobs(self, prefix: str, texts: Sequence[str], desc: str = "LLM") -> list[list[float] | None]:
         """Per-token log-probs of each of `texts` read as the continuation of `prefix` (plain text, no chat
@@ -210,7 +213,8 @@ class LLM(ABC):
         raise SaebenchError(f"LLM {self.label!r} cannot read the log-probs of given text; surprisal scoring needs "
                             "the in-process backend (backend=transformers)")
 
-    def _cached(self, kind: str, prompts: Sequence[Chat], params: dict[str, Any], desc: str, compute) -> list[Any]:
+    def _cached(self, kind: str, prompts: Sequence[Chat], params: dict[str, Any], desc: str, compute,
+                block_size: int = BLOCK) -> list[Any]:
         start = time.monotonic()
         keys = [ResponseCache.key(self.cache_id, kind, params, *p.key_parts()) for p in prompts]
         found = self.cache.get_many(list(dict.fromkeys(keys)))
@@ -220,8 +224,8 @@ class LLM(ABC):
         first = {k: p for k, p in zip(keys, prompts)}
         # answered in blocks, each stored as soon as it is done: an interrupted run loses one block at most
         with tqdm(total=len(todo_keys), desc=desc, unit="prompt", disable=not self.progress or not todo_keys) as bar:
-            for first_index in range(0, len(todo_keys), BLOCK):
-                block = todo_keys[first_index:first_index + BLOCK]
+            for first_index in range(0, len(todo_keys), block_size):
+                block = todo_keys[first_index:first_index + block_size]
                 self._bar, self._ticked = bar, 0
                 try:
                     answers = compute([first[k] for k in block])

@@ -190,7 +190,11 @@ class VLLMOfflineLLM(LLM):
 
     TOP = 20
 
-    def __init__(self, name: str, dtype: str = "auto", cache: ResponseCache | None = None, progress: bool = True):
+    def __init__(self, name: str, dtype: str = "auto", cache: ResponseCache | None = None, progress: bool = True,
+                 engine_args: dict | None = None):
+        """`engine_args` go to `vllm.LLM` as they are: `enforce_eager=True` skips compiling and CUDA graphs (a
+        CPU engine starts in seconds instead of minutes; worth it for a few prompts), `max_model_len` bounds the
+        KV cache."""
         super().__init__(cache, progress)
         try:
             import vllm
@@ -198,7 +202,7 @@ class VLLMOfflineLLM(LLM):
             raise SaebenchError("backend=vllm needs vllm (pip install vllm, on a CUDA machine); or serve the model "
                                 "with any OpenAI-compatible server and pass --llm-url") from None
         self._vllm = vllm
-        self.engine = vllm.LLM(model=name, dtype=dtype, max_logprobs=self.TOP)
+        self.engine = vllm.LLM(model=name, dtype=dtype, max_logprobs=self.TOP, **(engine_args or {}))
         self.label = name
         self.cache_id = f"vllm:{weights_identity(name)}:{dtype}"
 

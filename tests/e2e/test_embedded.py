@@ -9,12 +9,21 @@ from saebench.cli import main
 from saebench.forward import hookpoint_forward
 from saebench.models import load_model, resolve_dtype
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs every test on the embedded model: it loads and converts the model once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("embedded")]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     return load_model("smollm2-135m")
+
+
+def test_the_tests_on_the_embedded_model_share_one_worker(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) this module and test_vllm_server.py run on one worker,
+    which loads the model and starts its server once; a pytest that drops the group (9.2: pytest-xdist#1386)
+    would double that work without a word."""
+    if request.config.getvalue("dist") == "loadgroup":
+        assert request.node.nodeid.endswith("@embedded"), request.node.nodeid
 
 
 def test_embedded_model_loads_from_the_wheel(smollm2, saebench_cache):
@@ -37,24 +46,27 @@ def test_baselines_known_answers_on_the_embedded_model(smollm2, tmp_path):
 
 
 def test_default_sae_trains_caches_and_scores(tmp_path, capsys):
-    # the preset's training on 50k instead of 200k activations: the same path (collection, sae-lens's trainer,
-    # the cache) at a quarter of the cost, which was most of the suite's time on a 2-core AVX2 CPU
-    argv = ["run", "--model", "smollm2-135m", "--encoder", "sae:default?train_tokens=50000", "--encoder", "identity",
-            "--task", "ce_kl", "--limit", "4096", "--output", str(tmp_path / "runs"), "--quiet"]
+    # the preset's training on 20k activations for 3 epochs instead of 200k for 5: the same path (collection,
+    # sae-lens's trainer, the cache) at a twentieth of the cost; on a 2-core AVX2 CPU 50k x 5 was the suite's
+    # longest test (222 s on one thread), this is about 130 s, and still recovers 0.87 of the CE loss (its FVE is
+    # 0.36 where 50k x 5 gave over 0.5)
+    argv = ["run", "--model", "smollm2-135m", "--encoder", "sae:default?train_tokens=20000&epochs=3", "--encoder",
+            "identity", "--task", "ce_kl", "--limit", "4096", "--output", str(tmp_path / "runs"), "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "sae:default" in out and "ce_loss_recovered" in out
-    rec = json.loads(next((tmp_path / "runs" / "ce_kl").glob("sae_default_train_tokens_50000-*.json")).read_text())
+    name = "sae_default_train_tokens_20000_epochs_3-*.json"
+    rec = json.loads(next((tmp_path / "runs" / "ce_kl").glob(name)).read_text())
     m = rec["metrics"]
     assert rec["hookpoint"] == "layers.15.resid_post"
-    assert 0 < m["l0"] <= 32 and m["fve"] > 0.5 and m["ce_loss_recovered"] > 0.8 and m["kl"] > 0
+    assert 0 < m["l0"] <= 32 and m["fve"] > 0.3 and m["ce_loss_recovered"] > 0.8 and m["kl"] > 0
     cfg = json.loads((__import__("pathlib").Path(rec["encoder"]["params"]["path"]) / "cfg.json").read_text())
     meta = cfg["metadata"]
     assert meta["hook_name"] == "blocks.15.hook_resid_post" and meta["saebench_hookpoint"] == "layers.15.resid_post"
-    assert meta["context_size"] == 128 and meta["tokens_seen"] >= 5 * meta["training_tokens"] > 0
+    assert meta["context_size"] == 128 and meta["tokens_seen"] >= 3 * meta["training_tokens"] > 0
     # the record says what it was trained on
     assert rec["extra"]["encoder_data"]["fit"]["corpus"] == "wiki:train"
-    assert rec["extra"]["encoder_data"]["fit"]["tokens"] == 50_000
+    assert rec["extra"]["encoder_data"]["fit"]["tokens"] == 20_000
     # a second run reuses both the cached SAE and the finished records
     assert main(argv) == 0
     assert "training the default SAE" not in capsys.readouterr().out

