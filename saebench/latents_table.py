@@ -14,6 +14,7 @@ record's explanations and scores as delphi's run folder (saebench.delphi_files).
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,30 @@ def spearman_ci(x: list[float], y: list[float], seed: int = 0) -> tuple[float, f
     return rho, float(lo), float(hi), len(a)
 
 
+MIN_OFF_MODE = 5
+"""A column enters no correlation unless at least this many latents differ from its most common value: a rank
+correlation with a column that is nearly constant (llm_sim specificity is 1.0 on almost every latent) rests on a
+handful of latents, and its bootstrap interval, drawn from the resamples that happen to keep one of them, is
+narrow where it should be undefined."""
+
+
+def near_constant(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int, int]]:
+    """Columns with fewer than MIN_OFF_MODE latents off their most common value: {column: (value, latents at
+    it, latents with a value)}."""
+    out = {}
+    for c in numeric_columns(rows):
+        values = [r[c] for r in rows if _num(r.get(c))]
+        mode, count = Counter(values).most_common(1)[0]
+        if len(values) - count < MIN_OFF_MODE:
+            out[c] = (mode, count, len(values))
+    return out
+
+
 def correlations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cols = numeric_columns(rows)
+    """Spearman's rho with its bootstrap interval for every pair of numeric columns, leaving out the near-constant
+    ones (`near_constant`) and pairs with fewer than 5 latents holding both values."""
+    skip = near_constant(rows)
+    cols = [c for c in numeric_columns(rows) if c not in skip]
     out = []
     for i, a in enumerate(cols):
         for b in cols[i + 1:]:
@@ -152,6 +175,9 @@ def markdown(tables: list[dict[str, Any]], max_rows: int = 30) -> str:
                 parts += ["", "000 (EleutherAI, Figure 6) finds fuzzing and detection scores \"predictive of whether a "
                               "latent is correctly identified as either active or non-active\", not linearly; with the "
                               "score in the prompt its recall rose to 0.58 / 0.57 from 0.42 (its Table 1)."]
+        for c, (value, count, n) in near_constant(rows).items():
+            parts += ["", f"{c}: {count} of {n} latents have the value {_fmt(value)}, so it enters no correlation "
+                          f"(a rank correlation needs at least {MIN_OFF_MODE} latents off the most common value)."]
         parts.append("")
     return "\n".join(parts)
 

@@ -31,8 +31,8 @@ from saebench.errors import SaebenchError
 BLOCK = 256
 """Prompts answered between two writes to the response cache."""
 GENERATE_BLOCK = 16
-"""The same for generated answers: 001's explainer prompts (a few thousand tokens) took 15 s each on a 2-core AVX2
-CPU, so an interrupted explainer run loses minutes at most, not the whole run a block of 256 would be."""
+"""The same for generated answers. Measured here, 001's explainer prompts (a few thousand tokens) took 15 s each
+on a 2-core AVX2 CPU, so an interrupted explainer run loses minutes at most, not the whole run a block of 256 would be."""
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,22 @@ def test_latents_joins_scores_recall_and_harm_and_writes_delphi_files_that_read_
     assert first["correct"] == (first["prediction"] == first["activating"])
 
 
+def test_a_nearly_constant_column_enters_no_correlation_and_the_table_says_why():
+    from saebench.latents_table import correlations, markdown
+
+    # specificity is 1.0 on 97 of 100 latents: a rank correlation with it rests on three latents
+    rows = [{"latent": i, "frequency": 0.01 * (i + 1), "explanation": "x", "fuzzing": (i * 37 % 100) / 100,
+             "specificity": 0.9 if i < 3 else 1.0, "delta_logp": -0.01 * i} for i in range(100)]
+    pairs = {(c["a"], c["b"]) for c in correlations(rows)}
+    assert pairs == {("frequency", "fuzzing"), ("frequency", "delta_logp"), ("fuzzing", "delta_logp")}
+    (freq_harm,) = [c for c in correlations(rows) if (c["a"], c["b"]) == ("frequency", "delta_logp")]
+    assert freq_harm["rho"] == pytest.approx(-1.0) and freq_harm["n"] == 100
+    text = markdown([{"title": "t", "rows": rows}])
+    assert "specificity: 97 of 100 latents have the value 1.000, so it enters no correlation" in text
+    rows[3]["specificity"] = rows[4]["specificity"] = 0.8  # five latents off 1.0: it counts again
+    assert ("fuzzing", "specificity") in {(c["a"], c["b"]) for c in correlations(rows)}
+
+
 def _rows(folder):
     import json
 
