@@ -55,8 +55,9 @@ def _run_parser(sub) -> None:
                    help="run the full model for every spliced pass (default: the layers below the hookpoint run "
                         "once per batch; same numbers, slower)")
     p.add_argument("--no-reference-cache", action="store_true",
-                   help="recompute ce_kl's clean, zero and mean passes instead of reusing them from the saebench "
-                        "cache ($SAEBENCH_CACHE/reference)")
+                   help="recompute the reference passes (ce_kl's clean, zero and mean passes; the clean and zero "
+                        "passes of lambada, cbt and lm_eval tasks) instead of reusing them from the saebench cache "
+                        "($SAEBENCH_CACHE/reference)")
     p.add_argument("--llm", metavar="MODEL",
                    help="simulator/explainer LLM of llm_sim encoders (their llm= option): a model preset, hub id or "
                         "path run in process (default the embedded smollm2-135m), 'rules' for the token baseline, "

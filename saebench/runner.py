@@ -60,7 +60,8 @@ class RunConfig:
     reuse_prefix: bool = True
     """Run the layers below the hookpoint once per batch, and only the layers above it per encoder."""
     cache_references: bool = True
-    """Keep reference passes (ce_kl's clean, zero and mean passes) in saebench's cache and reuse them."""
+    """Keep reference passes (ce_kl's clean, zero and mean passes; the clean and zero passes of the item-scoring
+    tasks) in saebench's cache and reuse them."""
     task_params: dict[str, Any] = field(default_factory=dict)
     """Extra task parameters, overriding presets."""
     encoder_options: dict[str, dict[str, str]] = field(default_factory=dict)

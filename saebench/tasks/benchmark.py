@@ -12,7 +12,7 @@ which of their four correctness classes the item falls in.
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 from saebench import distributed
 from saebench.encoders.base import Encoder
 from saebench.encoders.baselines import ZeroEncoder
+from saebench.models import cache_dir
 from saebench.stats import ratio_and_se
-from saebench.tasks.base import MetricSpec, TaskContext, TaskResult
+from saebench.tasks.base import MetricSpec, PartialStore, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.params import whole
+from saebench.tasks.reference import PassCache
 
 TOP_FEATURES = 20
 """How many most helpful / most harmful latents a record lists."""
@@ -115,11 +117,35 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
                       feats, {}, per_item, at_hookpoint)
 
 
+def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], enc: Encoder | None) -> PartialStore:
+    """Where a pass keeps its finished chunks: the clean pass and the zero ablation in the reference cache, reused
+    by every later run of `task` with the same model, items and settings whatever encoders it scores (the clean
+    pass at every hookpoint: nothing is spliced in it); an encoder's pass, or any pass under
+    --no-reference-cache, in the run's own checkpoint store.
+
+    Args:
+        config: the task's configuration for this run (`Task.config`: data file and its checksum, items, ...).
+        enc: the pass's encoder; None for the clean pass.
+    """
+    if not ctx.settings.cache_references or not (enc is None or isinstance(enc, ZeroEncoder)):
+        return ctx.store
+    import transformers
+
+    model = ctx.model
+    key = {"pass": "clean" if enc is None else "zero", "version": task.version, "config": config,
+           "model": model.model_id, "revision": model.revision, "dtype": model.dtype,
+           "device": torch.device(model.device).type, "batch_size": ctx.settings.batch_size,
+           "torch": torch.__version__, "transformers": transformers.__version__}
+    if enc is not None:
+        key |= {"hookpoint": ctx.hook.name, "splice": asdict(ctx.settings.splice)}
+    return PassCache(cache_dir(), task.name, key).store(model)
+
+
 def resumable_pass(ctx: TaskContext, name: str, n_items: int,
                    score_chunk: Callable[[range, Callable[[int], object]], ItemScores], desc: str,
-                   chunks: list[range] | None = None) -> ItemScores:
+                   chunks: list[range] | None = None, store: PartialStore | None = None) -> ItemScores:
     """One pass over n items in chunks (default: CHECKPOINT_ITEMS items each), each saved to
-    ctx.store once done.
+    `store` (default ctx.store) once done.
 
     Args:
         name: identifies the pass among the run's passes (e.g. 'clean', an encoder label).
@@ -127,7 +153,9 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
             from the chunk's start; its second argument advances the progress bar by n items
             (optional to call: the bar is topped up when the chunk is done).
         chunks: consecutive ranges covering 0..n_items, when the task needs its own boundaries.
+        store: where the chunks are kept (`pass_store`).
     """
+    store = ctx.store if store is None else store
     key = hashlib.sha256(name.encode()).hexdigest()[:12]
     if chunks is None:
         chunks = [range(s, min(s + CHECKPOINT_ITEMS, n_items)) for s in range(0, n_items, CHECKPOINT_ITEMS)]
@@ -137,14 +165,14 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
         # in rounds of one chunk per rank (one process: one chunk per round); every rank ends with every part
         for first in range(0, len(chunks), size):
             names = [f"{key}-{items.start}-{items.stop}" for items in chunks[first:first + size]]
-            stored = [ctx.store.load_piece(piece) for piece in names]  # collective: the same order on every rank
+            stored = [store.load_piece(piece) for piece in names]  # collective: the same order on every rank
             before = bar.n
             mine = None
             if me < len(names) and stored[me] is None:
                 mine = score_chunk(chunks[first + me], bar.update)
             for j, computed in enumerate(distributed.gather(mine)[:len(names)]):
                 if stored[j] is None:
-                    ctx.store.save_piece(names[j], computed)  # rank 0 writes
+                    store.save_piece(names[j], computed)  # rank 0 writes
                 parts.append(stored[j] if stored[j] is not None else computed)
             bar.update(sum(len(items) for items in chunks[first:first + size]) - (bar.n - before))
     return concat_scores(parts)

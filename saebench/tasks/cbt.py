@@ -22,7 +22,8 @@ from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      benchmark_passes, checked_items, compare, item_limit, resumable_pass)
+                                      benchmark_passes, checked_items, compare, item_limit, pass_store,
+                                      resumable_pass)
 from saebench.tasks.prompt_recorder import PromptRecorder
 from saebench.tasks.lm_eval_data import file_sha256
 
@@ -126,9 +127,10 @@ class CBTTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         questions = load_questions(self.subset, self.data_file)[:item_limit(ctx, self.items)]
         tokenized = [self._tokenize(ctx, q) for q in questions]
+        config = self.config(ctx)
         scores = {label: resumable_pass(ctx, label, len(questions),
                                         partial(self._score_items, ctx, enc, questions, tokenized),
-                                        f"cbt_{self.subset} {label}")
+                                        f"cbt_{self.subset} {label}", store=pass_store(ctx, self.spec, config, enc))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
         return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed, items)

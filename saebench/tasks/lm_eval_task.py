@@ -19,7 +19,8 @@ from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskS
 from saebench.tasks.lm_eval_data import check_json_data_file, file_sha256, load_lm_eval_task
 from saebench.tasks import benchmark
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      benchmark_passes, checked_items, compare, item_limit, resumable_pass)
+                                      benchmark_passes, checked_items, compare, item_limit, pass_store,
+                                      resumable_pass)
 from saebench.tasks.prompt_recorder import PromptRecorder
 
 
@@ -213,9 +214,11 @@ class LMEvalTask(Task):
             return self._scores(task, insts, resps, docs, obs)
 
         back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
+        config = self.config(ctx)
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
                                                               lambda chunk, _, enc=enc: score_chunk(chunk, enc),
-                                                              f"{self.spec.name} {label}", chunks).take(back))
+                                                              f"{self.spec.name} {label}", chunks,
+                                                              pass_store(ctx, self.spec, config, enc)).take(back))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}

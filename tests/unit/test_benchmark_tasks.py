@@ -404,3 +404,49 @@ def test_batching_plan_cuts_chunks_at_whole_lm_eval_batches_of_unique_rows():
     assert [len(toks[d]) for d in order] == sorted(lengths, reverse=True)  # longest first
     assert order.index(1) == order.index(0) + 1
     assert [(c.start, c.stop) for c in chunks] == [(0, 5), (5, 9), (9, 11)]  # 4 rows, 4 rows, the rest
+
+
+@pytest.mark.parametrize("task_name", ["lambada", "cbt"])
+def test_the_clean_and_zero_passes_come_from_the_reference_cache_with_the_same_numbers(tiny, tmp_path, monkeypatch,
+                                                                                         capsys, task_name):
+    monkeypatch.setenv("SAEBENCH_CACHE", str(tmp_path / "cache"))
+    model = load_model(str(tiny["path"]), "float32", "cpu")  # its own copy: this test edits its weights
+    task = (LambadaTask(data_file=str(write_lambada(tmp_path / "lambada.jsonl", 12))) if task_name == "lambada" else
+            CBTTask("cn", str(write_cbt(tmp_path / "cbt.txt", 6))))
+    calls = [0]
+    model.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    def run(hookpoint=HOOKPOINT, cache=True):
+        calls[0] = 0
+        ctx = TaskContext.create(model, hookpoint, RunSettings(batch_size=4, progress=False, cache_references=cache))
+        result = task.run(ctx, [ReluLatentEncoder(model.d_model, hookpoint=hookpoint)])["relu_test"]
+        return result, calls[0]
+
+    uncached, three_passes = run(cache=False)
+    assert not (tmp_path / "cache" / "reference").exists()
+    cold, cold_calls = run()
+    warm, warm_calls = run()
+    one_pass = three_passes // 3
+    # + one probe of the model's state per cached pass (clean, zero)
+    assert cold_calls == three_passes + 2 and warm_calls == one_pass + 2
+    for got in (cold, warm):
+        assert got.metrics == uncached.metrics and got.stderr == uncached.stderr and got.details == uncached.details
+    # another hookpoint splices elsewhere: its zero pass is its own, the clean pass is the same
+    _, other_calls = run("layers.1.resid_post")
+    assert other_calls == 2 * one_pass + 2
+    # a chunk missing from an entry (a pass interrupted before it) is computed again, and only that chunk
+    keys = {e: json.loads((e / "meta.json").read_text())["key"] for e in (tmp_path / "cache" / "reference").iterdir()}
+    assert sorted((k["pass"], k.get("hookpoint", "")) for k in keys.values()) == [
+        ("clean", ""), ("zero", HOOKPOINT), ("zero", "layers.1.resid_post")]
+    (clean,) = [e for e, k in keys.items() if k["pass"] == "clean"]
+    (piece,) = (clean / "pass.pieces").glob("*.pt")  # 12 items (6 for cbt): one chunk
+    piece.unlink()
+    again, again_calls = run()
+    assert again_calls == 2 * one_pass + 2 and again.metrics == uncached.metrics and piece.exists()
+    # the same model id with other weights: the entries are not used, and the numbers are the new model's
+    with torch.no_grad():
+        next(model.model.parameters()).mul_(1.5)
+    capsys.readouterr()
+    changed, changed_calls = run()
+    assert changed_calls == three_passes + 2 and "the model's logits on the probe differ" in capsys.readouterr().err
+    assert changed.metrics == run(cache=False)[0].metrics != uncached.metrics
