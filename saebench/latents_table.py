@@ -87,7 +87,7 @@ def collect(runs_dir: Path) -> list[dict[str, Any]]:
 
 def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     order = ["frequency", *SCORE_COLUMNS, "recall", "specificity", "delta_logp"]
-    return [c for c in order if any(isinstance(r.get(c), (int, float)) for r in rows)]
+    return [c for c in order if any(_num(r.get(c)) for r in rows)]
 
 
 def spearman_ci(x: list[float], y: list[float], seed: int = 0) -> tuple[float, float, float, int]:
@@ -107,34 +107,28 @@ def spearman_ci(x: list[float], y: list[float], seed: int = 0) -> tuple[float, f
 
 
 MIN_OFF_MODE = 5
-"""A column enters no correlation unless at least this many latents differ from its most common value: a rank
-correlation with a column that is nearly constant (llm_sim specificity is 1.0 on almost every latent) rests on a
-handful of latents, and its bootstrap interval, drawn from the resamples that happen to keep one of them, is
-narrow where it should be undefined."""
+"""A pair of columns gets no correlation unless, among the latents holding both values, at least this many differ
+from each column's most common value: a rank correlation with a nearly constant column (llm_sim specificity is 1.0
+on almost every latent) rests on a handful of latents, and its bootstrap interval, drawn from the resamples that
+happen to keep one of them, is narrow where it should be undefined."""
 
 
-def near_constant(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int, int]]:
-    """Columns with fewer than MIN_OFF_MODE latents off their most common value: {column: (value, latents at
-    it, latents with a value)}."""
-    out = {}
-    for c in numeric_columns(rows):
-        values = [r[c] for r in rows if _num(r.get(c))]
-        mode, count = Counter(values).most_common(1)[0]
-        if len(values) - count < MIN_OFF_MODE:
-            out[c] = (mode, count, len(values))
-    return out
+def off_mode(values: list[float]) -> int:
+    """How many of `values` differ from their most common value (0 for none)."""
+    return len(values) - Counter(values).most_common(1)[0][1] if values else 0
 
 
 def correlations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Spearman's rho with its bootstrap interval for every pair of numeric columns, leaving out the near-constant
-    ones (`near_constant`) and pairs with fewer than 5 latents holding both values."""
-    skip = near_constant(rows)
-    cols = [c for c in numeric_columns(rows) if c not in skip]
+    """Every pair of numeric columns over the latents holding both values: Spearman's rho with its bootstrap
+    interval, or, where fewer than MIN_OFF_MODE of those latents are off either column's most common value,
+    rho None (left out)."""
+    cols = numeric_columns(rows)
     out = []
     for i, a in enumerate(cols):
         for b in cols[i + 1:]:
             pairs = [(r[a], r[b]) for r in rows if _num(r.get(a)) and _num(r.get(b))]
-            if len(pairs) < 5 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+            if min(off_mode([p[0] for p in pairs]), off_mode([p[1] for p in pairs])) < MIN_OFF_MODE:
+                out.append({"a": a, "b": b, "rho": None, "n": len(pairs)})
                 continue
             rho, lo, hi, n = spearman_ci([p[0] for p in pairs], [p[1] for p in pairs])
             names = (PAPER_PAIRS.get(a, a), PAPER_PAIRS.get(b, b))
@@ -163,21 +157,29 @@ def markdown(tables: list[dict[str, Any]], max_rows: int = 30) -> str:
             text = r["explanation"].replace("|", "\\|").replace("\n", " ")[:90]
             parts.append(f"| {r['latent']} | " + " | ".join(cells) + f" | {text} |")
         corr = correlations(rows)
-        if corr:
+        computed = [c for c in corr if c["rho"] is not None]
+        if computed:
             parts += ["", "Spearman correlations (95% bootstrap interval over latents; 001's Table 1 where it "
                           "reports the pair, its 'simulation' set beside llm_sim recall):", "",
                       "| columns | rho | 95% CI | latents | 001 Table 1 |", "|---|---:|---|---:|---:|"]
-            for c in corr:
+            for c in computed:
                 paper = "" if c["paper"] is None else f"{c['paper']:.2f}"
                 parts.append(f"| {c['a']} ~ {c['b']} | {c['rho']:.2f} | [{c['lo']:.2f}, {c['hi']:.2f}] | {c['n']} "
                              f"| {paper} |")
-            if any("recall" in (c["a"], c["b"]) for c in corr):
+            if any("recall" in (c["a"], c["b"]) for c in computed):
                 parts += ["", "000 (EleutherAI, Figure 6) finds fuzzing and detection scores \"predictive of whether a "
                               "latent is correctly identified as either active or non-active\", not linearly; with the "
                               "score in the prompt its recall rose to 0.58 / 0.57 from 0.42 (its Table 1)."]
-        for c, (value, count, n) in near_constant(rows).items():
-            parts += ["", f"{c}: {count} of {n} latents have the value {_fmt(value)}, so it enters no correlation "
-                          f"(a rank correlation needs at least {MIN_OFF_MODE} latents off the most common value)."]
+        if left := [c for c in corr if c["rho"] is None]:
+            names = ", ".join(f"{c['a']} ~ {c['b']}" for c in left)
+            parts += ["", f"Left out: {names}. Among the latents holding both values, fewer than {MIN_OFF_MODE} "
+                          "differ from one column's most common value, so a rank correlation would rest on a handful "
+                          "of latents."]
+            for col in sorted({x for c in left for x in (c["a"], c["b"])}, key=cols.index):
+                values = [r[col] for r in rows if _num(r.get(col))]
+                if off_mode(values) < MIN_OFF_MODE:
+                    mode, count = Counter(values).most_common(1)[0]
+                    parts.append(f"{col}: {count} of {len(values)} latents have the value {_fmt(mode)}.")
         parts.append("")
     return "\n".join(parts)
 

@@ -161,13 +161,15 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """`text` as a file name: runs of other characters than letters, digits, '_', '.' and '-' become '_' (at most
+    80 characters)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80] or "encoder"
 
 
 def record_path(output_dir: Path, task: str, encoder_label: str, chash: str) -> Path:
     """Where the record of (task, encoder, config) lives."""
-    return Path(output_dir) / task / f"{_slug(encoder_label)}-{chash}.json"
+    return Path(output_dir) / task / f"{slug(encoder_label)}-{chash}.json"
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:

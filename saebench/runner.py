@@ -266,7 +266,7 @@ def _run_task(task: Task, model: LoadedModel | None, groups: dict[str, list[Enco
         # rerun with another --batch-size starts afresh instead of misreading them
         run_key = records.config_hash(base | {"encoders": sorted(c for _, _, c, _ in todo),
                                               "batch_size": config.batch_size})
-        partial = Path(config.output_dir) / ".partial" / f"{task.spec.name}-{run_key}.pt"
+        partial = Path(config.output_dir) / ".partial" / f"{records.slug(task.spec.name)}-{run_key}.pt"
         # in a data-parallel run rank 0 holds the lock for all ranks (the others would wait on it forever)
         with _exclusive(partial.with_suffix(".lock"), task.spec.name) if distributed.is_main() else nullcontext():
             finished = {row.key: rec for row, _, _, path in todo if (rec := _finished(path, config)) is not None}

@@ -117,7 +117,8 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
                       feats, {}, per_item, at_hookpoint)
 
 
-def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], enc: Encoder | None) -> PartialStore:
+def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], items: object,
+               enc: Encoder | None) -> PartialStore:
     """Where a pass keeps its finished chunks: the clean pass and the zero ablation in the reference cache, reused
     by every later run of `task` with the same model, items and settings whatever encoders it scores (the clean
     pass at every hookpoint: nothing is spliced in it); an encoder's pass, or any pass under
@@ -125,6 +126,8 @@ def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], enc: En
 
     Args:
         config: the task's configuration for this run (`Task.config`: data file and its checksum, items, ...).
+        items: what the passes score, in order (the requests, the token ids): its sha256 is in the key, so an
+            edited task template or another dataset revision under the same configuration gets its own entry.
         enc: the pass's encoder; None for the clean pass.
     """
     if not ctx.settings.cache_references or not (enc is None or isinstance(enc, ZeroEncoder)):
@@ -133,6 +136,7 @@ def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], enc: En
 
     model = ctx.model
     key = {"pass": "clean" if enc is None else "zero", "version": task.version, "config": config,
+           "items_sha256": hashlib.sha256(repr(items).encode()).hexdigest(),
            "model": model.model_id, "revision": model.revision, "dtype": model.dtype,
            "device": torch.device(model.device).type, "batch_size": ctx.settings.batch_size,
            "torch": torch.__version__, "transformers": transformers.__version__}

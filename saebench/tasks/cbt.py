@@ -130,7 +130,8 @@ class CBTTask(Task):
         config = self.config(ctx)
         scores = {label: resumable_pass(ctx, label, len(questions),
                                         partial(self._score_items, ctx, enc, questions, tokenized),
-                                        f"cbt_{self.subset} {label}", store=pass_store(ctx, self.spec, config, enc))
+                                        f"cbt_{self.subset} {label}",
+                                        store=pass_store(ctx, self.spec, config, tokenized, enc))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
         return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed, items)

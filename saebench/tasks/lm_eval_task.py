@@ -215,10 +215,12 @@ class LMEvalTask(Task):
 
         back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
         config = self.config(ctx)
+        requests = [(i.doc_id, i.idx, i.args) for i in instances]  # what lm-eval will ask, in order
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
                                                               lambda chunk, _, enc=enc: score_chunk(chunk, enc),
                                                               f"{self.spec.name} {label}", chunks,
-                                                              pass_store(ctx, self.spec, config, enc)).take(back))
+                                                              pass_store(ctx, self.spec, config, requests, enc)
+                                                              ).take(back))
                   for label, enc in benchmark_passes(ctx, encoders).items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}

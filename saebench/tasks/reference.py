@@ -8,7 +8,7 @@ count, splice settings, library versions). An entry is a folder holding `data.sa
 published by an atomic rename. On load the key, the checksum, the shapes and the token ids
 are checked; an entry that fails any check is reported in one line, deleted and recomputed,
 never used. Item-scoring tasks (lambada, CBT, lm-eval tasks) keep their clean and zero passes as chunks
-instead (`PassCache`), checked against the model's logits on a fixed probe.
+instead (`PassCache`), under a key that also holds the sha256 of the model's logits on a fixed probe.
 """
 
 import hashlib
@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 
 from saebench import distributed
-from saebench.checkpoints import PartialStore, save_atomic
+from saebench.checkpoints import PartialStore
 from saebench.models import publish_dir
-from saebench.records import config_hash, write_atomic
+from saebench.records import config_hash, slug, write_atomic
 
 FORMAT_VERSION = 2
-"""Bump when what an entry holds changes meaning (2: ce_kl keeps no per-prediction negative entropy)."""
+"""Bump when what an entry holds changes meaning (2: ce_kl keeps no per-prediction negative entropy), and when the
+pieces of `PassCache` change: they are pickled `ItemScores` (saebench.tasks.benchmark), so a change to it, or to
+what `PromptRecorder` or lm-eval's request observer put in it, needs a new version too."""
 
 
 def _sha256(path: Path) -> str:
@@ -145,60 +147,38 @@ class PassCache:
     later run with the same key, whatever encoders it scores.
 
     Pieces are written one chunk at a time, each by an atomic rename, so an interrupted pass leaves the chunks
-    it finished for the next run. The key names the model by id, revision and dtype; the entry also holds the
-    model's logits on a fixed probe, and an entry whose probe differs from this model's (other weights or
-    kernels under the same id) is reported in one line, deleted and recomputed, never used.
+    it finished for the next run; a piece that cannot be read is computed again. The key names the model by id,
+    revision and dtype and also holds the sha256 of the model's logits on a fixed probe, so a model with other
+    weights or kernels under the same id gets an entry of its own: no entry is ever shared by two models, and
+    none has to be deleted. `meta.json` holds the key, for people and `remove_entries`.
 
     Args:
         root: saebench's cache folder.
         task: the task the entry belongs to.
-        key: everything the pass depends on (JSON-serialisable).
+        key: everything the pass depends on (JSON-serialisable), but the model's probe.
     """
 
     PROBE_TOKENS = 16
+    """Length of the probe: BOS, then token ids 1..15 (modulo the vocabulary)."""
 
     def __init__(self, root: Path, task: str, key: dict[str, Any]):
-        self.key = {"format": FORMAT_VERSION, "task": task, **key}
-        self.path = Path(root) / "reference" / f"{task}-{config_hash(self.key)}"
+        self.root, self.task, self.key = Path(root), task, {"format": FORMAT_VERSION, "task": task, **key}
 
     def store(self, model: Any) -> PartialStore:
-        """The entry's piece store, checked against `model` (a LoadedModel) first; collective in a
-        data-parallel run (rank 0 checks and writes, every rank computes the probe)."""
-        probe = self.probe(model)
-        problem = self._problem(probe) if distributed.is_main() else None
-        problem = distributed.broadcast(problem)
-        if distributed.is_main():
-            if problem is not None:
-                print(f"saebench: cached reference passes in {self.path} are unusable ({problem}); recomputing them",
-                      file=sys.stderr, flush=True)
-                shutil.rmtree(self.path, ignore_errors=True)
-            if not (self.path / "meta.json").exists():
-                self.path.mkdir(parents=True, exist_ok=True)
-                save_atomic(self.path / "probe.pt", probe)
-                write_atomic(self.path / "meta.json", json.dumps({"key": self.key}, indent=1, default=str) + "\n")
+        """The entry's piece store for `model` (a LoadedModel); collective in a data-parallel run (every rank
+        computes the probe, rank 0 writes the entry's key)."""
+        key = self.key | {"probe_sha256": hashlib.sha256(self.probe(model).numpy().tobytes()).hexdigest()}
+        path = self.root / "reference" / f"{slug(self.task)}-{config_hash(key)}"
+        if distributed.is_main() and not (path / "meta.json").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            write_atomic(path / "meta.json", json.dumps({"key": key}, indent=1, default=str) + "\n")
         distributed.barrier()
-        return PartialStore(self.path / "pass.pt")
+        return PartialStore(path / "pass.pt")
 
     @classmethod
     def probe(cls, model: Any) -> Tensor:
-        """The model's logits on a fixed token sequence (BOS, then ids 1..PROBE_TOKENS-1 modulo the vocabulary)."""
+        """The model's float32 logits on the probe."""
         vocab = int(model.model.config.vocab_size)
         ids = torch.tensor([[model.bos_id, *(i % vocab for i in range(1, cls.PROBE_TOKENS))]], device=model.device)
         with torch.inference_mode():
             return model.model(ids, use_cache=False).logits.float().cpu()
-
-    def _problem(self, probe: Tensor) -> str | None:
-        """Why the entry cannot be used (None: absent, or good)."""
-        if not (self.path / "meta.json").exists():
-            return None
-        try:
-            meta = json.loads((self.path / "meta.json").read_text())
-            stored = torch.load(self.path / "probe.pt", weights_only=True)
-        except Exception as exc:  # any failure means the entry cannot be trusted
-            return f"unreadable: {str(exc) or type(exc).__name__}"
-        if meta.get("key") != json.loads(json.dumps(self.key, default=str)):
-            return "its key differs from this run's"
-        # exact, as for ce_kl: another attention kernel differs by rounding only, and that changes the passes
-        if not torch.equal(stored, probe):
-            return "the model's logits on the probe differ from the stored ones (same model id, other weights or kernels)"
-        return None

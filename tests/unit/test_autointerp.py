@@ -250,17 +250,28 @@ def test_latents_joins_scores_recall_and_harm_and_writes_delphi_files_that_read_
 def test_a_nearly_constant_column_enters_no_correlation_and_the_table_says_why():
     from saebench.latents_table import correlations, markdown
 
+    def computed(rows):
+        return {(c["a"], c["b"]) for c in correlations(rows) if c["rho"] is not None}
+
     # specificity is 1.0 on 97 of 100 latents: a rank correlation with it rests on three latents
     rows = [{"latent": i, "frequency": 0.01 * (i + 1), "explanation": "x", "fuzzing": (i * 37 % 100) / 100,
              "specificity": 0.9 if i < 3 else 1.0, "delta_logp": -0.01 * i} for i in range(100)]
-    pairs = {(c["a"], c["b"]) for c in correlations(rows)}
-    assert pairs == {("frequency", "fuzzing"), ("frequency", "delta_logp"), ("fuzzing", "delta_logp")}
+    assert computed(rows) == {("frequency", "fuzzing"), ("frequency", "delta_logp"), ("fuzzing", "delta_logp")}
     (freq_harm,) = [c for c in correlations(rows) if (c["a"], c["b"]) == ("frequency", "delta_logp")]
     assert freq_harm["rho"] == pytest.approx(-1.0) and freq_harm["n"] == 100
     text = markdown([{"title": "t", "rows": rows}])
-    assert "specificity: 97 of 100 latents have the value 1.000, so it enters no correlation" in text
+    assert "Left out: frequency ~ specificity, fuzzing ~ specificity, specificity ~ delta_logp." in text
+    assert "specificity: 97 of 100 latents have the value 1.000." in text
     rows[3]["specificity"] = rows[4]["specificity"] = 0.8  # five latents off 1.0: it counts again
-    assert ("fuzzing", "specificity") in {(c["a"], c["b"]) for c in correlations(rows)}
+    assert ("fuzzing", "specificity") in computed(rows)
+    # ... but only over the latents that hold both values: with Δlog p on two of those five, not against it
+    for r in rows[2:5]:
+        del r["delta_logp"]
+    assert ("fuzzing", "specificity") in computed(rows) and ("specificity", "delta_logp") not in computed(rows)
+    # a column with no finite value is no column
+    for r in rows:
+        r["recall"] = math.nan
+    assert "| recall" not in markdown([{"title": "t", "rows": rows}])
 
 
 def _rows(folder):

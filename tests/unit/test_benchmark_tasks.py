@@ -408,18 +408,23 @@ def test_batching_plan_cuts_chunks_at_whole_lm_eval_batches_of_unique_rows():
 
 @pytest.mark.parametrize("task_name", ["lambada", "cbt"])
 def test_the_clean_and_zero_passes_come_from_the_reference_cache_with_the_same_numbers(tiny, tmp_path, monkeypatch,
-                                                                                         capsys, task_name):
+                                                                                         task_name):
     monkeypatch.setenv("SAEBENCH_CACHE", str(tmp_path / "cache"))
     model = load_model(str(tiny["path"]), "float32", "cpu")  # its own copy: this test edits its weights
-    task = (LambadaTask(data_file=str(write_lambada(tmp_path / "lambada.jsonl", 12))) if task_name == "lambada" else
-            CBTTask("cn", str(write_cbt(tmp_path / "cbt.txt", 6))))
+
+    def make_task(seed: int):
+        if task_name == "lambada":
+            return LambadaTask(data_file=str(write_lambada(tmp_path / f"lambada{seed}.jsonl", 12, seed)))
+        return CBTTask("cn", str(write_cbt(tmp_path / f"cbt{seed}.txt", 6, seed)))
+
+    task = make_task(1)
     calls = [0]
     model.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
 
-    def run(hookpoint=HOOKPOINT, cache=True):
+    def run(hookpoint=HOOKPOINT, cache=True, scored=task):
         calls[0] = 0
         ctx = TaskContext.create(model, hookpoint, RunSettings(batch_size=4, progress=False, cache_references=cache))
-        result = task.run(ctx, [ReluLatentEncoder(model.d_model, hookpoint=hookpoint)])["relu_test"]
+        result = scored.run(ctx, [ReluLatentEncoder(model.d_model, hookpoint=hookpoint)])["relu_test"]
         return result, calls[0]
 
     uncached, three_passes = run(cache=False)
@@ -443,10 +448,17 @@ def test_the_clean_and_zero_passes_come_from_the_reference_cache_with_the_same_n
     piece.unlink()
     again, again_calls = run()
     assert again_calls == 2 * one_pass + 2 and again.metrics == uncached.metrics and piece.exists()
-    # the same model id with other weights: the entries are not used, and the numbers are the new model's
+    # other items under the same task configuration (as an edited lm-eval template or another revision of a hub
+    # dataset would be): their own entries
+    monkeypatch.setattr(type(task), "config", lambda self, ctx: {"the": "same configuration"})
+    other = make_task(2)
+    run(scored=task)
+    other_items, other_items_calls = run(scored=other)
+    assert other_items_calls == three_passes + 2 and other_items.metrics == run(cache=False, scored=other)[0].metrics
+    monkeypatch.undo()
+    monkeypatch.setenv("SAEBENCH_CACHE", str(tmp_path / "cache"))
+    # the same model id with other weights: entries of its own (its probe differs), the numbers are its own
     with torch.no_grad():
         next(model.model.parameters()).mul_(1.5)
-    capsys.readouterr()
     changed, changed_calls = run()
-    assert changed_calls == three_passes + 2 and "the model's logits on the probe differ" in capsys.readouterr().err
-    assert changed.metrics == run(cache=False)[0].metrics != uncached.metrics
+    assert changed_calls == three_passes + 2 and changed.metrics == run(cache=False)[0].metrics != uncached.metrics
