@@ -26,7 +26,7 @@ from saebench.models import cache_dir
 from saebench.stats import ratio_and_se
 from saebench.tasks.base import MetricSpec, PartialStore, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.params import whole
-from saebench.tasks.reference import PassCache
+from saebench.tasks.reference import model_fingerprint, pass_entry
 
 TOP_FEATURES = 20
 """How many most helpful / most harmful latents a record lists."""
@@ -117,32 +117,36 @@ def concat_scores(parts: list[ItemScores]) -> ItemScores:
                       feats, {}, per_item, at_hookpoint)
 
 
-def pass_store(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], items: object,
-               enc: Encoder | None) -> PartialStore:
-    """Where a pass keeps its finished chunks: the clean pass and the zero ablation in the reference cache, reused
-    by every later run of `task` with the same model, items and settings whatever encoders it scores (the clean
-    pass at every hookpoint: nothing is spliced in it); an encoder's pass, or any pass under
-    --no-reference-cache, in the run's own checkpoint store.
+def pass_stores(ctx: TaskContext, task: TaskSpec, config: dict[str, Any], items: object,
+                passes: dict[str, Encoder | None]) -> dict[str, PartialStore]:
+    """Where each of `passes` (`benchmark_passes`) keeps its finished chunks: the clean pass and the zero ablation in
+    the reference cache, reused by every later run of `task` with the same model, items and settings whatever
+    encoders it scores (the clean pass at every hookpoint: nothing is spliced in it); an encoder's pass, or any pass
+    under --no-reference-cache, in the run's own checkpoint store.
 
     Args:
         config: the task's configuration for this run (`Task.config`: data file and its checksum, items, ...).
         items: what the passes score, in order (the requests, the token ids): its sha256 is in the key, so an
             edited task template or another dataset revision under the same configuration gets its own entry.
-        enc: the pass's encoder; None for the clean pass.
     """
-    if not ctx.settings.cache_references or not (enc is None or isinstance(enc, ZeroEncoder)):
-        return ctx.store
+    stores = {label: ctx.store for label in passes}
+    cached = [label for label, enc in passes.items() if enc is None or isinstance(enc, ZeroEncoder)]
+    if not ctx.settings.cache_references or not cached:
+        return stores
     import transformers
 
     model = ctx.model
-    key = {"pass": "clean" if enc is None else "zero", "version": task.version, "config": config,
-           "items_sha256": hashlib.sha256(repr(items).encode()).hexdigest(),
-           "model": model.model_id, "revision": model.revision, "dtype": model.dtype,
-           "device": torch.device(model.device).type, "batch_size": ctx.settings.batch_size,
-           "torch": torch.__version__, "transformers": transformers.__version__}
-    if enc is not None:
-        key |= {"hookpoint": ctx.hook.name, "splice": asdict(ctx.settings.splice)}
-    return PassCache(cache_dir(), task.name, key).store(model)
+    base = {"version": task.version, "config": config,
+            "items_sha256": hashlib.sha256(repr(items).encode()).hexdigest(),
+            "model": model.model_id, "revision": model.revision, "dtype": model.dtype,
+            "device": torch.device(model.device).type, "batch_size": ctx.settings.batch_size,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "probe_sha256": model_fingerprint(model)}
+    for label in cached:
+        which = ({"pass": "clean"} if passes[label] is None else
+                 {"pass": "zero", "hookpoint": ctx.hook.name, "splice": asdict(ctx.settings.splice)})
+        stores[label] = pass_entry(cache_dir(), task.name, base | which)
+    return stores
 
 
 def resumable_pass(ctx: TaskContext, name: str, n_items: int,
@@ -157,7 +161,7 @@ def resumable_pass(ctx: TaskContext, name: str, n_items: int,
             from the chunk's start; its second argument advances the progress bar by n items
             (optional to call: the bar is topped up when the chunk is done).
         chunks: consecutive ranges covering 0..n_items, when the task needs its own boundaries.
-        store: where the chunks are kept (`pass_store`).
+        store: where the chunks are kept (`pass_stores`).
     """
     store = ctx.store if store is None else store
     key = hashlib.sha256(name.encode()).hexdigest()[:12]

@@ -22,7 +22,7 @@ from saebench.errors import SaebenchError
 from saebench.splice import Splice
 from saebench.tasks.base import Task, TaskContext, TaskResult, TaskSpec
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      benchmark_passes, checked_items, compare, item_limit, pass_store,
+                                      benchmark_passes, checked_items, compare, item_limit, pass_stores,
                                       resumable_pass)
 from saebench.tasks.prompt_recorder import PromptRecorder
 from saebench.tasks.lm_eval_data import file_sha256
@@ -127,12 +127,12 @@ class CBTTask(Task):
     def run(self, ctx: TaskContext, encoders: list[Encoder]) -> dict[str, TaskResult]:
         questions = load_questions(self.subset, self.data_file)[:item_limit(ctx, self.items)]
         tokenized = [self._tokenize(ctx, q) for q in questions]
-        config = self.config(ctx)
+        passes = benchmark_passes(ctx, encoders)
+        stores = pass_stores(ctx, self.spec, self.config(ctx), tokenized, passes)
         scores = {label: resumable_pass(ctx, label, len(questions),
                                         partial(self._score_items, ctx, enc, questions, tokenized),
-                                        f"cbt_{self.subset} {label}",
-                                        store=pass_store(ctx, self.spec, config, tokenized, enc))
-                  for label, enc in benchmark_passes(ctx, encoders).items()}
+                                        f"cbt_{self.subset} {label}", store=stores[label])
+                  for label, enc in passes.items()}
         items = [{"item": k, "answer": q.answer} for k, q in enumerate(questions)]
         return {e.spec.label: compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed, items)
                 for e in encoders}

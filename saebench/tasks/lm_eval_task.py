@@ -19,7 +19,7 @@ from saebench.tasks.base import MetricSpec, Task, TaskContext, TaskResult, TaskS
 from saebench.tasks.lm_eval_data import check_json_data_file, file_sha256, load_lm_eval_task
 from saebench.tasks import benchmark
 from saebench.tasks.benchmark import (BENCHMARK_METRICS, BENCHMARK_STDERR, BENCHMARK_SUMMARY, ItemScores,
-                                      benchmark_passes, checked_items, compare, item_limit, pass_store,
+                                      benchmark_passes, checked_items, compare, item_limit, pass_stores,
                                       resumable_pass)
 from saebench.tasks.prompt_recorder import PromptRecorder
 
@@ -214,14 +214,14 @@ class LMEvalTask(Task):
             return self._scores(task, insts, resps, docs, obs)
 
         back = sorted(range(len(order)), key=order.__getitem__)  # item k was processed at position back[k]
-        config = self.config(ctx)
+        passes = benchmark_passes(ctx, encoders)
         requests = [(i.doc_id, i.idx, i.args) for i in instances]  # what lm-eval will ask, in order
+        stores = pass_stores(ctx, self.spec, self.config(ctx), requests, passes)
         scores = {label: self._aggregate(task, resumable_pass(ctx, label, len(doc_ids),
                                                               lambda chunk, _, enc=enc: score_chunk(chunk, enc),
-                                                              f"{self.spec.name} {label}", chunks,
-                                                              pass_store(ctx, self.spec, config, requests, enc)
+                                                              f"{self.spec.name} {label}", chunks, stores[label]
                                                               ).take(back))
-                  for label, enc in benchmark_passes(ctx, encoders).items()}
+                  for label, enc in passes.items()}
         items = [{"item": k, "doc_id": d} for k, d in enumerate(doc_ids)]
         metric_names = {m.name for m in self.spec.metrics}
         return {e.spec.label: self._lift(compare(scores[e.spec.label], scores["clean"], scores["zero"], e, ctx.settings.seed,

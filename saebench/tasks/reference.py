@@ -8,7 +8,7 @@ count, splice settings, library versions). An entry is a folder holding `data.sa
 published by an atomic rename. On load the key, the checksum, the shapes and the token ids
 are checked; an entry that fails any check is reported in one line, deleted and recomputed,
 never used. Item-scoring tasks (lambada, CBT, lm-eval tasks) keep their clean and zero passes as chunks
-instead (`PassCache`), under a key that also holds the sha256 of the model's logits on a fixed probe.
+instead (`pass_entry`), under a key that also holds the sha256 of the model's logits on a fixed probe.
 """
 
 import hashlib
@@ -29,7 +29,7 @@ from saebench.records import config_hash, slug, write_atomic
 
 FORMAT_VERSION = 2
 """Bump when what an entry holds changes meaning (2: ce_kl keeps no per-prediction negative entropy), and when the
-pieces of `PassCache` change: they are pickled `ItemScores` (saebench.tasks.benchmark), so a change to it, or to
+pieces of `pass_entry` change: they are pickled `ItemScores` (saebench.tasks.benchmark), so a change to it, or to
 what `PromptRecorder` or lm-eval's request observer put in it, needs a new version too."""
 
 
@@ -141,44 +141,39 @@ def remove_entries(root: Path, task: str, **match: Any) -> int:
     return removed
 
 
-class PassCache:
+PROBE_TOKENS = 16
+"""Length of the probe `model_fingerprint` runs: BOS, then token ids 1..15 (modulo the vocabulary)."""
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 of the model's (a LoadedModel's) float32 logits on a fixed probe: the same model id with other weights
+    or kernels gives another."""
+    vocab = int(model.model.config.vocab_size)
+    ids = torch.tensor([[model.bos_id, *(i % vocab for i in range(1, PROBE_TOKENS))]], device=model.device)
+    with torch.inference_mode():
+        logits = model.model(ids, use_cache=False).logits.float().cpu()
+    return hashlib.sha256(logits.numpy().tobytes()).hexdigest()
+
+
+def pass_entry(root: Path, task: str, key: dict[str, Any]) -> PartialStore:
     """The reference cache's entry for one reference pass (clean, or the zero ablation) of an item-scoring task
-    (lambada, CBT, lm-eval tasks): the pass's finished chunks, kept as `PartialStore` pieces and reused by every
-    later run with the same key, whatever encoders it scores.
+    (lambada, CBT, lm-eval tasks): a store of the pass's finished chunks, reused by every later run with the same
+    key, whatever encoders it scores. Collective in a data-parallel run (rank 0 writes the entry's key).
 
     Pieces are written one chunk at a time, each by an atomic rename, so an interrupted pass leaves the chunks
-    it finished for the next run; a piece that cannot be read is computed again. The key names the model by id,
-    revision and dtype and also holds the sha256 of the model's logits on a fixed probe, so a model with other
-    weights or kernels under the same id gets an entry of its own: no entry is ever shared by two models, and
-    none has to be deleted. `meta.json` holds the key, for people and `remove_entries`.
+    it finished for the next run; a piece that cannot be read is computed again. The key holds everything the
+    pass depends on, the model's `model_fingerprint` included, so no entry is ever shared by two models and none
+    has to be deleted. `meta.json` holds the key, for people and `remove_entries`.
 
     Args:
         root: saebench's cache folder.
         task: the task the entry belongs to.
-        key: everything the pass depends on (JSON-serialisable), but the model's probe.
+        key: everything the pass depends on (JSON-serialisable).
     """
-
-    PROBE_TOKENS = 16
-    """Length of the probe: BOS, then token ids 1..15 (modulo the vocabulary)."""
-
-    def __init__(self, root: Path, task: str, key: dict[str, Any]):
-        self.root, self.task, self.key = Path(root), task, {"format": FORMAT_VERSION, "task": task, **key}
-
-    def store(self, model: Any) -> PartialStore:
-        """The entry's piece store for `model` (a LoadedModel); collective in a data-parallel run (every rank
-        computes the probe, rank 0 writes the entry's key)."""
-        key = self.key | {"probe_sha256": hashlib.sha256(self.probe(model).numpy().tobytes()).hexdigest()}
-        path = self.root / "reference" / f"{slug(self.task)}-{config_hash(key)}"
-        if distributed.is_main() and not (path / "meta.json").exists():
-            path.mkdir(parents=True, exist_ok=True)
-            write_atomic(path / "meta.json", json.dumps({"key": key}, indent=1, default=str) + "\n")
-        distributed.barrier()
-        return PartialStore(path / "pass.pt")
-
-    @classmethod
-    def probe(cls, model: Any) -> Tensor:
-        """The model's float32 logits on the probe."""
-        vocab = int(model.model.config.vocab_size)
-        ids = torch.tensor([[model.bos_id, *(i % vocab for i in range(1, cls.PROBE_TOKENS))]], device=model.device)
-        with torch.inference_mode():
-            return model.model(ids, use_cache=False).logits.float().cpu()
+    key = {"format": FORMAT_VERSION, "task": task, **key}
+    path = Path(root) / "reference" / f"{slug(task)}-{config_hash(key)}"
+    if distributed.is_main() and not (path / "meta.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomic(path / "meta.json", json.dumps({"key": key}, indent=1, default=str) + "\n")
+    distributed.barrier()
+    return PartialStore(path / "pass.pt")
